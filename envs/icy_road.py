@@ -1,0 +1,181 @@
+"""IcyRoad: a car on an icy road that may swerve off it at high speed.
+
+Paper: Haghgoo et al., "Discriminator Augmented Model-Based Reinforcement Learning"
+(DAM), 2021, section 4 and Appendix C. The environment exists to have stochastic,
+*multimodal* dynamics: above a threshold speed the car swerves towards +y or -y with
+equal probability, so p(s'|s, a) has two far-apart swerve modes (plus the no-swerve
+outcome) and a unimodal Gaussian model fitted to it puts its mass in between, at
+"on the road, at high speed, collecting the bonus", which never happens.
+
+Observation (float32): ``(x, y, xdot, ydot)``, start ``(0, 0, 1, 0)``, 5 steps per
+episode. Actions: 0 accelerate (xdot += 1), 1 decelerate (xdot -= 1), 2 cruise.
+Reward (paper Eq. 20)::
+
+    xdot - 6   if |y| > 1                 (off road)
+    xdot + 8   if |y| <= 1 and xdot > 2   (high speed bonus)
+    xdot       otherwise
+
+Usage: ``env = IcyRoad(swerve_prob=0.9); obs, state = env.reset(key)``.
+
+Choices the paper leaves open, and why:
+- Reward is evaluated on the state *after* the transition (``next_obs``), so
+  ``reward_fn(obs, action, next_obs)`` depends on ``next_obs`` only: accelerating past
+  the threshold immediately earns either the bonus or the penalty.
+- Semi-implicit Euler: velocities are updated first, then ``pos += dt * new_velocity``.
+  With dt = 1 the car is at ``(2, 0, 2, 0)`` after one acceleration, the state of the
+  paper's Fig. 2, and a swerve moves the car off the road in the step it happens.
+- Swerving: when the new ``xdot > speed_threshold`` (2, as in the paper) and the car
+  has not swerved yet, it swerves with probability ``swerve_prob`` = 0.8 ("high
+  chance"), to +y or -y with equal probability: ``ydot = +-swerve_speed``. One uniform
+  draw from the step key decides both (u < p/2: -y, p/2 <= u < p: +y).
+  ``swerve_speed`` = 2 with ``road_half_width`` = 1 gives ``|y| = 2 > 1`` at once;
+  the constructor requires ``swerve_speed * dt > road_half_width`` so this holds.
+- A swerved car keeps drifting: ``ydot`` is never reset (the road is icy), so it stays
+  off the road and the penalty persists for the rest of the episode, whatever it does.
+  A car that did not swerve faces the draw again at every step it stays fast.
+- xdot is clipped to ``[0, max_speed]``; ``max_speed`` = 5 only binds on the last step
+  of always-accelerate. It also bounds the observation space.
+- With these numbers the greedy policy is not the best one: accelerating twice and
+  cruising, or always accelerating, has a negative expected return, while accelerating
+  once and cruising at the threshold speed returns 10 (tests/test_dam_envs.py).
+- Termination: never. The episode ends by the time limit (``truncated`` after
+  ``max_steps_in_episode`` steps), so ``terminated`` is always False and planning or
+  bootstrapping is never cut by a terminal state.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from gymnax.environments import environment, spaces
+
+from envs._params import with_overrides
+
+
+@struct.dataclass
+class EnvState(environment.EnvState):
+    x: jax.Array
+    y: jax.Array
+    xdot: jax.Array
+    ydot: jax.Array
+    time: jax.Array
+
+
+@struct.dataclass
+class EnvParams(environment.EnvParams):
+    swerve_prob: float = 0.8  # chance of swerving per step while xdot > threshold
+    swerve_speed: float = 2.0  # |ydot| after a swerve
+    speed_threshold: float = 2.0  # swerving possible (and bonus paid) above this xdot
+    road_half_width: float = 1.0  # off road when |y| > this
+    max_speed: float = 5.0  # xdot is clipped to [0, max_speed]
+    dt: float = 1.0  # Euler time step
+    max_steps_in_episode: int = 5
+
+
+class IcyRoad(environment.Environment[EnvState, EnvParams]):
+    """IcyRoad from DAM (Haghgoo et al., 2021), gymnax 1.0 API."""
+
+    def __init__(self, **param_overrides):
+        super().__init__()
+        self._params = with_overrides(
+            "IcyRoad",
+            EnvParams(),
+            param_overrides,
+            lambda p: [
+                (0.0 <= p.swerve_prob <= 1.0, "swerve_prob must be in [0, 1]"),
+                (p.dt > 0, "dt must be positive"),
+                (p.road_half_width > 0, "road_half_width must be positive"),
+                (p.speed_threshold >= 0, "speed_threshold must be non-negative"),
+                (p.max_speed > 0, "max_speed must be positive"),
+                (
+                    p.swerve_speed * p.dt > p.road_half_width,
+                    "swerve_speed * dt must exceed road_half_width (a swerve leaves the road)",
+                ),
+            ],
+        )
+
+    @property
+    def default_params(self) -> EnvParams:
+        return self._params
+
+    def step_env(
+        self,
+        key: jax.Array,
+        state: EnvState,
+        action: int | float | jax.Array,
+        params: EnvParams,
+    ) -> tuple[jax.Array, EnvState, jax.Array, jax.Array, dict[Any, Any]]:
+        delta = jnp.array([1.0, -1.0, 0.0], jnp.float32)[action]  # accel, decel, cruise
+        xdot = jnp.clip(state.xdot + delta, 0.0, params.max_speed)
+        u = jax.random.uniform(key)
+        swerve = (
+            (xdot > params.speed_threshold)
+            & (state.ydot == 0.0)
+            & (u < params.swerve_prob)
+        )
+        direction = jnp.where(u < params.swerve_prob / 2, -1.0, 1.0)
+        ydot = jnp.where(swerve, direction * params.swerve_speed, state.ydot)
+        next_state = EnvState(
+            x=state.x + params.dt * xdot,
+            y=state.y + params.dt * ydot,
+            xdot=xdot,
+            ydot=ydot,
+            time=state.time + 1,
+        )
+        obs, next_obs = self.get_obs(state), self.get_obs(next_state)
+        reward = self.reward_fn(obs, action, next_obs, params)
+        next_obs, next_state = self._apply_transition_gradient_policy(
+            next_obs, next_state
+        )
+        return next_obs, next_state, reward, self.is_terminated(next_state, params), {}
+
+    def reset_env(
+        self, key: jax.Array, params: EnvParams
+    ) -> tuple[jax.Array, EnvState]:
+        zero = jnp.zeros((), jnp.float32)
+        state = EnvState(
+            x=zero, y=zero, xdot=jnp.ones((), jnp.float32), ydot=zero,
+            time=jnp.zeros((), jnp.int32),
+        )
+        return self.get_obs(state), state
+
+    def get_obs(self, state: EnvState, params=None, key=None) -> jax.Array:
+        return jnp.stack([state.x, state.y, state.xdot, state.ydot]).astype(jnp.float32)
+
+    def is_terminated(self, state: EnvState, params: EnvParams) -> jax.Array:
+        """Never: the episode ends only by the time limit (truncation)."""
+        return jnp.zeros(jnp.shape(state.time), dtype=bool)
+
+    def reward_fn(self, obs, action, next_obs, params: EnvParams | None = None):
+        """Paper Eq. 20 on the post-transition observation; any leading batch dims."""
+        params = self.default_params if params is None else params
+        y, xdot = next_obs[..., 1], next_obs[..., 2]
+        on_road = jnp.abs(y) <= params.road_half_width
+        bonus = jnp.where(xdot > params.speed_threshold, 8.0, 0.0)
+        return jnp.where(on_road, xdot + bonus, xdot - 6.0).astype(jnp.float32)
+
+    def termination_fn(self, obs, action, next_obs, params: EnvParams | None = None):
+        """All False (fixed-horizon task), shaped like the batch."""
+        return jnp.zeros(jnp.shape(next_obs)[:-1], dtype=bool)
+
+    @property
+    def name(self) -> str:
+        return "IcyRoad"
+
+    @property
+    def num_actions(self) -> int:
+        return 3
+
+    def action_space(self, params: EnvParams | None = None) -> spaces.Discrete:
+        return spaces.Discrete(3)
+
+    def observation_space(self, params: EnvParams | None = None) -> spaces.Box:
+        p = self.default_params if params is None else params
+        reach = p.max_steps_in_episode * p.dt
+        high = jnp.array(
+            [reach * p.max_speed, reach * p.swerve_speed, p.max_speed, p.swerve_speed],
+            dtype=jnp.float32,
+        )
+        low = jnp.array([0.0, -high[1], 0.0, -high[3]], dtype=jnp.float32)
+        return spaces.Box(low, high, (4,), dtype=jnp.float32)

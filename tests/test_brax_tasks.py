@@ -1,0 +1,195 @@
+"""Brax tasks through envs.make: gymnax 1.0 API, task functions vs `step`, auto-reset, fresh
+initial states, no retrace between reset and step states, exact snapshot/restore.
+
+Each task compiles ONE function (`_probe`) that does everything on 8 vmapped envs, so the suite
+pays one Brax compile per task (cached on disk by conftest.py for later runs)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import envs
+
+NUM_ENVS, REPLAY_STEPS = 8, 10
+# Short time limits so that every probe crosses truncations; walker2d and humanoid need 100-200
+# random steps to fall, so they get longer probes.
+EPISODE = {"walker2d": 200, "humanoid": 200}
+NUM_STEPS = {"walker2d": 240, "humanoid": 240}
+
+
+def _lengths(task):
+    return EPISODE.get(task, 40), NUM_STEPS.get(task, 120)
+# Tasks whose random rollouts reach their termination rule within the probe.
+TERMINATING = {"hopper", "walker2d", "ant", "humanoid", "inverted_pendulum", "inverted_double_pendulum"}
+
+
+@functools.lru_cache(maxsize=None)
+def _env(task, backend=envs.DEFAULT_BACKEND):
+    return envs.make(task, backend=backend, max_steps_in_episode=_lengths(task)[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_fn(task, backend=envs.DEFAULT_BACKEND):
+    """A jitted, vmapped probe; `traces` counts how often JAX traced it."""
+    env, params = _env(task, backend)
+    num_steps = _lengths(task)[1]
+    traces = []
+
+    def probe(key, state):
+        traces.append(1)
+        act_key, step_key, replay_key = jax.random.split(key, 3)
+
+        def body(state, keys):
+            k_act, k_step = keys
+            # Half the mass at the bounds: violent enough that walkers fall within an episode.
+            action = jnp.clip(jax.random.uniform(k_act, (env.action_size,), minval=-2.0, maxval=2.0), -1.0, 1.0)
+            obs = env.get_obs(state)
+            next_obs, next_state, reward, terminated, truncated, info = env.step(k_step, state, action, params)
+            final = info["final_observation"]
+            out = dict(
+                obs=obs, next_obs=next_obs, final_obs=final, reward=reward, terminated=terminated,
+                truncated=truncated, reward_fn=env.reward_fn(obs, action, final),
+                termination_fn=env.termination_fn(obs, action, final),
+            )
+            return next_state, out
+
+        keys = (jax.random.split(act_key, num_steps), jax.random.split(step_key, num_steps))
+        last_state, out = jax.lax.scan(body, state, keys)
+
+        # Snapshot the last state, rebuild it, and step original and rebuilt with the same actions.
+        restored = env.restore(env.snapshot(last_state))
+
+        def replay(states, k):
+            action = jax.random.uniform(k, (env.action_size,), minval=-1.0, maxval=1.0)
+            stepped = [env.step_env(k, s, action, params) for s in states]
+            return tuple(s[1] for s in stepped), (stepped[0][0], stepped[1][0])
+
+        _, (orig_obs, restored_obs) = jax.lax.scan(
+            replay, (last_state, restored), jax.random.split(replay_key, REPLAY_STEPS)
+        )
+        out.update(restored_obs0=restored.obs, last_obs=last_state.obs, orig_obs=orig_obs,
+                   restored_obs=restored_obs, restored_time=restored.time, last_time=last_state.time)
+        return last_state, out
+
+    return env, params, jax.jit(jax.vmap(probe)), traces
+
+
+@functools.lru_cache(maxsize=None)
+def _run(task, backend=envs.DEFAULT_BACKEND):
+    """Reset, probe, then probe again from the step-returned state; returns numpy results."""
+    env, params, probe, traces = _probe_fn(task, backend)
+    keys = jax.random.split(jax.random.PRNGKey(0), NUM_ENVS)
+    reset_obs, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+    state, first = probe(keys, state)
+    _, second = probe(jax.random.split(jax.random.PRNGKey(1), NUM_ENVS), state)
+    return env, jax.tree.map(np.asarray, (reset_obs, first, second)), len(traces)
+
+
+ALL = list(envs.BRAX_TASKS)
+
+
+@pytest.mark.parametrize("task", ALL)
+def test_api_and_spaces(task):
+    env, (reset_obs, first, _), _ = _run(task)
+    assert reset_obs.shape == (NUM_ENVS, env.obs_size) and reset_obs.dtype == np.float32
+    assert env.observation_space(None).shape == (env.obs_size,)
+    assert env.action_space(None).shape == (env.action_size,)
+    assert bool(env.action_space(None).contains(env.action_space(None).sample(jax.random.PRNGKey(0))))
+    for name, dtype in [("reward", np.float32), ("terminated", np.bool_), ("truncated", np.bool_)]:
+        assert first[name].shape == (NUM_ENVS, _lengths(task)[1]) and first[name].dtype == dtype, name
+    assert np.all(np.isfinite(first["next_obs"]))
+
+
+@pytest.mark.parametrize("task", ALL)
+def test_no_retrace_between_reset_and_step_state(task):
+    _, _, traces = _run(task)
+    assert traces == 1
+
+
+@pytest.mark.parametrize("task", ALL)
+def test_task_functions_match_step(task):
+    _, (_, first, second), _ = _run(task)
+    for out in (first, second):
+        np.testing.assert_allclose(out["reward_fn"], out["reward"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out["termination_fn"], out["terminated"])
+    if task in TERMINATING:  # the comparison above saw both outcomes
+        assert first["terminated"].any() or second["terminated"].any(), "no termination seen"
+
+
+@pytest.mark.parametrize("task", ALL)
+def test_auto_reset_keeps_final_observation_and_draws_fresh_starts(task):
+    _, (reset_obs, first, _), _ = _run(task)
+    done = first["terminated"] | first["truncated"]
+    assert done.any()
+    # Not done: the returned obs is the final obs. Done: it is a fresh reset obs, not the final one.
+    np.testing.assert_array_equal(first["next_obs"][~done], first["final_obs"][~done])
+    assert not np.allclose(first["next_obs"][done], first["final_obs"][done])
+    # Each new episode starts from its own random state: no two starts are equal, and none
+    # repeats the env's first start (Brax's AutoResetWrapper would repeat it).
+    starts = np.concatenate([reset_obs, first["next_obs"][done]])
+    assert len(np.unique(starts.round(6), axis=0)) == len(starts)
+
+
+def test_truncation_is_the_time_limit():
+    env, (_, first, _), _ = _run("halfcheetah")  # never terminates
+    assert not first["terminated"].any()
+    steps = np.nonzero(first["truncated"][0])[0]
+    episode, num_steps = _lengths("halfcheetah")
+    np.testing.assert_array_equal(steps, np.arange(episode - 1, num_steps, episode))
+
+
+@pytest.mark.parametrize("task", ALL)
+def test_snapshot_restore_reproduces_trajectory(task):
+    _, (_, first, _), _ = _run(task)
+    np.testing.assert_array_equal(first["restored_obs0"], first["last_obs"])
+    np.testing.assert_array_equal(first["restored_time"], first["last_time"])
+    np.testing.assert_allclose(first["restored_obs"], first["orig_obs"], rtol=1e-5, atol=1e-5)
+
+
+def test_snapshot_restore_generalized_backend_from_positions_and_velocities():
+    env, (_, first, _), traces = _run("inverted_double_pendulum", "generalized")
+    assert traces == 1
+    q_size = 3  # slider + 2 hinges: the snapshot is [time, obs, q, qd]
+    assert env.snapshot_size == 1 + env.obs_size + 2 * q_size
+    np.testing.assert_allclose(first["restored_obs"], first["orig_obs"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(first["reward_fn"], first["reward"], rtol=1e-5, atol=1e-5)
+
+
+def test_task_functions_are_batched_without_vmap():
+    env, (_, first, _), _ = _run("hopper")
+    obs, final = first["obs"], first["final_obs"]  # (envs, steps, obs)
+    actions = np.zeros(obs.shape[:-1] + (env.action_size,), np.float32)
+    assert env.reward_fn(obs, actions, final).shape == obs.shape[:-1]
+    assert env.termination_fn(obs, actions, final).shape == obs.shape[:-1]
+
+
+def test_hopper_termination_has_a_lower_bound_on_the_state():
+    # The original MBPO check took abs() of a boolean, so a state entry of -1000 passed.
+    env, _ = _env("hopper")
+    healthy = np.zeros(env.obs_size, np.float32)
+    healthy[0] = 1.25
+    assert not bool(env.termination_fn(None, None, jnp.asarray(healthy)))
+    for value in (-1000.0, 1000.0):
+        bad = healthy.copy()
+        bad[3] = value
+        assert bool(env.termination_fn(None, None, jnp.asarray(bad)))
+
+
+def test_bad_names_and_overrides_give_clear_errors():
+    with pytest.raises(ValueError, match="valid names: IcyRoad, Intersection, hopper"):
+        envs.make("Hopper-v4")
+    with pytest.raises(ValueError, match="unknown Brax backend"):
+        envs.make("hopper", backend="warp")
+    with pytest.raises(ValueError, match="unknown hopper parameter"):
+        envs.make("hopper", episode_len=10)
+    with pytest.raises(ValueError, match="max_steps_in_episode must be a positive int"):
+        envs.make("hopper", max_steps_in_episode=0)
+
+
+def test_standard_episode_lengths():
+    assert envs.make("hopper")[1].max_steps_in_episode == 1000
+    assert envs.make("reacher")[1].max_steps_in_episode == 50
+    assert envs.make("pusher")[1].max_steps_in_episode == 100
