@@ -159,6 +159,22 @@ class BraxTask(environment.Environment[EnvState, EnvParams]):
         return spaces.Box(-jnp.inf, jnp.inf, (self.obs_size,), jnp.float32)
 
     # --- dynamics ------------------------------------------------------------------------
+    @partial(jax.jit, static_argnames=("self",))
+    def step(self, key, state, action, params=None):
+        """gymnax 1.0 `step`, but the auto-reset is a `lax.cond`: an unbatched env pays for a Brax
+        reset only when an episode ends (gymnax computes one every step, 30% of hopper's step
+        time). Under `vmap` the cond becomes a select, exactly gymnax's behaviour."""
+        params = self.default_params if params is None else params
+        step_key, reset_key = jax.random.split(key)
+        obs, state, reward, terminated, info = self.step_env(step_key, state, action, params)
+        truncated = self.is_truncated(state, params)
+        final_obs = obs
+        obs, state = jax.lax.cond(
+            terminated | truncated, lambda: self.reset_env(reset_key, params), lambda: (obs, state)
+        )
+        info = {**info, "terminated": terminated, "truncated": truncated, "final_observation": final_obs}
+        return obs, state, reward, terminated, truncated, info
+
     def _observe(self, brax_obs, before, after):
         return jnp.concatenate([brax_obs, self._features(self.brax_env, before, after)]).astype(jnp.float32)
 

@@ -1,0 +1,717 @@
+"""MBPO: Model-Based Policy Optimization (Janner, Fu, Zhang, Levine 2019, "When to trust your
+model"), Algorithm 2, in one file, with the whole collect -> fit model -> model rollout -> SAC
+update iteration compiled by XLA and vmapped over seeds.
+
+    python algorithms/mbpo.py --seed 0                         # hopper, the paper's settings
+    python algorithms/mbpo.py --env-id inverted_pendulum --num-seeds 4
+    python algorithms/mbpo.py --resume runs/<run-name>         # continue a killed run
+    python algorithms/mbpo.py --evaluate runs/<run-name>       # evaluate its saved policy
+
+What the paper (Sec. 5, App. C) and its reference configuration fix, and we follow:
+* Model: bootstrapped ensemble of B = 7 probabilistic MLPs (4 x 200 swish) predicting a diagonal
+  Gaussian over (next_obs - obs, reward) from normalized (obs, action); log-variance softly
+  bounded by learned max/min bounds (+0.01 * their difference as regularizer); per-layer weight
+  decay; Adam 1e-3, batch 256; 20% holdout (at most 5000); early stopping after 5 epochs
+  without a >1% holdout improvement, keeping each member's best weights; 5 elites.
+* Every `model_train_freq` (250) env steps: fit the model, then branch M x 250 rollouts of length
+  k from real-buffer states with the current policy, a random elite per sample and step, and
+  termination from `envs`' `termination_fn` on predicted observations.
+* SAC with G updates per env step on batches of `real_ratio` real and the rest model data.
+
+Choices where the paper is silent (and why):
+* Holdout loss is the MSE of the mean prediction, as in the reference code, which ranks the
+  elites by it; the training loss is the Gaussian NLL.
+* Minibatches are drawn with replacement, independently for each member: each member sees its
+  own resample of the training data (the bootstrap) without storing per-member index sets.
+  One epoch = ceil(n_train / batch) minibatches. `model_max_epochs` bounds a fit (the reference
+  has no bound; we need a finite `while_loop` when the holdout loss keeps improving slowly).
+* The model buffer's capacity follows k (retain_epochs x k x rollouts per epoch, as the
+  reference resizes it) inside a preallocated buffer of the largest k: no recompile as k grows.
+* Bootstrapping: the critic target uses (1 - terminated), never truncated (time limits).
+* The observation includes the reward features `envs` appends to Brax observations; the model
+  predicts them like any other observation entry.
+"""
+
+import dataclasses
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from tqdm import tqdm
+
+import envs
+from algorithms import utils
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments. `None` means "the preset of --env-id" (PRESETS below, from the paper's App. C).
+@dataclasses.dataclass
+class Args:
+    # experiment
+    env_id: str = "hopper"
+    """task: hopper, walker2d, halfcheetah, ant, humanoid, inverted_pendulum (presets), or any envs.NAMES"""
+    seed: int = 0
+    """seed of the first run; vmapped seed i uses seed + i"""
+    num_seeds: int = 1
+    """independent seeds trained at once in one vmapped program"""
+    total_timesteps: int | None = None
+    """env steps (preset: 125_000 hopper, 300_000 walker2d/ant/humanoid, 400_000 halfcheetah, 20_000 inverted_pendulum)"""
+    backend: str = envs.DEFAULT_BACKEND
+    """Brax physics backend (recorded with the run; returns differ across backends)"""
+    epoch_length: int | None = None
+    """env steps per epoch: the unit of the k schedule, evaluation and checkpoints (preset 1000; 250 inverted_pendulum)"""
+    init_steps: int | None = None
+    """random-action steps before learning starts (preset 5000; 500 inverted_pendulum)"""
+    eval_episodes: int = 5
+    """deterministic-policy episodes per evaluation, at the end of every epoch"""
+    run_dir: str = "runs"
+    """where runs/<run-name>/ is created"""
+    resume: str | None = None
+    """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
+    evaluate: str | None = None
+    """only evaluate the policy saved in this run directory and print the returns"""
+    progress: bool = True
+    """show a progress bar"""
+
+    # model
+    ensemble_size: int = 7
+    """B, members of the bootstrapped ensemble"""
+    num_elites: int = 5
+    """members with the lowest holdout loss used for rollouts"""
+    model_width: int | None = None
+    """hidden units per layer (preset 200; 400 humanoid)"""
+    model_depth: int = 4
+    """hidden layers"""
+    model_weight_decay: tuple[float, ...] = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)
+    """L2 coefficient per layer (hidden layers then output), 0.5 * wd * ||W||^2"""
+    model_lr: float = 1e-3
+    model_batch_size: int = 256
+    holdout_ratio: float = 0.2
+    max_holdout: int = 5000
+    model_patience: int = 5
+    """stop fitting after this many epochs without a >1% holdout improvement of any member"""
+    model_max_epochs: int = 1000
+    """upper bound on epochs per fit"""
+    model_train_freq: int | None = None
+    """env steps between model fits (and rollout branches) (preset 250; 1000 humanoid)"""
+
+    # model rollouts
+    rollouts_per_step: int = 400
+    """M: model rollouts branched per env step, M x model_train_freq at every fit"""
+    rollout_schedule: tuple[int, int, int, int] | None = None
+    """[epoch_start, epoch_end, k_start, k_end]: k linear in epoch, clipped (preset per task)"""
+    retain_epochs: int | None = None
+    """epochs of model rollouts the model buffer keeps (preset 1; 5 humanoid)"""
+
+    # agent (SAC)
+    real_ratio: float = 0.05
+    """share of real transitions in each SAC batch"""
+    updates_per_step: int | None = None
+    """G, SAC gradient updates per env step (preset 20; 40 halfcheetah; 10 inverted_pendulum)"""
+    target_entropy: float | None = None
+    """SAC's entropy target (preset per task)"""
+    gamma: float = 0.99
+    tau: float = 5e-3
+    sac_lr: float = 3e-4
+    sac_batch_size: int = 256
+    sac_width: int = 256
+    sac_depth: int = 2
+
+
+PRESETS = {  # MBPO App. C / reference configuration; epoch = 1000 env steps unless noted
+    "inverted_pendulum": dict(total_timesteps=20_000, epoch_length=250, init_steps=500, updates_per_step=10,
+                              rollout_schedule=(1, 15, 1, 1), target_entropy=-0.05),
+    "hopper": dict(total_timesteps=125_000, updates_per_step=20, rollout_schedule=(20, 150, 1, 15), target_entropy=-1.0),
+    "walker2d": dict(total_timesteps=300_000, updates_per_step=20, rollout_schedule=(20, 150, 1, 1), target_entropy=-3.0),
+    "halfcheetah": dict(total_timesteps=400_000, updates_per_step=40, rollout_schedule=(20, 150, 1, 1), target_entropy=-3.0),
+    "ant": dict(total_timesteps=300_000, updates_per_step=20, rollout_schedule=(20, 100, 1, 25), target_entropy=-4.0),
+    "humanoid": dict(total_timesteps=300_000, updates_per_step=20, rollout_schedule=(20, 300, 1, 25), target_entropy=-2.0,
+                     model_width=400, model_train_freq=1000, retain_epochs=5),
+}
+DEFAULTS = dict(epoch_length=1000, init_steps=5000, model_width=200, model_train_freq=250, retain_epochs=1,
+                total_timesteps=100_000, updates_per_step=20, rollout_schedule=(20, 100, 1, 1))
+
+
+def resolve(args: Args) -> Args:
+    """Fill `None` fields from the env's preset and check every argument (one-line errors)."""
+    check = utils.check
+    check(args.env_id in envs.NAMES, f"unknown env {args.env_id!r}; valid: {', '.join(envs.NAMES)}")
+    check(args.env_id in envs.BRAX_TASKS, f"MBPO needs a continuous-action Brax task, not {args.env_id}")
+    preset = {**DEFAULTS, **PRESETS.get(args.env_id, {})}
+    filled = {k: (preset[k] if v is None and k in preset else v) for k, v in dataclasses.asdict(args).items()}
+    if filled["target_entropy"] is None:  # the usual SAC heuristic: -|A|
+        filled["target_entropy"] = -float(envs.make(args.env_id, backend=args.backend)[0].action_size)
+    args = Args(**filled)
+    for name in ["num_seeds", "total_timesteps", "epoch_length", "eval_episodes", "ensemble_size", "num_elites",
+                 "model_width", "model_depth", "model_batch_size", "max_holdout", "model_patience",
+                 "model_max_epochs", "model_train_freq", "rollouts_per_step", "retain_epochs",
+                 "updates_per_step", "sac_batch_size", "sac_width", "sac_depth"]:
+        check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check(args.init_steps >= args.model_train_freq, "--init-steps must be >= --model-train-freq (data for the first fit)")
+    check(args.backend in envs.BACKENDS, f"unknown backend {args.backend!r}; valid: {', '.join(envs.BACKENDS)}")
+    check(args.num_elites <= args.ensemble_size, f"--num-elites {args.num_elites} > --ensemble-size {args.ensemble_size}")
+    check(0.0 <= args.real_ratio <= 1.0, f"--real-ratio must be in [0, 1], got {args.real_ratio}")
+    check(0.0 < args.holdout_ratio < 1.0, f"--holdout-ratio must be in (0, 1), got {args.holdout_ratio}")
+    check(0.0 < args.gamma <= 1.0 and 0.0 < args.tau <= 1.0, "--gamma and --tau must be in (0, 1]")
+    check(len(args.model_weight_decay) == args.model_depth + 1,
+          f"--model-weight-decay needs {args.model_depth + 1} values (hidden layers + output)")
+    e0, e1, k0, k1 = args.rollout_schedule
+    check(e1 > e0 and k0 >= 1 and k1 >= 1, f"--rollout-schedule needs epoch_end > epoch_start and k >= 1, got {args.rollout_schedule}")
+    check(args.epoch_length % args.model_train_freq == 0, "--epoch-length must be a multiple of --model-train-freq")
+    check(args.init_steps % args.model_train_freq == 0, "--init-steps must be a multiple of --model-train-freq")
+    check(args.total_timesteps % args.epoch_length == 0, "--total-timesteps must be a multiple of --epoch-length")
+    check(args.total_timesteps > args.init_steps, "--total-timesteps must exceed --init-steps")
+    check(args.sac_batch_size <= args.total_timesteps, "--sac-batch-size larger than the real buffer can hold")
+    check(int(args.init_steps * args.holdout_ratio) >= 1,
+          "too few steps before the first model fit for a train/holdout split")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+class Ensemble(eqx.Module):
+    """B Gaussian MLPs in stacked weights (einsum over the member axis), with input normalizer."""
+
+    weights: list  # (B, in, out) per layer
+    biases: list  # (B, out)
+    max_logvar: jax.Array  # (out,), shared by the members as in the reference
+    min_logvar: jax.Array
+    input_mean: jax.Array  # normalizer, refit on the training inputs at every fit (not trained)
+    input_std: jax.Array
+
+    def __init__(self, key, num_members, in_size, out_size, width, depth):
+        sizes = [in_size] + [width] * depth + [2 * out_size]
+        keys = jax.random.split(key, len(sizes) - 1)
+        # Truncated normal with std 1 / (2 sqrt(fan_in)), as the reference's FC layers.
+        self.weights = [
+            jax.random.truncated_normal(k, -2.0, 2.0, (num_members, n_in, n_out)) / (2.0 * np.sqrt(n_in))
+            for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:])
+        ]
+        self.biases = [jnp.zeros((num_members, n_out)) for n_out in sizes[1:]]
+        self.max_logvar = jnp.full((out_size,), 0.5)
+        self.min_logvar = jnp.full((out_size,), -10.0)
+        self.input_mean, self.input_std = jnp.zeros(in_size), jnp.ones(in_size)
+
+    def __call__(self, inputs):
+        """inputs (B, N, in) -> mean, logvar (B, N, out): member b predicts for inputs[b]."""
+        x = (inputs - jax.lax.stop_gradient(self.input_mean)) / jax.lax.stop_gradient(self.input_std)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = jnp.einsum("bni,bio->bno", x, w) + b[:, None]
+            if i < len(self.weights) - 1:
+                x = jax.nn.swish(x)
+        mean, raw_logvar = jnp.split(x, 2, axis=-1)
+        # Soft bounds (MBPO/PETS): smooth clamp of the log-variance into [min_logvar, max_logvar].
+        logvar = self.max_logvar - jax.nn.softplus(self.max_logvar - raw_logvar)
+        logvar = self.min_logvar + jax.nn.softplus(logvar - self.min_logvar)
+        return mean, logvar
+
+    def members(self, index):
+        """The sub-ensemble of members `index` (e.g. the elites)."""
+        return eqx.tree_at(lambda m: (m.weights, m.biases), self,
+                           ([w[index] for w in self.weights], [b[index] for b in self.biases]))
+
+    def with_members_from(self, other, take):
+        """This ensemble, with the members where `take` (B,) replaced by `other`'s."""
+        def pick(mine, theirs):
+            return jnp.where(take.reshape((-1,) + (1,) * (mine.ndim - 1)), theirs, mine)
+        return eqx.tree_at(lambda m: (m.weights, m.biases), self,
+                           (jax.tree.map(pick, self.weights, other.weights), jax.tree.map(pick, self.biases, other.biases)))
+
+
+class MLP(eqx.Module):
+    """ReLU MLP. (Not eqx.nn.MLP: its activation-function leaf cannot be carried by lax.scan.)"""
+
+    layers: list
+
+    def __init__(self, key, in_size, out_size, width, depth):
+        sizes = [in_size] + [width] * depth + [out_size]
+        keys = jax.random.split(key, len(sizes) - 1)
+        self.layers = [eqx.nn.Linear(i, o, key=k) for k, i, o in zip(keys, sizes[:-1], sizes[1:])]
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = jax.nn.relu(layer(x))
+        return self.layers[-1](x)
+
+
+class Actor(eqx.Module):
+    net: MLP
+
+    def __call__(self, obs):
+        mean, log_std = jnp.split(self.net(obs), 2)
+        return mean, jnp.clip(log_std, -20.0, 2.0)
+
+
+class Critics(eqx.Module):
+    """Two Q networks stacked on a leading axis (clipped double Q)."""
+
+    nets: MLP
+
+    def __call__(self, obs, action):
+        x = jnp.concatenate([obs, action])
+        return eqx.filter_vmap(lambda net: net(x)[0])(self.nets)
+
+
+def sample_action(actor, obs, key):
+    """tanh-Gaussian action and its log-probability (with the tanh change of variables)."""
+    mean, log_std = actor(obs)
+    pre_tanh = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
+    log_prob = jnp.sum(
+        -0.5 * ((pre_tanh - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)
+        # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), numerically stable
+        - 2.0 * (jnp.log(2.0) - pre_tanh - jax.nn.softplus(-2.0 * pre_tanh))
+    )
+    return jnp.tanh(pre_tanh), log_prob
+
+
+def deterministic_action(actor, obs):
+    return jnp.tanh(actor(obs)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffers: preallocated arrays, traced insert position and size.
+class Buffer(NamedTuple):
+    obs: jax.Array
+    action: jax.Array
+    reward: jax.Array
+    next_obs: jax.Array
+    terminated: jax.Array
+    insert_pos: jax.Array
+    size: jax.Array
+
+    @staticmethod
+    def empty(capacity, obs_size, action_size):
+        f = partial(jnp.zeros, dtype=jnp.float32)
+        return Buffer(f((capacity, obs_size)), f((capacity, action_size)), f(capacity), f((capacity, obs_size)),
+                      jnp.zeros(capacity, bool), jnp.int32(0), jnp.int32(0))
+
+    def add_batch(self, transition, valid, capacity):
+        """Write the rows of `transition` where `valid`, consecutively, into a ring of `capacity`
+        (traced, <= the allocated size): invalid rows are dropped, nothing is overwritten by them."""
+        rank = jnp.cumsum(valid) - 1
+        index = jnp.where(valid, (self.insert_pos + rank) % capacity, self.obs.shape[0])
+        fields = [getattr(self, name).at[index].set(value, mode="drop") for name, value in zip(self._fields[:5], transition)]
+        n = jnp.sum(valid, dtype=jnp.int32)
+        return Buffer(*fields, (self.insert_pos + n) % capacity, jnp.minimum(self.size + n, capacity))
+
+    def sample(self, key, n):
+        index = jax.random.randint(key, (n,), 0, jnp.maximum(self.size, 1))
+        return tuple(getattr(self, name)[index] for name in self._fields[:5])
+
+
+class SACState(NamedTuple):
+    actor: Actor
+    critics: Critics
+    target_critics: Critics
+    log_alpha: jax.Array
+    actor_opt: optax.OptState
+    critic_opt: optax.OptState
+    alpha_opt: optax.OptState
+
+
+class RunnerState(NamedTuple):
+    env_state: object
+    obs: jax.Array
+    real: Buffer
+    model_data: Buffer
+    model: Ensemble
+    model_opt: optax.OptState
+    elites: jax.Array
+    sac: SACState
+    episode_return: jax.Array
+    key: jax.Array
+
+
+def rollout_length(args, epoch):
+    """k for an epoch (traced): linear from k_start at epoch_start to k_end at epoch_end, clipped."""
+    e0, e1, k0, k1 = args.rollout_schedule
+    k = k0 + (epoch - e0) / (e1 - e0) * (k1 - k0)
+    return jnp.clip(k, min(k0, k1), max(k0, k1)).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+def make_train(args: Args):
+    """Returns `Trainer(init, chunk, evaluate, train)`:
+
+    * `init(key) -> RunnerState`
+    * `chunk(state, start_step) -> (state, metrics)`: one epoch (`epoch_length` env steps) of
+      Algorithm 2 plus an evaluation; `start_step` is shared by all seeds (unbatched), so phase
+      switches (`init_steps`, fits, k) are real branches even under `vmap`.
+    * `train(key) -> metrics`: the whole run as one pure function, `jax.vmap`-able over keys.
+    """
+    env, env_params = envs.make(args.env_id, backend=args.backend)
+    obs_size, action_size = env.obs_size, env.action_size
+    model_out = obs_size + 1  # (next_obs - obs, reward)
+    num_chunks = args.total_timesteps // args.epoch_length
+    periods_per_chunk = args.epoch_length // args.model_train_freq
+    num_rollouts = args.rollouts_per_step * args.model_train_freq
+    rollouts_per_epoch = num_rollouts * (args.epoch_length // args.model_train_freq)
+    max_k = max(args.rollout_schedule[2:])
+    model_capacity = args.retain_epochs * max_k * rollouts_per_epoch
+    n_real = int(round(args.real_ratio * args.sac_batch_size))
+    model_optimizer = optax.adam(args.model_lr)
+    sac_optimizer = optax.adam(args.sac_lr)
+
+    # --- FIT MODEL --------------------------------------------------------------------------
+    def model_loss(model, inputs, targets):
+        """Gaussian NLL per member (mean over batch and dims) + log-var bound term + weight decay."""
+        mean, logvar = model(inputs)
+        nll = jnp.mean((mean - targets) ** 2 * jnp.exp(-logvar) + logvar, axis=(1, 2))
+        bounds = 0.01 * (jnp.sum(model.max_logvar) - jnp.sum(model.min_logvar))
+        decay = sum(0.5 * wd * jnp.sum(w**2) for wd, w in zip(args.model_weight_decay, model.weights))
+        return jnp.sum(nll) + bounds + decay, nll
+
+    def model_data(buffer, index):
+        obs, action, reward, next_obs, _ = (x[index] for x in buffer[:5])
+        return jnp.concatenate([obs, action], -1), jnp.concatenate([next_obs - obs, reward[..., None]], -1)
+
+    def fit_model(model, opt_state, buffer, key):
+        """Fit on the real buffer until no member improved its holdout MSE by >1% for
+        `model_patience` epochs; each member keeps its best weights. Shapes are static: the split
+        is a random ranking of the buffer slots, masked by the traced size."""
+        capacity = buffer.obs.shape[0]
+        perm_key, key = jax.random.split(key)
+        # Random ranking of the filled slots (empty slots rank last): slots[:n_hold] is the holdout.
+        slots = jnp.argsort(jnp.where(jnp.arange(capacity) < buffer.size, jax.random.uniform(perm_key, (capacity,)), 2.0))
+        n_hold = jnp.minimum((buffer.size * args.holdout_ratio).astype(jnp.int32), args.max_holdout)
+        n_train = buffer.size - n_hold
+        hold_size = min(args.max_holdout, capacity)
+        hold_in, hold_target = model_data(buffer, slots[:hold_size])
+        hold_mask = jnp.arange(hold_size) < n_hold
+
+        # Input normalizer from the training inputs (masked mean/std over the whole buffer).
+        rank = jnp.zeros(capacity, jnp.int32).at[slots].set(jnp.arange(capacity))
+        train_mask = ((rank >= n_hold) & (rank < buffer.size)).astype(jnp.float32)[:, None]
+        all_in = jnp.concatenate([buffer.obs, buffer.action], -1)
+        mean = jnp.sum(all_in * train_mask, 0) / n_train
+        std = jnp.sqrt(jnp.sum((all_in - mean) ** 2 * train_mask, 0) / n_train)
+        model = eqx.tree_at(lambda m: (m.input_mean, m.input_std), model, (mean, jnp.where(std < 1e-12, 1.0, std)))
+
+        def holdout_mse(model):
+            mean, _ = model(jnp.broadcast_to(hold_in, (args.ensemble_size, *hold_in.shape)))
+            per_sample = jnp.mean((mean - hold_target) ** 2, -1)
+            return jnp.sum(per_sample * hold_mask, -1) / n_hold
+
+        def sgd_step(_, carry):
+            (model, opt_state, key), _ = carry
+            key, batch_key = jax.random.split(key)
+            j = jax.random.randint(batch_key, (args.ensemble_size, args.model_batch_size), 0, n_train)
+            inputs, targets = model_data(buffer, slots[n_hold + j])
+            (_, nll), grads = eqx.filter_value_and_grad(model_loss, has_aux=True)(model, inputs, targets)
+            updates, opt_state = model_optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+            return (eqx.apply_updates(model, updates), opt_state, key), nll
+
+        steps_per_epoch = (n_train + args.model_batch_size - 1) // args.model_batch_size
+
+        def epoch(carry):
+            model, opt_state, best, best_loss, since, epochs, key, _ = carry
+            (model, opt_state, key), nll = jax.lax.fori_loop(
+                0, steps_per_epoch, sgd_step, ((model, opt_state, key), jnp.zeros(args.ensemble_size))
+            )
+            loss = holdout_mse(model)
+            improved = (best_loss - loss) / best_loss > 0.01
+            best = model.with_members_from(best, ~improved)
+            best_loss = jnp.where(improved, loss, best_loss)
+            since = jnp.where(improved.any(), 0, since + 1)
+            return model, opt_state, best, best_loss, since, epochs + 1, key, nll
+
+        def keep_going(carry):
+            since, epochs = carry[4], carry[5]
+            return (since < args.model_patience) & (epochs < args.model_max_epochs)
+
+        init = (model, opt_state, model, jnp.full(args.ensemble_size, 1e10), jnp.int32(0), jnp.int32(0), key,
+                jnp.zeros(args.ensemble_size))
+        model, opt_state, best, best_loss, _, epochs, _, train_nll = jax.lax.while_loop(keep_going, epoch, init)
+        elites = jnp.argsort(best_loss)[: args.num_elites]
+        metrics = {"model/holdout_mse": jnp.mean(best_loss[elites]), "model/train_nll": jnp.mean(train_nll),
+                   "model/epochs": epochs}
+        return best, opt_state, elites, metrics
+
+    # --- MODEL ROLLOUT ----------------------------------------------------------------------------
+    def model_step(model, elites, obs, action, key):
+        """One step of the ensemble: a random elite per sample, Gaussian sample of (dobs, r)."""
+        member_key, noise_key = jax.random.split(key)
+        elite_model = model.members(elites)
+        inputs = jnp.concatenate([obs, action], -1)
+        mean, logvar = elite_model(jnp.broadcast_to(inputs, (args.num_elites, *inputs.shape)))
+        pick = jax.random.randint(member_key, (obs.shape[0],), 0, args.num_elites)
+        mean, logvar = mean[pick, jnp.arange(obs.shape[0])], logvar[pick, jnp.arange(obs.shape[0])]
+        sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(noise_key, mean.shape)
+        return obs + sample[:, :-1], sample[:, -1]
+
+    def model_rollout(runner, k, capacity, key):
+        """Branch `num_rollouts` rollouts of length k from real states into the model buffer;
+        a rollout stops after the step where `termination_fn` says done (that step is kept)."""
+        start_key, key = jax.random.split(key)
+        obs = runner.real.sample(start_key, num_rollouts)[0]
+
+        def step(t, carry):
+            obs, alive, buffer, nonfinite, key = carry
+            key, action_key, model_key = jax.random.split(key, 3)
+            action, _ = jax.vmap(sample_action, (None, 0, 0))(runner.sac.actor, obs, jax.random.split(action_key, num_rollouts))
+            next_obs, reward = model_step(runner.model, runner.elites, obs, action, model_key)
+            finite = jnp.all(jnp.isfinite(next_obs), -1) & jnp.isfinite(reward)
+            terminated = env.termination_fn(obs, action, next_obs)
+            buffer = buffer.add_batch((obs, action, reward, next_obs, terminated), alive & finite, capacity)
+            nonfinite += jnp.sum(alive & ~finite)
+            return next_obs, alive & ~terminated & finite, buffer, nonfinite, key
+
+        init = (obs, jnp.ones(num_rollouts, bool), runner.model_data, jnp.int32(0), key)
+        _, alive, buffer, nonfinite, _ = jax.lax.fori_loop(0, k, step, init)
+        return buffer, {"model/rollout_alive_frac": jnp.mean(alive), "model/nonfinite_predictions": nonfinite}
+
+    # --- UPDATE AGENT ---------------------------------------------------------------------------
+    def sac_update(sac, batch, key):
+        obs, action, reward, next_obs, terminated = batch
+        alpha = jnp.exp(sac.log_alpha)
+        next_key, actor_key = jax.random.split(key)
+        n = obs.shape[0]
+
+        next_action, next_logp = jax.vmap(sample_action, (None, 0, 0))(sac.actor, next_obs, jax.random.split(next_key, n))
+        next_q = jnp.min(jax.vmap(sac.target_critics)(next_obs, next_action), -1)
+        # Bootstrap through truncation, not through termination.
+        target = reward + args.gamma * (1.0 - terminated) * (next_q - alpha * next_logp)
+
+        def critic_loss(critics):
+            q = jax.vmap(critics)(obs, action)
+            return jnp.mean((q - jax.lax.stop_gradient(target)[:, None]) ** 2) * 2  # sum over the 2 Qs
+
+        def actor_loss(actor):
+            new_action, logp = jax.vmap(sample_action, (None, 0, 0))(actor, obs, jax.random.split(actor_key, n))
+            q = jnp.min(jax.vmap(sac.critics)(obs, new_action), -1)
+            return jnp.mean(alpha * logp - q), logp
+
+        c_loss, c_grads = eqx.filter_value_and_grad(critic_loss)(sac.critics)
+        (a_loss, logp), a_grads = eqx.filter_value_and_grad(actor_loss, has_aux=True)(sac.actor)
+        alpha_loss, alpha_grad = jax.value_and_grad(
+            lambda log_alpha: -jnp.mean(log_alpha * jax.lax.stop_gradient(logp + args.target_entropy))
+        )(sac.log_alpha)
+
+        c_updates, critic_opt = sac_optimizer.update(c_grads, sac.critic_opt)
+        critics = eqx.apply_updates(sac.critics, c_updates)
+        a_updates, actor_opt = sac_optimizer.update(a_grads, sac.actor_opt)
+        actor = eqx.apply_updates(sac.actor, a_updates)
+        al_update, alpha_opt = sac_optimizer.update(alpha_grad, sac.alpha_opt)
+        log_alpha = sac.log_alpha + al_update
+        target_critics = jax.tree.map(lambda t, o: (1 - args.tau) * t + args.tau * o, sac.target_critics, critics)
+        sac = SACState(actor, critics, target_critics, log_alpha, actor_opt, critic_opt, alpha_opt)
+        return sac, {"losses/critic": c_loss, "losses/actor": a_loss, "losses/alpha": alpha_loss,
+                     "charts/alpha": jnp.exp(log_alpha), "charts/entropy": -jnp.mean(logp)}
+
+    def update_agent(runner, key):
+        """G SAC updates, each on `n_real` real and `batch - n_real` model transitions."""
+
+        def one_update(sac, key):
+            real_key, model_key, update_key = jax.random.split(key, 3)
+            real = runner.real.sample(real_key, n_real)
+            fake = runner.model_data.sample(model_key, args.sac_batch_size - n_real)
+            batch = jax.tree.map(lambda r, f: jnp.concatenate([r, f]), real, fake)
+            return sac_update(sac, batch, update_key)
+
+        sac, metrics = jax.lax.scan(one_update, runner.sac, jax.random.split(key, args.updates_per_step))
+        return runner._replace(sac=sac), jax.tree.map(jnp.mean, metrics)
+
+    # --- init -------------------------------------------------------------------------------
+    def init(key):
+        key, env_key, model_key, actor_key, critic_key = jax.random.split(key, 5)
+        obs, env_state = env.reset(env_key, env_params)
+        actor = Actor(MLP(actor_key, obs_size, 2 * action_size, args.sac_width, args.sac_depth))
+        critics = Critics(eqx.filter_vmap(lambda k: MLP(k, obs_size + action_size, 1, args.sac_width, args.sac_depth))(
+            jax.random.split(critic_key, 2)))
+        log_alpha = jnp.float32(0.0)
+        sac = SACState(actor, critics, critics, log_alpha, sac_optimizer.init(eqx.filter(actor, eqx.is_array)),
+                       sac_optimizer.init(eqx.filter(critics, eqx.is_array)), sac_optimizer.init(log_alpha))
+        model = Ensemble(model_key, args.ensemble_size, obs_size + action_size, model_out, args.model_width, args.model_depth)
+        return RunnerState(
+            env_state=env_state, obs=obs,
+            real=Buffer.empty(args.total_timesteps, obs_size, action_size),
+            model_data=Buffer.empty(model_capacity, obs_size, action_size),
+            model=model, model_opt=model_optimizer.init(eqx.filter(model, eqx.is_array)),
+            elites=jnp.arange(args.num_elites), sac=sac, episode_return=jnp.float32(0.0), key=key,
+        )
+
+    # --- COLLECT --------------------------------------------------------------------------------
+    def collect(runner, random_actions, key):
+        action_key, step_key = jax.random.split(key)
+        action = jax.lax.cond(
+            random_actions,
+            lambda: jax.random.uniform(action_key, (action_size,), minval=-1.0, maxval=1.0),
+            lambda: sample_action(runner.sac.actor, runner.obs, action_key)[0],
+        )
+        next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, runner.env_state, action, env_params)
+        # The model learns from the true next observation, never the post-reset one.
+        transition = (runner.obs[None], action[None], reward[None], info["final_observation"][None], terminated[None])
+        real = runner.real.add_batch(transition, jnp.ones(1, bool), args.total_timesteps)
+        done = terminated | truncated
+        episode_return = runner.episode_return + reward
+        runner = runner._replace(env_state=env_state, obs=next_obs, real=real,
+                                 episode_return=jnp.where(done, 0.0, episode_return))
+        return runner, jnp.where(done, episode_return, jnp.nan)
+
+    # --- one epoch ------------------------------------------------------------------------------
+    empty_fit = {"model/holdout_mse": jnp.nan, "model/train_nll": jnp.nan, "model/epochs": jnp.int32(0)}
+    empty_rollout = {"model/rollout_alive_frac": jnp.nan, "model/nonfinite_predictions": jnp.int32(0)}
+    empty_sac = {"losses/critic": jnp.nan, "losses/actor": jnp.nan, "losses/alpha": jnp.nan,
+                 "charts/alpha": jnp.nan, "charts/entropy": jnp.nan}
+
+    def period(runner, period_start):
+        """`model_train_freq` env steps: fit + branch rollouts at the start (once learning has
+        begun), then collect one step and do G SAC updates per env step (Algorithm 2, l.3-10)."""
+        learning = period_start >= args.init_steps
+        k = rollout_length(args, period_start // args.epoch_length)
+        capacity = args.retain_epochs * k * rollouts_per_epoch
+
+        def fit_and_branch(runner):
+            key, fit_key, rollout_key = jax.random.split(runner.key, 3)
+            model, model_opt, elites, fit_metrics = fit_model(runner.model, runner.model_opt, runner.real, fit_key)
+            runner = runner._replace(model=model, model_opt=model_opt, elites=elites, key=key)
+            model_data, rollout_metrics = model_rollout(runner, k, capacity, rollout_key)
+            return runner._replace(model_data=model_data), {**fit_metrics, **rollout_metrics}
+
+        runner, model_metrics = jax.lax.cond(learning, fit_and_branch, lambda r: (r, {**empty_fit, **empty_rollout}), runner)
+
+        def env_step(runner, t):
+            key, collect_key, update_key = jax.random.split(runner.key, 3)
+            runner, finished_return = collect(runner._replace(key=key), t < args.init_steps, collect_key)
+            runner, sac_metrics = jax.lax.cond(t >= args.init_steps, update_agent,
+                                               lambda r, k: (r, empty_sac), runner, update_key)
+            return runner, (finished_return, sac_metrics)
+
+        runner, (returns, sac_metrics) = jax.lax.scan(env_step, runner, period_start + jnp.arange(args.model_train_freq))
+        return runner, (returns, sac_metrics, {**model_metrics, "model/rollout_length": k})
+
+    def evaluate(actor, key):
+        """Mean return of `eval_episodes` deterministic-policy episodes in the real env."""
+        reset_key, key = jax.random.split(key)
+        obs, state = jax.vmap(env.reset, (0, None))(jax.random.split(reset_key, args.eval_episodes), env_params)
+
+        def step(carry, key):
+            obs, state, total, running = carry
+            action = jax.vmap(deterministic_action, (None, 0))(actor, obs)
+            obs, state, reward, terminated, truncated, _ = jax.vmap(env.step, (0, 0, 0, None))(
+                jax.random.split(key, args.eval_episodes), state, action, env_params)
+            total = total + reward * running
+            return (obs, state, total, running & ~(terminated | truncated)), None
+
+        init = (obs, state, jnp.zeros(args.eval_episodes), jnp.ones(args.eval_episodes, bool))
+        (_, _, total, _), _ = jax.lax.scan(step, init, jax.random.split(key, env_params.max_steps_in_episode))
+        return jnp.mean(total)
+
+    def chunk(runner, start_step):
+        starts = start_step + args.model_train_freq * jnp.arange(periods_per_chunk)
+        runner, (returns, sac_metrics, model_metrics) = jax.lax.scan(period, runner, starts)
+        key, eval_key = jax.random.split(runner.key)
+        runner = runner._replace(key=key)
+        finished = jnp.isfinite(returns)
+        metrics = {
+            "env_steps": start_step + args.epoch_length,
+            "eval/return": evaluate(runner.sac.actor, eval_key),
+            "charts/train_return": jnp.sum(jnp.where(finished, returns, 0.0)) / jnp.maximum(jnp.sum(finished), 1),
+            "charts/train_episodes": jnp.sum(finished),
+            **{k: jnp.nanmean(v) if k.startswith(("losses", "charts")) else v[-1] for k, v in sac_metrics.items()},
+        }
+        # Fit/rollout metrics of the epoch's last period (NaN before learning starts).
+        metrics.update({k: v[-1] for k, v in model_metrics.items()})
+        metrics["model/nonfinite_predictions"] = jnp.sum(model_metrics["model/nonfinite_predictions"])
+        return runner, metrics
+
+    def train(key):
+        runner = init(key)
+
+        def one_chunk(runner, i):
+            return chunk(runner, i * args.epoch_length)
+
+        return jax.lax.scan(one_chunk, runner, jnp.arange(num_chunks))
+
+    return Trainer(init, chunk, evaluate, train, num_chunks)
+
+
+class Trainer(NamedTuple):
+    init: callable
+    chunk: callable
+    evaluate: callable
+    train: callable
+    num_chunks: int
+
+
+# ---------------------------------------------------------------------------------------------
+def seed_keys(args):
+    return jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+
+
+def run(args: Args):
+    """Train with a thin host loop over compiled epochs: log, check, checkpoint, resume."""
+    if args.resume:
+        run_dir = utils.RunDir(args.resume)
+        args = run_dir.load_args(Args)
+    else:
+        args = resolve(args)
+        run_dir = utils.RunDir(Path(args.run_dir) / utils.RunDir.new_name(args.env_id, "mbpo", args.seed), args)
+    trainer = make_train(args)
+    init = jax.jit(jax.vmap(trainer.init))
+    chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
+    state = init(seed_keys(args))
+    loaded, done_steps = run_dir.load_checkpoint(state)
+    if loaded is not None:
+        state = loaded
+        run_dir.truncate_metrics(done_steps)
+    bar = tqdm(total=args.total_timesteps, initial=done_steps, unit="step", disable=not args.progress)
+    metrics = {}
+    while done_steps < args.total_timesteps:
+        start = time.perf_counter()
+        state, metrics = chunk(state, jnp.int32(done_steps))
+        metrics = jax.tree.map(np.asarray, metrics)
+        done_steps += args.epoch_length
+        metrics["charts/steps_per_second"] = np.full(args.num_seeds, args.epoch_length / (time.perf_counter() - start))
+        # Before learning starts the losses are NaN by design; after, every metric must be finite.
+        learning = done_steps > args.init_steps
+        utils.assert_finite({k: v for k, v in metrics.items() if learning or k == "eval/return"},
+                            f"env step {done_steps} (epoch {done_steps // args.epoch_length})")
+        if metrics["model/nonfinite_predictions"].any():
+            raise utils.NonFiniteError(f"model predicted non-finite states at env step {done_steps}: "
+                                       f"{metrics['model/nonfinite_predictions']} per seed")
+        run_dir.write_metrics(metrics, args.seed)
+        run_dir.save_checkpoint(state, done_steps)
+        bar.update(args.epoch_length)
+        bar.set_postfix(eval_return=f"{metrics['eval/return'].mean():.1f}",
+                        sps=f"{metrics['charts/steps_per_second'][0]:.0f}")
+    bar.close()
+    summary = {"run_dir": str(run_dir.path), "env_id": args.env_id, "backend": args.backend,
+               "env_steps": done_steps, "final_eval_return_mean": float(np.mean(metrics["eval/return"])),
+               "final_eval_return_per_seed": [float(x) for x in metrics["eval/return"]]}
+    run_dir.write_summary(summary)
+    print(json.dumps(summary))
+    return run_dir, metrics
+
+
+def evaluate_saved(path):
+    run_dir = utils.RunDir(path)
+    args = run_dir.load_args(Args)
+    trainer = make_train(args)
+    like = jax.eval_shape(jax.vmap(trainer.init), seed_keys(args))
+    state, steps = run_dir.load_checkpoint(like)
+    utils.check(state is not None, f"no checkpoint in {path}")
+    returns = jax.jit(jax.vmap(trainer.evaluate))(state.sac.actor, jax.vmap(jax.random.fold_in, (0, None))(seed_keys(args), 12345))
+    print(json.dumps({"run_dir": path, "env_steps": steps, "eval_return_per_seed": [float(r) for r in returns]}))
+    return returns
+
+
+def main():
+    utils.enable_compilation_cache()
+    args = tyro.cli(Args)
+    if args.evaluate:
+        evaluate_saved(args.evaluate)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
