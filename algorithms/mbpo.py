@@ -433,7 +433,7 @@ def make_train(args: Args):
         elites = jnp.argsort(best_loss)[: args.num_elites]
         metrics = {"model/holdout_mse": jnp.mean(best_loss[elites]), "model/train_nll": jnp.mean(train_nll),
                    "model/epochs": epochs}
-        return best, opt_state, elites, metrics
+        return best, opt_state, elites, best_loss, metrics
 
     # --- MODEL ROLLOUT ----------------------------------------------------------------------------
     def model_step(model, elites, obs, action, key):
@@ -506,15 +506,19 @@ def make_train(args: Args):
         return sac, {"losses/critic": c_loss, "losses/actor": a_loss, "losses/alpha": alpha_loss,
                      "charts/alpha": jnp.exp(log_alpha), "charts/entropy": -jnp.mean(logp)}
 
+    def sample_batch(runner, key):
+        """`n_real` real and `batch - n_real` model transitions (real ones first)."""
+        real_key, model_key = jax.random.split(key)
+        real = runner.real.sample(real_key, n_real)
+        fake = runner.model_data.sample(model_key, args.sac_batch_size - n_real)
+        return jax.tree.map(lambda r, f: jnp.concatenate([r, f]), real, fake)
+
     def update_agent(runner, key):
-        """G SAC updates, each on `n_real` real and `batch - n_real` model transitions."""
+        """G SAC updates, each on a fresh mixed batch."""
 
         def one_update(sac, key):
-            real_key, model_key, update_key = jax.random.split(key, 3)
-            real = runner.real.sample(real_key, n_real)
-            fake = runner.model_data.sample(model_key, args.sac_batch_size - n_real)
-            batch = jax.tree.map(lambda r, f: jnp.concatenate([r, f]), real, fake)
-            return sac_update(sac, batch, update_key)
+            batch_key, update_key = jax.random.split(key)
+            return sac_update(sac, sample_batch(runner, batch_key), update_key)
 
         sac, metrics = jax.lax.scan(one_update, runner.sac, jax.random.split(key, args.updates_per_step))
         return runner._replace(sac=sac), jax.tree.map(jnp.mean, metrics)
@@ -571,7 +575,7 @@ def make_train(args: Args):
 
         def fit_and_branch(runner):
             key, fit_key, rollout_key = jax.random.split(runner.key, 3)
-            model, model_opt, elites, fit_metrics = fit_model(runner.model, runner.model_opt, runner.real, fit_key)
+            model, model_opt, elites, _, fit_metrics = fit_model(runner.model, runner.model_opt, runner.real, fit_key)
             runner = runner._replace(model=model, model_opt=model_opt, elites=elites, key=key)
             model_data, rollout_metrics = model_rollout(runner, k, capacity, rollout_key)
             return runner._replace(model_data=model_data), {**fit_metrics, **rollout_metrics}
@@ -631,7 +635,7 @@ def make_train(args: Args):
 
         return jax.lax.scan(one_chunk, runner, jnp.arange(num_chunks))
 
-    return Trainer(init, chunk, evaluate, train, num_chunks)
+    return Trainer(init, chunk, evaluate, train, num_chunks, fit_model, model_rollout, sample_batch, sac_update)
 
 
 class Trainer(NamedTuple):
@@ -640,6 +644,11 @@ class Trainer(NamedTuple):
     evaluate: callable
     train: callable
     num_chunks: int
+    # the phases, exposed for tests and for reuse
+    fit_model: callable
+    model_rollout: callable
+    sample_batch: callable
+    sac_update: callable
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ def assert_finite(metrics: dict, where: str):
     for name, value in metrics.items():
         value = np.asarray(value)
         if not np.all(np.isfinite(value)):
-            seeds = np.nonzero(~np.isfinite(value.reshape(value.shape[0], -1)).all(-1))[0] if value.ndim else []
-            raise NonFiniteError(f"non-finite {name} at {where} (seeds {list(seeds)}): {value}")
+            seeds = np.nonzero(~np.isfinite(value.reshape(value.shape[0], -1)).all(-1))[0].tolist() if value.ndim else []
+            raise NonFiniteError(f"non-finite {name} at {where} (seeds {seeds}): {value}")
 
 
 class RunDir:

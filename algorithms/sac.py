@@ -1,0 +1,478 @@
+"""SAC: Soft Actor-Critic (Haarnoja, Zhou, Hartikainen, Tucker, ..., Levine 2018, "Soft
+Actor-Critic Algorithms and Applications", Algorithm 1 with automatic entropy tuning), in one
+file, with every epoch of collect -> update compiled by XLA and vmapped over seeds.
+
+This is the "no model" baseline of MBPO (Janner et al. 2019, Fig. 3): exactly the SAC of
+`algorithms/mbpo.py` (same networks, losses and update), but every batch comes from the real
+replay buffer. `--updates-per-step` (G) is configurable: G = 1 is standard SAC, G = 20 is SAC
+with MBPO's update-to-data ratio (the paper's comparison that isolates the model's effect).
+
+    python algorithms/sac.py --seed 0                          # hopper, standard SAC (G = 1)
+    python algorithms/sac.py --env-id inverted_pendulum --num-seeds 4 --updates-per-step 10
+    python algorithms/sac.py --resume runs/<run-name>          # continue a killed run
+    python algorithms/sac.py --evaluate runs/<run-name>        # evaluate its saved policy
+
+What we follow (SAC paper App. D, and MBPO's reference SAC so the comparison is like for like):
+* Two Q networks and a tanh-Gaussian policy, 2 x 256 ReLU MLPs; Adam 3e-4; batch 256;
+  gamma 0.99; target networks by Polyak averaging with tau 5e-3; clipped double Q (the minimum
+  of the two target Qs) in the target and in the policy loss.
+* Automatic entropy tuning (SAC "Applications" Sec. 5): alpha = exp(log_alpha), learned to keep
+  the policy's entropy at a target; the target is MBPO's per-task value (PRESETS), else -|A|.
+* `init_steps` uniform-random actions before learning; then one env step and G updates per step.
+
+Choices (and why):
+* Bootstrapping: the critic target uses (1 - terminated), never truncated (time limits are not
+  part of the MDP); the buffer stores the true next observation (`info["final_observation"]`),
+  never the post-reset one.
+* Presets (total steps, epoch length, initial steps, target entropy) are MBPO's, so a SAC run
+  and an MBPO run of the same task line up epoch for epoch. The SAC flags are named as in
+  `mbpo.py` (`--sac-lr`, `--sac-batch-size`, ...), so one set of SAC flags drives both scripts.
+* Replay buffer: preallocated with capacity `total_timesteps` (nothing is ever overwritten).
+"""
+
+import dataclasses
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from tqdm import tqdm
+
+import envs
+from algorithms import utils
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments. `None` means "the preset of --env-id" (PRESETS below, MBPO's App. C settings).
+@dataclasses.dataclass
+class Args:
+    # experiment
+    env_id: str = "hopper"
+    """task: hopper, walker2d, halfcheetah, ant, humanoid, inverted_pendulum (presets), or any Brax task in envs.NAMES"""
+    seed: int = 0
+    """seed of the first run; vmapped seed i uses seed + i"""
+    num_seeds: int = 1
+    """independent seeds trained at once in one vmapped program"""
+    total_timesteps: int | None = None
+    """env steps (preset as MBPO: 125_000 hopper, 300_000 walker2d/ant/humanoid, 400_000 halfcheetah, 20_000 inverted_pendulum)"""
+    backend: str = envs.DEFAULT_BACKEND
+    """Brax physics backend (recorded with the run; returns differ across backends)"""
+    epoch_length: int | None = None
+    """env steps per epoch: the unit of evaluation, logging and checkpoints (preset 1000; 250 inverted_pendulum)"""
+    init_steps: int | None = None
+    """uniform-random-action steps before learning starts (preset 5000; 500 inverted_pendulum)"""
+    eval_episodes: int = 5
+    """deterministic-policy episodes per evaluation, at the end of every epoch"""
+    run_dir: str = "runs"
+    """where runs/<run-name>/ is created"""
+    resume: str | None = None
+    """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
+    evaluate: str | None = None
+    """only evaluate the policy saved in this run directory and print the returns"""
+    progress: bool = True
+    """show a progress bar"""
+
+    # agent (SAC)
+    updates_per_step: int = 1
+    """G, SAC gradient updates per env step (1 = standard SAC; 20 = MBPO's ratio on most tasks)"""
+    target_entropy: float | None = None
+    """entropy target of the automatic temperature tuning (preset per task as MBPO; else -action_size)"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 5e-3
+    """target-network Polyak averaging rate"""
+    sac_lr: float = 3e-4
+    """Adam learning rate of actor, critics and temperature"""
+    sac_batch_size: int = 256
+    """transitions per gradient update, sampled uniformly from the replay buffer"""
+    sac_width: int = 256
+    """hidden units per layer of actor and critics"""
+    sac_depth: int = 2
+    """hidden layers of actor and critics"""
+
+
+PRESETS = {  # MBPO App. C / reference configuration (the tasks SAC is compared on there)
+    "inverted_pendulum": dict(total_timesteps=20_000, epoch_length=250, init_steps=500, target_entropy=-0.05),
+    "hopper": dict(total_timesteps=125_000, target_entropy=-1.0),
+    "walker2d": dict(total_timesteps=300_000, target_entropy=-3.0),
+    "halfcheetah": dict(total_timesteps=400_000, target_entropy=-3.0),
+    "ant": dict(total_timesteps=300_000, target_entropy=-4.0),
+    "humanoid": dict(total_timesteps=300_000, target_entropy=-2.0),
+}
+DEFAULTS = dict(epoch_length=1000, init_steps=5000, total_timesteps=100_000)
+
+
+def resolve(args: Args) -> Args:
+    """Fill `None` fields from the env's preset and check every argument (one-line errors)."""
+    check = utils.check
+    check(args.env_id in envs.NAMES, f"unknown env {args.env_id!r}; valid: {', '.join(envs.NAMES)}")
+    check(args.env_id in envs.BRAX_TASKS, f"SAC here needs a continuous-action Brax task, not {args.env_id}")
+    check(args.backend in envs.BACKENDS, f"unknown backend {args.backend!r}; valid: {', '.join(envs.BACKENDS)}")
+    preset = {**DEFAULTS, **PRESETS.get(args.env_id, {})}
+    filled = {k: (preset[k] if v is None and k in preset else v) for k, v in dataclasses.asdict(args).items()}
+    if filled["target_entropy"] is None:  # the usual SAC heuristic: -|A|
+        filled["target_entropy"] = -float(envs.make(args.env_id, backend=args.backend)[0].action_size)
+    args = Args(**filled)
+    for name in ["num_seeds", "total_timesteps", "epoch_length", "eval_episodes", "updates_per_step",
+                 "sac_batch_size", "sac_width", "sac_depth"]:
+        check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check(args.init_steps >= 0, f"--init-steps must be >= 0, got {args.init_steps}")
+    check(args.sac_lr > 0, f"--sac-lr must be positive, got {args.sac_lr}")
+    check(0.0 < args.gamma <= 1.0 and 0.0 < args.tau <= 1.0, "--gamma and --tau must be in (0, 1]")
+    check(args.total_timesteps % args.epoch_length == 0,
+          f"--total-timesteps {args.total_timesteps} must be a multiple of --epoch-length {args.epoch_length}")
+    check(args.total_timesteps > args.init_steps, "--total-timesteps must exceed --init-steps")
+    check(args.sac_batch_size <= args.total_timesteps,
+          f"--sac-batch-size {args.sac_batch_size} larger than the replay buffer ({args.total_timesteps} transitions)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks (as in mbpo.py)
+class MLP(eqx.Module):
+    """ReLU MLP. (Not eqx.nn.MLP: its activation-function leaf cannot be carried by lax.scan.)"""
+
+    layers: list
+
+    def __init__(self, key, in_size, out_size, width, depth):
+        sizes = [in_size] + [width] * depth + [out_size]
+        keys = jax.random.split(key, len(sizes) - 1)
+        self.layers = [eqx.nn.Linear(i, o, key=k) for k, i, o in zip(keys, sizes[:-1], sizes[1:])]
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = jax.nn.relu(layer(x))
+        return self.layers[-1](x)
+
+
+class Actor(eqx.Module):
+    net: MLP
+
+    def __call__(self, obs):
+        mean, log_std = jnp.split(self.net(obs), 2)
+        return mean, jnp.clip(log_std, -20.0, 2.0)
+
+
+class Critics(eqx.Module):
+    """Two Q networks stacked on a leading axis (clipped double Q)."""
+
+    nets: MLP
+
+    def __call__(self, obs, action):
+        x = jnp.concatenate([obs, action])
+        return eqx.filter_vmap(lambda net: net(x)[0])(self.nets)
+
+
+def sample_action(actor, obs, key):
+    """tanh-Gaussian action and its log-probability (with the tanh change of variables, SAC App. C)."""
+    mean, log_std = actor(obs)
+    pre_tanh = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
+    log_prob = jnp.sum(
+        -0.5 * ((pre_tanh - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi)
+        # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), numerically stable
+        - 2.0 * (jnp.log(2.0) - pre_tanh - jax.nn.softplus(-2.0 * pre_tanh))
+    )
+    return jnp.tanh(pre_tanh), log_prob
+
+
+def deterministic_action(actor, obs):
+    return jnp.tanh(actor(obs)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffer: preallocated arrays, traced insert position and size.
+class Buffer(NamedTuple):
+    obs: jax.Array
+    action: jax.Array
+    reward: jax.Array
+    next_obs: jax.Array  # the true next observation, never the post-reset one
+    terminated: jax.Array  # the task's own termination only; truncation is not stored
+    insert_pos: jax.Array
+    size: jax.Array
+
+    @staticmethod
+    def empty(capacity, obs_size, action_size):
+        f = partial(jnp.zeros, dtype=jnp.float32)
+        return Buffer(f((capacity, obs_size)), f((capacity, action_size)), f(capacity), f((capacity, obs_size)),
+                      jnp.zeros(capacity, bool), jnp.int32(0), jnp.int32(0))
+
+    def add(self, transition):
+        """Write one transition at `insert_pos` (ring buffer; capacity = total_timesteps, so it never wraps)."""
+        capacity = self.obs.shape[0]
+        fields = [getattr(self, name).at[self.insert_pos].set(value) for name, value in zip(self._fields[:5], transition)]
+        return Buffer(*fields, (self.insert_pos + 1) % capacity, jnp.minimum(self.size + 1, capacity))
+
+    def sample(self, key, n):
+        index = jax.random.randint(key, (n,), 0, jnp.maximum(self.size, 1))
+        return tuple(getattr(self, name)[index] for name in self._fields[:5])
+
+
+class SACState(NamedTuple):
+    actor: Actor
+    critics: Critics
+    target_critics: Critics
+    log_alpha: jax.Array
+    actor_opt: optax.OptState
+    critic_opt: optax.OptState
+    alpha_opt: optax.OptState
+
+
+class RunnerState(NamedTuple):
+    env_state: object
+    obs: jax.Array
+    buffer: Buffer
+    sac: SACState
+    episode_return: jax.Array
+    key: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and update
+def critic_target(sac, reward, next_obs, terminated, key, gamma):
+    """Soft TD target (SAC eq. 3 with clipped double Q): r + gamma (1 - terminated)
+    (min_i Q_target_i(s', a') - alpha log pi(a'|s')), a' ~ pi(s'). Bootstraps through
+    truncation (time limits), never through termination."""
+    alpha = jnp.exp(sac.log_alpha)
+    next_action, next_logp = jax.vmap(sample_action, (None, 0, 0))(
+        sac.actor, next_obs, jax.random.split(key, next_obs.shape[0]))
+    next_q = jnp.min(jax.vmap(sac.target_critics)(next_obs, next_action), -1)
+    return reward + gamma * (1.0 - terminated) * (next_q - alpha * next_logp)
+
+
+def sac_update(args, optimizer, sac, batch, key):
+    """One gradient step of critics (eq. 5), actor (eq. 9, reparameterized) and temperature
+    (eq. 18), then the Polyak update of the target critics."""
+    obs, action, reward, next_obs, terminated = batch
+    alpha = jnp.exp(sac.log_alpha)
+    next_key, actor_key = jax.random.split(key)
+    n = obs.shape[0]
+    target = critic_target(sac, reward, next_obs, terminated, next_key, args.gamma)
+
+    def critic_loss(critics):
+        q = jax.vmap(critics)(obs, action)
+        return jnp.mean((q - jax.lax.stop_gradient(target)[:, None]) ** 2) * 2  # sum over the 2 Qs
+
+    def actor_loss(actor):
+        new_action, logp = jax.vmap(sample_action, (None, 0, 0))(actor, obs, jax.random.split(actor_key, n))
+        q = jnp.min(jax.vmap(sac.critics)(obs, new_action), -1)
+        return jnp.mean(alpha * logp - q), logp
+
+    c_loss, c_grads = eqx.filter_value_and_grad(critic_loss)(sac.critics)
+    (a_loss, logp), a_grads = eqx.filter_value_and_grad(actor_loss, has_aux=True)(sac.actor)
+    alpha_loss, alpha_grad = jax.value_and_grad(
+        lambda log_alpha: -jnp.mean(log_alpha * jax.lax.stop_gradient(logp + args.target_entropy))
+    )(sac.log_alpha)
+
+    c_updates, critic_opt = optimizer.update(c_grads, sac.critic_opt)
+    critics = eqx.apply_updates(sac.critics, c_updates)
+    a_updates, actor_opt = optimizer.update(a_grads, sac.actor_opt)
+    actor = eqx.apply_updates(sac.actor, a_updates)
+    al_update, alpha_opt = optimizer.update(alpha_grad, sac.alpha_opt)
+    log_alpha = sac.log_alpha + al_update
+    target_critics = jax.tree.map(lambda t, o: (1 - args.tau) * t + args.tau * o, sac.target_critics, critics)
+    sac = SACState(actor, critics, target_critics, log_alpha, actor_opt, critic_opt, alpha_opt)
+    return sac, {"losses/critic": c_loss, "losses/actor": a_loss, "losses/alpha": alpha_loss,
+                 "charts/alpha": jnp.exp(log_alpha), "charts/entropy": -jnp.mean(logp)}
+
+
+# ---------------------------------------------------------------------------------------------
+def make_train(args: Args):
+    """Returns `Trainer(init, chunk, evaluate, train, num_chunks, collect, update)`:
+
+    * `init(key) -> RunnerState`
+    * `chunk(state, start_step) -> (state, metrics)`: one epoch (`epoch_length` env steps, each
+      one env step then G updates) plus an evaluation; `start_step` is shared by all seeds
+      (unbatched), so the switch at `init_steps` is a real branch even under `vmap`.
+    * `train(key) -> (state, metrics)`: the whole run as one pure function, `jax.vmap`-able.
+    * `collect(state, random_actions, key)`, `update(state, key)`: the two phases, for tests.
+    """
+    env, env_params = envs.make(args.env_id, backend=args.backend)
+    obs_size, action_size = env.obs_size, env.action_size
+    num_chunks = args.total_timesteps // args.epoch_length
+    optimizer = optax.adam(args.sac_lr)
+
+    # --- init -------------------------------------------------------------------------------
+    def init(key):
+        key, env_key, actor_key, critic_key = jax.random.split(key, 4)
+        obs, env_state = env.reset(env_key, env_params)
+        actor = Actor(MLP(actor_key, obs_size, 2 * action_size, args.sac_width, args.sac_depth))
+        critics = Critics(eqx.filter_vmap(lambda k: MLP(k, obs_size + action_size, 1, args.sac_width, args.sac_depth))(
+            jax.random.split(critic_key, 2)))
+        log_alpha = jnp.float32(0.0)
+        sac = SACState(actor, critics, critics, log_alpha, optimizer.init(eqx.filter(actor, eqx.is_array)),
+                       optimizer.init(eqx.filter(critics, eqx.is_array)), optimizer.init(log_alpha))
+        return RunnerState(env_state=env_state, obs=obs, buffer=Buffer.empty(args.total_timesteps, obs_size, action_size),
+                           sac=sac, episode_return=jnp.float32(0.0), key=key)
+
+    # --- COLLECT --------------------------------------------------------------------------------
+    def collect(runner, random_actions, key):
+        """One env step with a uniform-random or policy action; returns the finished episode's
+        return (NaN if the episode goes on)."""
+        action_key, step_key = jax.random.split(key)
+        action = jax.lax.cond(
+            random_actions,
+            lambda: jax.random.uniform(action_key, (action_size,), minval=-1.0, maxval=1.0),
+            lambda: sample_action(runner.sac.actor, runner.obs, action_key)[0],
+        )
+        next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, runner.env_state, action, env_params)
+        # Store the true next observation and `terminated` alone (truncation is not an MDP end).
+        buffer = runner.buffer.add((runner.obs, action, reward, info["final_observation"], terminated))
+        done = terminated | truncated
+        episode_return = runner.episode_return + reward
+        runner = runner._replace(env_state=env_state, obs=next_obs, buffer=buffer,
+                                 episode_return=jnp.where(done, 0.0, episode_return))
+        return runner, jnp.where(done, episode_return, jnp.nan)
+
+    # --- UPDATE AGENT ---------------------------------------------------------------------------
+    def update(runner, key):
+        """G SAC updates, each on a fresh uniform batch from the replay buffer."""
+
+        def one_update(sac, key):
+            sample_key, update_key = jax.random.split(key)
+            return sac_update(args, optimizer, sac, runner.buffer.sample(sample_key, args.sac_batch_size), update_key)
+
+        sac, metrics = jax.lax.scan(one_update, runner.sac, jax.random.split(key, args.updates_per_step))
+        return runner._replace(sac=sac), jax.tree.map(jnp.mean, metrics)
+
+    # --- one epoch ------------------------------------------------------------------------------
+    empty_sac = {"losses/critic": jnp.nan, "losses/actor": jnp.nan, "losses/alpha": jnp.nan,
+                 "charts/alpha": jnp.nan, "charts/entropy": jnp.nan}
+
+    def env_step(runner, t):
+        """Algorithm 1's inner loop: one env step, then G gradient steps once learning has begun
+        (`t` is the unbatched global step, so under vmap this cond stays a branch)."""
+        key, collect_key, update_key = jax.random.split(runner.key, 3)
+        runner, finished_return = collect(runner._replace(key=key), t < args.init_steps, collect_key)
+        runner, sac_metrics = jax.lax.cond(t >= args.init_steps, update, lambda r, k: (r, empty_sac), runner, update_key)
+        return runner, (finished_return, sac_metrics)
+
+    def evaluate(actor, key):
+        """Mean return of `eval_episodes` deterministic-policy episodes in the real env."""
+        reset_key, key = jax.random.split(key)
+        obs, state = jax.vmap(env.reset, (0, None))(jax.random.split(reset_key, args.eval_episodes), env_params)
+
+        def step(carry, key):
+            obs, state, total, running = carry
+            action = jax.vmap(deterministic_action, (None, 0))(actor, obs)
+            obs, state, reward, terminated, truncated, _ = jax.vmap(env.step, (0, 0, 0, None))(
+                jax.random.split(key, args.eval_episodes), state, action, env_params)
+            total = total + reward * running
+            return (obs, state, total, running & ~(terminated | truncated)), None
+
+        init = (obs, state, jnp.zeros(args.eval_episodes), jnp.ones(args.eval_episodes, bool))
+        (_, _, total, _), _ = jax.lax.scan(step, init, jax.random.split(key, env_params.max_steps_in_episode))
+        return jnp.mean(total)
+
+    def chunk(runner, start_step):
+        runner, (returns, sac_metrics) = jax.lax.scan(env_step, runner, start_step + jnp.arange(args.epoch_length))
+        key, eval_key = jax.random.split(runner.key)
+        runner = runner._replace(key=key)
+        finished = jnp.isfinite(returns)
+        metrics = {
+            "env_steps": start_step + args.epoch_length,
+            "eval/return": evaluate(runner.sac.actor, eval_key),
+            "charts/train_return": jnp.sum(jnp.where(finished, returns, 0.0)) / jnp.maximum(jnp.sum(finished), 1),
+            "charts/train_episodes": jnp.sum(finished),
+            # Means over the epoch's updating steps (NaN if it had none: before learning starts).
+            **{k: jnp.nanmean(v) for k, v in sac_metrics.items()},
+        }
+        return runner, metrics
+
+    def train(key):
+        runner = init(key)
+
+        def one_chunk(runner, i):
+            return chunk(runner, i * args.epoch_length)
+
+        return jax.lax.scan(one_chunk, runner, jnp.arange(num_chunks))
+
+    return Trainer(init, chunk, evaluate, train, num_chunks, collect, update)
+
+
+class Trainer(NamedTuple):
+    init: callable
+    chunk: callable
+    evaluate: callable
+    train: callable
+    num_chunks: int
+    collect: callable
+    update: callable
+
+
+# ---------------------------------------------------------------------------------------------
+def seed_keys(args):
+    return jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+
+
+def run(args: Args):
+    """Train with a thin host loop over compiled epochs: log, check, checkpoint, resume."""
+    if args.resume:
+        run_dir = utils.RunDir(args.resume)
+        args = run_dir.load_args(Args)
+    else:
+        args = resolve(args)
+        run_dir = utils.RunDir(Path(args.run_dir) / utils.RunDir.new_name(args.env_id, "sac", args.seed), args)
+    trainer = make_train(args)
+    init = jax.jit(jax.vmap(trainer.init))
+    chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
+    state = init(seed_keys(args))
+    loaded, done_steps = run_dir.load_checkpoint(state)
+    if loaded is not None:
+        state = loaded
+        run_dir.truncate_metrics(done_steps)
+    bar = tqdm(total=args.total_timesteps, initial=done_steps, unit="step", disable=not args.progress)
+    metrics = {}
+    while done_steps < args.total_timesteps:
+        start = time.perf_counter()
+        state, metrics = chunk(state, jnp.int32(done_steps))
+        metrics = jax.tree.map(np.asarray, metrics)
+        done_steps += args.epoch_length
+        metrics["charts/steps_per_second"] = np.full(args.num_seeds, args.epoch_length / (time.perf_counter() - start))
+        # Before learning starts the losses are NaN by design; after, every metric must be finite.
+        learning = done_steps > args.init_steps
+        utils.assert_finite({k: v for k, v in metrics.items() if learning or k == "eval/return"},
+                            f"env step {done_steps} (epoch {done_steps // args.epoch_length})")
+        run_dir.write_metrics(metrics, args.seed)
+        run_dir.save_checkpoint(state, done_steps)
+        bar.update(args.epoch_length)
+        bar.set_postfix(eval_return=f"{metrics['eval/return'].mean():.1f}",
+                        sps=f"{metrics['charts/steps_per_second'][0]:.0f}")
+    bar.close()
+    summary = {"run_dir": str(run_dir.path), "env_id": args.env_id, "backend": args.backend,
+               "env_steps": done_steps, "final_eval_return_mean": float(np.mean(metrics["eval/return"])),
+               "final_eval_return_per_seed": [float(x) for x in metrics["eval/return"]]}
+    run_dir.write_summary(summary)
+    print(json.dumps(summary))
+    return run_dir, metrics
+
+
+def evaluate_saved(path):
+    run_dir = utils.RunDir(path)
+    args = run_dir.load_args(Args)
+    trainer = make_train(args)
+    like = jax.eval_shape(jax.vmap(trainer.init), seed_keys(args))
+    state, steps = run_dir.load_checkpoint(like)
+    utils.check(state is not None, f"no checkpoint in {path}")
+    returns = jax.jit(jax.vmap(trainer.evaluate))(state.sac.actor, jax.vmap(jax.random.fold_in, (0, None))(seed_keys(args), 12345))
+    print(json.dumps({"run_dir": path, "env_steps": steps, "eval_return_per_seed": [float(r) for r in returns]}))
+    return returns
+
+
+def main():
+    utils.enable_compilation_cache()
+    args = tyro.cli(Args)
+    if args.evaluate:
+        evaluate_saved(args.evaluate)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
