@@ -74,6 +74,8 @@ class Args:
     """deterministic-policy episodes per evaluation, at the end of every epoch"""
     run_dir: str = "runs"
     """where runs/<run-name>/ is created"""
+    run_name: str | None = None
+    """name of the run directory (default: <env>__mbpo__<seed>__<time>)"""
     resume: str | None = None
     """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
     evaluate: str | None = None
@@ -369,6 +371,12 @@ def make_train(args: Args):
         decay = sum(0.5 * wd * jnp.sum(w**2) for wd, w in zip(args.model_weight_decay, model.weights))
         return jnp.sum(nll) + bounds + decay, nll
 
+    def model_sgd_step(model, opt_state, inputs, targets):
+        """One Adam step of every member on its own minibatch (inputs[b], targets[b])."""
+        (_, nll), grads = eqx.filter_value_and_grad(model_loss, has_aux=True)(model, inputs, targets)
+        updates, opt_state = model_optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, nll
+
     def model_data(buffer, index):
         obs, action, reward, next_obs, _ = (x[index] for x in buffer[:5])
         return jnp.concatenate([obs, action], -1), jnp.concatenate([next_obs - obs, reward[..., None]], -1)
@@ -404,10 +412,8 @@ def make_train(args: Args):
             (model, opt_state, key), _ = carry
             key, batch_key = jax.random.split(key)
             j = jax.random.randint(batch_key, (args.ensemble_size, args.model_batch_size), 0, n_train)
-            inputs, targets = model_data(buffer, slots[n_hold + j])
-            (_, nll), grads = eqx.filter_value_and_grad(model_loss, has_aux=True)(model, inputs, targets)
-            updates, opt_state = model_optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-            return (eqx.apply_updates(model, updates), opt_state, key), nll
+            model, opt_state, nll = model_sgd_step(model, opt_state, *model_data(buffer, slots[n_hold + j]))
+            return (model, opt_state, key), nll
 
         steps_per_epoch = (n_train + args.model_batch_size - 1) // args.model_batch_size
 
@@ -618,9 +624,10 @@ def make_train(args: Args):
         metrics = {
             "env_steps": start_step + args.epoch_length,
             "eval/return": evaluate(runner.sac.actor, eval_key),
-            "charts/train_return": jnp.sum(jnp.where(finished, returns, 0.0)) / jnp.maximum(jnp.sum(finished), 1),
+            # NaN when no training episode ended in this epoch (allowed by the host's NaN check).
+            "charts/train_return": jnp.sum(jnp.where(finished, returns, 0.0)) / jnp.sum(finished),
             "charts/train_episodes": jnp.sum(finished),
-            **{k: jnp.nanmean(v) if k.startswith(("losses", "charts")) else v[-1] for k, v in sac_metrics.items()},
+            **{k: jnp.nanmean(v) for k, v in sac_metrics.items()},
         }
         # Fit/rollout metrics of the epoch's last period (NaN before learning starts).
         metrics.update({k: v[-1] for k, v in model_metrics.items()})
@@ -635,7 +642,8 @@ def make_train(args: Args):
 
         return jax.lax.scan(one_chunk, runner, jnp.arange(num_chunks))
 
-    return Trainer(init, chunk, evaluate, train, num_chunks, fit_model, model_rollout, sample_batch, sac_update)
+    return Trainer(init, chunk, evaluate, train, num_chunks, fit_model, model_sgd_step, model_rollout, sample_batch,
+                   sac_update)
 
 
 class Trainer(NamedTuple):
@@ -646,6 +654,7 @@ class Trainer(NamedTuple):
     num_chunks: int
     # the phases, exposed for tests and for reuse
     fit_model: callable
+    model_sgd_step: callable
     model_rollout: callable
     sample_batch: callable
     sac_update: callable
@@ -663,7 +672,8 @@ def run(args: Args):
         args = run_dir.load_args(Args)
     else:
         args = resolve(args)
-        run_dir = utils.RunDir(Path(args.run_dir) / utils.RunDir.new_name(args.env_id, "mbpo", args.seed), args)
+        name = args.run_name or utils.RunDir.new_name(args.env_id, "mbpo", args.seed)
+        run_dir = utils.RunDir(Path(args.run_dir) / name, args)
     trainer = make_train(args)
     init = jax.jit(jax.vmap(trainer.init))
     chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
@@ -682,7 +692,8 @@ def run(args: Args):
         metrics["charts/steps_per_second"] = np.full(args.num_seeds, args.epoch_length / (time.perf_counter() - start))
         # Before learning starts the losses are NaN by design; after, every metric must be finite.
         learning = done_steps > args.init_steps
-        utils.assert_finite({k: v for k, v in metrics.items() if learning or k == "eval/return"},
+        utils.assert_finite({k: v for k, v in metrics.items() if (learning or k == "eval/return")
+                             and k != "charts/train_return"},
                             f"env step {done_steps} (epoch {done_steps // args.epoch_length})")
         if metrics["model/nonfinite_predictions"].any():
             raise utils.NonFiniteError(f"model predicted non-finite states at env step {done_steps}: "

@@ -1,6 +1,8 @@
-"""SAC: Soft Actor-Critic (Haarnoja, Zhou, Hartikainen, Tucker, ..., Levine 2018, "Soft
-Actor-Critic Algorithms and Applications", Algorithm 1 with automatic entropy tuning), in one
-file, with every epoch of collect -> update compiled by XLA and vmapped over seeds.
+"""SAC: Soft Actor-Critic (Haarnoja, Zhou, Abbeel, Levine 2018, "Off-policy maximum entropy deep
+RL with a stochastic actor"), in the form of its follow-up (Haarnoja et al. 2018b, "Soft
+Actor-Critic Algorithms and Applications", arXiv:1812.05905, Algorithm 1: two Q networks, no V
+network, automatic entropy tuning), in one file, with every epoch of collect -> update compiled
+by XLA and vmapped over seeds. Equation numbers below are 2018b's.
 
 This is the "no model" baseline of MBPO (Janner et al. 2019, Fig. 3): exactly the SAC of
 `algorithms/mbpo.py` (same networks, losses and update), but every batch comes from the real
@@ -12,11 +14,11 @@ with MBPO's update-to-data ratio (the paper's comparison that isolates the model
     python algorithms/sac.py --resume runs/<run-name>          # continue a killed run
     python algorithms/sac.py --evaluate runs/<run-name>        # evaluate its saved policy
 
-What we follow (SAC paper App. D, and MBPO's reference SAC so the comparison is like for like):
+What we follow (SAC's hyperparameters, and MBPO's reference SAC so the comparison is like for like):
 * Two Q networks and a tanh-Gaussian policy, 2 x 256 ReLU MLPs; Adam 3e-4; batch 256;
   gamma 0.99; target networks by Polyak averaging with tau 5e-3; clipped double Q (the minimum
   of the two target Qs) in the target and in the policy loss.
-* Automatic entropy tuning (SAC "Applications" Sec. 5): alpha = exp(log_alpha), learned to keep
+* Automatic entropy tuning (2018b Sec. 5): alpha = exp(log_alpha), learned to keep
   the policy's entropy at a target; the target is MBPO's per-task value (PRESETS), else -|A|.
 * `init_steps` uniform-random actions before learning; then one env step and G updates per step.
 
@@ -27,7 +29,10 @@ Choices (and why):
 * Presets (total steps, epoch length, initial steps, target entropy) are MBPO's, so a SAC run
   and an MBPO run of the same task line up epoch for epoch. The SAC flags are named as in
   `mbpo.py` (`--sac-lr`, `--sac-batch-size`, ...), so one set of SAC flags drives both scripts.
-* Replay buffer: preallocated with capacity `total_timesteps` (nothing is ever overwritten).
+* Evaluation: `eval_episodes` deterministic-policy episodes after every epoch, stepped until all
+  have ended (the same returns as mbpo.py's fixed-length scan, much cheaper while episodes are short).
+* Replay buffer: preallocated, capacity `total_timesteps` by default (nothing is ever discarded,
+  as MBPO's real buffer); `--buffer-size` makes it a ring buffer of that size.
 """
 
 import dataclasses
@@ -70,8 +75,12 @@ class Args:
     """uniform-random-action steps before learning starts (preset 5000; 500 inverted_pendulum)"""
     eval_episodes: int = 5
     """deterministic-policy episodes per evaluation, at the end of every epoch"""
+    buffer_size: int | None = None
+    """replay-buffer capacity (default: total_timesteps, i.e. keep every transition); when full, the oldest are overwritten"""
     run_dir: str = "runs"
     """where runs/<run-name>/ is created"""
+    run_name: str | None = None
+    """name of the run directory (default: <env>__sac__<seed>__<time>)"""
     resume: str | None = None
     """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
     evaluate: str | None = None
@@ -119,8 +128,10 @@ def resolve(args: Args) -> Args:
     filled = {k: (preset[k] if v is None and k in preset else v) for k, v in dataclasses.asdict(args).items()}
     if filled["target_entropy"] is None:  # the usual SAC heuristic: -|A|
         filled["target_entropy"] = -float(envs.make(args.env_id, backend=args.backend)[0].action_size)
+    if filled["buffer_size"] is None:
+        filled["buffer_size"] = filled["total_timesteps"]
     args = Args(**filled)
-    for name in ["num_seeds", "total_timesteps", "epoch_length", "eval_episodes", "updates_per_step",
+    for name in ["num_seeds", "total_timesteps", "epoch_length", "eval_episodes", "buffer_size", "updates_per_step",
                  "sac_batch_size", "sac_width", "sac_depth"]:
         check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check(args.init_steps >= 0, f"--init-steps must be >= 0, got {args.init_steps}")
@@ -129,8 +140,9 @@ def resolve(args: Args) -> Args:
     check(args.total_timesteps % args.epoch_length == 0,
           f"--total-timesteps {args.total_timesteps} must be a multiple of --epoch-length {args.epoch_length}")
     check(args.total_timesteps > args.init_steps, "--total-timesteps must exceed --init-steps")
-    check(args.sac_batch_size <= args.total_timesteps,
-          f"--sac-batch-size {args.sac_batch_size} larger than the replay buffer ({args.total_timesteps} transitions)")
+    check(args.sac_batch_size <= min(args.buffer_size, args.total_timesteps),
+          f"--sac-batch-size {args.sac_batch_size} larger than the replay buffer can hold "
+          f"({min(args.buffer_size, args.total_timesteps)} transitions)")
     return args
 
 
@@ -171,7 +183,7 @@ class Critics(eqx.Module):
 
 
 def sample_action(actor, obs, key):
-    """tanh-Gaussian action and its log-probability (with the tanh change of variables, SAC App. C)."""
+    """tanh-Gaussian action and its log-probability (with the tanh change of variables for bounded actions)."""
     mean, log_std = actor(obs)
     pre_tanh = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
     log_prob = jnp.sum(
@@ -204,9 +216,10 @@ class Buffer(NamedTuple):
                       jnp.zeros(capacity, bool), jnp.int32(0), jnp.int32(0))
 
     def add(self, transition):
-        """Write one transition at `insert_pos` (ring buffer; capacity = total_timesteps, so it never wraps)."""
+        """Write one transition at `insert_pos`, overwriting the oldest once full (ring buffer)."""
         capacity = self.obs.shape[0]
-        fields = [getattr(self, name).at[self.insert_pos].set(value) for name, value in zip(self._fields[:5], transition)]
+        fields = [getattr(self, name).at[self.insert_pos].set(value)
+                  for name, value in zip(self._fields[:5], transition)]
         return Buffer(*fields, (self.insert_pos + 1) % capacity, jnp.minimum(self.size + 1, capacity))
 
     def sample(self, key, n):
@@ -236,7 +249,7 @@ class RunnerState(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # Losses and update
 def critic_target(sac, reward, next_obs, terminated, key, gamma):
-    """Soft TD target (SAC eq. 3 with clipped double Q): r + gamma (1 - terminated)
+    """Soft TD target (eqs. 2-3 with clipped double Q): r + gamma (1 - terminated)
     (min_i Q_target_i(s', a') - alpha log pi(a'|s')), a' ~ pi(s'). Bootstraps through
     truncation (time limits), never through termination."""
     alpha = jnp.exp(sac.log_alpha)
@@ -284,14 +297,13 @@ def sac_update(args, optimizer, sac, batch, key):
 
 # ---------------------------------------------------------------------------------------------
 def make_train(args: Args):
-    """Returns `Trainer(init, chunk, evaluate, train, num_chunks, collect, update)`:
+    """Returns `Trainer(init, chunk, evaluate, train, num_chunks, sac_update)`:
 
     * `init(key) -> RunnerState`
     * `chunk(state, start_step) -> (state, metrics)`: one epoch (`epoch_length` env steps, each
       one env step then G updates) plus an evaluation; `start_step` is shared by all seeds
       (unbatched), so the switch at `init_steps` is a real branch even under `vmap`.
     * `train(key) -> (state, metrics)`: the whole run as one pure function, `jax.vmap`-able.
-    * `collect(state, random_actions, key)`, `update(state, key)`: the two phases, for tests.
     """
     env, env_params = envs.make(args.env_id, backend=args.backend)
     obs_size, action_size = env.obs_size, env.action_size
@@ -308,7 +320,7 @@ def make_train(args: Args):
         log_alpha = jnp.float32(0.0)
         sac = SACState(actor, critics, critics, log_alpha, optimizer.init(eqx.filter(actor, eqx.is_array)),
                        optimizer.init(eqx.filter(critics, eqx.is_array)), optimizer.init(log_alpha))
-        return RunnerState(env_state=env_state, obs=obs, buffer=Buffer.empty(args.total_timesteps, obs_size, action_size),
+        return RunnerState(env_state=env_state, obs=obs, buffer=Buffer.empty(args.buffer_size, obs_size, action_size),
                            sac=sac, episode_return=jnp.float32(0.0), key=key)
 
     # --- COLLECT --------------------------------------------------------------------------------
@@ -321,7 +333,8 @@ def make_train(args: Args):
             lambda: jax.random.uniform(action_key, (action_size,), minval=-1.0, maxval=1.0),
             lambda: sample_action(runner.sac.actor, runner.obs, action_key)[0],
         )
-        next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, runner.env_state, action, env_params)
+        next_obs, env_state, reward, terminated, truncated, info = env.step(
+            step_key, runner.env_state, action, env_params)
         # Store the true next observation and `terminated` alone (truncation is not an MDP end).
         buffer = runner.buffer.add((runner.obs, action, reward, info["final_observation"], terminated))
         done = terminated | truncated
@@ -350,24 +363,27 @@ def make_train(args: Args):
         (`t` is the unbatched global step, so under vmap this cond stays a branch)."""
         key, collect_key, update_key = jax.random.split(runner.key, 3)
         runner, finished_return = collect(runner._replace(key=key), t < args.init_steps, collect_key)
-        runner, sac_metrics = jax.lax.cond(t >= args.init_steps, update, lambda r, k: (r, empty_sac), runner, update_key)
+        runner, sac_metrics = jax.lax.cond(t >= args.init_steps, update, lambda r, k: (r, empty_sac),
+                                           runner, update_key)
         return runner, (finished_return, sac_metrics)
 
     def evaluate(actor, key):
-        """Mean return of `eval_episodes` deterministic-policy episodes in the real env."""
+        """Mean return of `eval_episodes` deterministic-policy episodes in the real env (as
+        mbpo.py's, but stepping only until every episode has ended, not always the time limit)."""
         reset_key, key = jax.random.split(key)
         obs, state = jax.vmap(env.reset, (0, None))(jax.random.split(reset_key, args.eval_episodes), env_params)
 
-        def step(carry, key):
-            obs, state, total, running = carry
+        def step(carry):
+            t, obs, state, total, running = carry
             action = jax.vmap(deterministic_action, (None, 0))(actor, obs)
             obs, state, reward, terminated, truncated, _ = jax.vmap(env.step, (0, 0, 0, None))(
-                jax.random.split(key, args.eval_episodes), state, action, env_params)
+                jax.random.split(jax.random.fold_in(key, t), args.eval_episodes), state, action, env_params)
             total = total + reward * running
-            return (obs, state, total, running & ~(terminated | truncated)), None
+            return t + 1, obs, state, total, running & ~(terminated | truncated)
 
-        init = (obs, state, jnp.zeros(args.eval_episodes), jnp.ones(args.eval_episodes, bool))
-        (_, _, total, _), _ = jax.lax.scan(step, init, jax.random.split(key, env_params.max_steps_in_episode))
+        init = (jnp.int32(0), obs, state, jnp.zeros(args.eval_episodes), jnp.ones(args.eval_episodes, bool))
+        # The time limit (truncation) ends every episode within max_steps_in_episode steps.
+        total = jax.lax.while_loop(lambda carry: jnp.any(carry[-1]), step, init)[3]
         return jnp.mean(total)
 
     def chunk(runner, start_step):
@@ -378,7 +394,8 @@ def make_train(args: Args):
         metrics = {
             "env_steps": start_step + args.epoch_length,
             "eval/return": evaluate(runner.sac.actor, eval_key),
-            "charts/train_return": jnp.sum(jnp.where(finished, returns, 0.0)) / jnp.maximum(jnp.sum(finished), 1),
+            # NaN when no training episode ended in this epoch (allowed by the host's NaN check).
+            "charts/train_return": jnp.sum(jnp.where(finished, returns, 0.0)) / jnp.sum(finished),
             "charts/train_episodes": jnp.sum(finished),
             # Means over the epoch's updating steps (NaN if it had none: before learning starts).
             **{k: jnp.nanmean(v) for k, v in sac_metrics.items()},
@@ -393,7 +410,7 @@ def make_train(args: Args):
 
         return jax.lax.scan(one_chunk, runner, jnp.arange(num_chunks))
 
-    return Trainer(init, chunk, evaluate, train, num_chunks, collect, update)
+    return Trainer(init, chunk, evaluate, train, num_chunks, partial(sac_update, args, optimizer))
 
 
 class Trainer(NamedTuple):
@@ -402,8 +419,8 @@ class Trainer(NamedTuple):
     evaluate: callable
     train: callable
     num_chunks: int
-    collect: callable
-    update: callable
+    # exposed for tests and for reuse: sac_update(sac_state, batch, key) -> (sac_state, metrics)
+    sac_update: callable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +435,8 @@ def run(args: Args):
         args = run_dir.load_args(Args)
     else:
         args = resolve(args)
-        run_dir = utils.RunDir(Path(args.run_dir) / utils.RunDir.new_name(args.env_id, "sac", args.seed), args)
+        name = args.run_name or utils.RunDir.new_name(args.env_id, "sac", args.seed)
+        run_dir = utils.RunDir(Path(args.run_dir) / name, args)
     trainer = make_train(args)
     init = jax.jit(jax.vmap(trainer.init))
     chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
@@ -437,7 +455,8 @@ def run(args: Args):
         metrics["charts/steps_per_second"] = np.full(args.num_seeds, args.epoch_length / (time.perf_counter() - start))
         # Before learning starts the losses are NaN by design; after, every metric must be finite.
         learning = done_steps > args.init_steps
-        utils.assert_finite({k: v for k, v in metrics.items() if learning or k == "eval/return"},
+        utils.assert_finite({k: v for k, v in metrics.items() if (learning or k == "eval/return")
+                             and k != "charts/train_return"},
                             f"env step {done_steps} (epoch {done_steps // args.epoch_length})")
         run_dir.write_metrics(metrics, args.seed)
         run_dir.save_checkpoint(state, done_steps)
@@ -460,7 +479,8 @@ def evaluate_saved(path):
     like = jax.eval_shape(jax.vmap(trainer.init), seed_keys(args))
     state, steps = run_dir.load_checkpoint(like)
     utils.check(state is not None, f"no checkpoint in {path}")
-    returns = jax.jit(jax.vmap(trainer.evaluate))(state.sac.actor, jax.vmap(jax.random.fold_in, (0, None))(seed_keys(args), 12345))
+    eval_keys = jax.vmap(jax.random.fold_in, (0, None))(seed_keys(args), 12345)
+    returns = jax.jit(jax.vmap(trainer.evaluate))(state.sac.actor, eval_keys)
     print(json.dumps({"run_dir": path, "env_steps": steps, "eval_return_per_seed": [float(r) for r in returns]}))
     return returns
 

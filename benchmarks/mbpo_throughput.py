@@ -1,0 +1,113 @@
+"""MBPO throughput at hopper's paper settings (G = 20, SAC 2x256, B = 7 members of 4x200, M = 400).
+
+    python benchmarks/mbpo_throughput.py [--seeds 1 4] [--steps 250]
+
+Measures, in one process (so the ratios share the machine's state):
+1. dense fp32 matmul FLOP/s of this machine (2048 x 2048, and 256 x 256 x 256 like a SAC layer);
+2. the SAC-update phase: XLA cost-analysis FLOPs of one update / wall time of G = 20 updates;
+3. the model-fit phase: FLOPs of one ensemble SGD step (7 members, batch 256) / wall time of 50;
+4. the full MBPO iteration (collect -> fit model -> 100k-rollout branch -> G updates per step):
+   compile time and env steps/s over one model period (`--steps` = model_train_freq = 250 env
+   steps with one fit from scratch on 5000 real transitions and one rollout branch), for each
+   `--seeds` count, vmapped. The first learning period is the most expensive fit (from scratch),
+   so this is a conservative figure.
+Prints a markdown report and writes it to benchmarks/results/mbpo_throughput.md.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from algorithms import mbpo
+
+
+def flops(fn, *args):
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+def best_time(fn, *args, repeats=3):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_flops_per_s(n, m, k):
+    a, b = jnp.ones((n, k)), jnp.ones((k, m))
+    f = jax.jit(lambda a, b: jax.lax.fori_loop(0, 20, lambda i, x: x + a @ b, jnp.zeros((n, m))))
+    return 20 * 2 * n * m * k / best_time(f, a, b)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--steps", type=int, default=250, help="env steps timed (one model period)")
+    cli = parser.parse_args()
+    args = mbpo.resolve(mbpo.Args(env_id="hopper", epoch_length=cli.steps, model_train_freq=cli.steps,
+                                  init_steps=5000, total_timesteps=5000 + cli.steps, progress=False))
+    trainer = mbpo.make_train(args)
+    lines = [f"MBPO throughput, hopper paper settings (G={args.updates_per_step}, SAC {args.sac_depth}x{args.sac_width}, "
+             f"B={args.ensemble_size} x {args.model_depth}x{args.model_width}, M={args.rollouts_per_step}), "
+             f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)", ""]
+
+    def report(line):
+        lines.append(line)
+        print(line, flush=True)
+
+    big, small = matmul_flops_per_s(2048, 2048, 2048), matmul_flops_per_s(256, 256, 256)
+    report(f"- dense matmul: {big / 1e9:.0f} GFLOP/s at 2048^3, {small / 1e9:.0f} GFLOP/s at 256^3")
+
+    runner = jax.jit(trainer.init)(jax.random.PRNGKey(0))
+    obs = jax.random.normal(jax.random.PRNGKey(1), (args.sac_batch_size, runner.obs.shape[-1]))
+    action = jnp.zeros((args.sac_batch_size, runner.sac.actor.net.layers[-1].out_features // 2))
+    batch = (obs, action, jnp.ones(args.sac_batch_size), obs, jnp.zeros(args.sac_batch_size, bool))
+    update_flops = flops(trainer.sac_update, runner.sac, batch, jax.random.PRNGKey(0))
+    g_updates = jax.jit(lambda sac, key: jax.lax.scan(
+        lambda s, k: (trainer.sac_update(s, batch, k)[0], None), sac, jax.random.split(key, args.updates_per_step))[0])
+    seconds = best_time(g_updates, runner.sac, jax.random.PRNGKey(0)) / args.updates_per_step
+    report(f"- SAC update: {update_flops / 1e6:.1f} MFLOP, {seconds * 1e3:.2f} ms -> {update_flops / seconds / 1e9:.0f} "
+           f"GFLOP/s ({update_flops / seconds / small:.0%} of 256^3 matmul, {update_flops / seconds / big:.0%} of 2048^3)")
+
+    inputs = jax.random.normal(jax.random.PRNGKey(2), (args.ensemble_size, args.model_batch_size, obs.shape[-1] + action.shape[-1]))
+    targets = jax.random.normal(jax.random.PRNGKey(3), (args.ensemble_size, args.model_batch_size, obs.shape[-1] + 1))
+    model_opt = optax.adam(args.model_lr).init(runner.model)
+    step_flops = flops(trainer.model_sgd_step, runner.model, model_opt, inputs, targets)
+    fifty = jax.jit(lambda m, o: jax.lax.fori_loop(0, 50, lambda i, c: trainer.model_sgd_step(*c, inputs, targets)[:2], (m, o)))
+    seconds = best_time(fifty, runner.model, model_opt) / 50
+    report(f"- ensemble SGD step: {step_flops / 1e6:.1f} MFLOP, {seconds * 1e3:.2f} ms -> {step_flops / seconds / 1e9:.0f} "
+           f"GFLOP/s ({step_flops / seconds / small:.0%} of 256^3 matmul, {step_flops / seconds / big:.0%} of 2048^3)")
+
+    for num_seeds in cli.seeds:
+        keys = jnp.stack([jax.random.PRNGKey(i) for i in range(num_seeds)])
+        state = jax.jit(jax.vmap(trainer.init))(keys)
+        chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
+        start = time.perf_counter()
+        compiled = chunk.lower(state, jnp.int32(0)).compile()
+        compile_s = time.perf_counter() - start
+        # Random-action warm-up to fill the real buffer with 5000 transitions (no learning yet).
+        for step in range(0, args.init_steps, args.epoch_length):
+            state, _ = compiled(state, jnp.int32(step))
+        start = time.perf_counter()
+        state, metrics = compiled(state, jnp.int32(args.init_steps))
+        jax.block_until_ready(metrics)
+        seconds = time.perf_counter() - start
+        report(f"- full iteration, {num_seeds} seed(s): compile {compile_s:.0f} s; {args.epoch_length} env steps incl. "
+               f"one fit ({int(metrics['model/epochs'][0])} epochs from scratch) and one 100k-rollout branch: "
+               f"{seconds:.0f} s -> {num_seeds * args.epoch_length / seconds:.2f} env steps/s over all seeds, "
+               f"{seconds / args.epoch_length:.3f} s per env step per {num_seeds} seed(s)")
+    out = Path(__file__).parent / "results" / "mbpo_throughput.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
