@@ -46,7 +46,7 @@ from flax import struct
 from gymnax.environments import environment, spaces
 from jax.flatten_util import ravel_pytree
 
-from envs._params import with_overrides
+from envs._common import with_overrides
 
 BACKENDS = ("positional", "generalized", "spring", "mjx")
 # `positional` compiles and runs fastest on CPU (../shared/FACTS.md); returns differ across

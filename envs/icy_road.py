@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from flax import struct
 from gymnax.environments import environment, spaces
 
-from envs._params import with_overrides
+from envs._common import FixedHorizonDiscreteEnv
 
 
 @struct.dataclass
@@ -73,31 +73,24 @@ class EnvParams(environment.EnvParams):
     max_steps_in_episode: int = 5
 
 
-class IcyRoad(environment.Environment[EnvState, EnvParams]):
+class IcyRoad(FixedHorizonDiscreteEnv):
     """IcyRoad from DAM (Haghgoo et al., 2021), gymnax 1.0 API."""
 
-    def __init__(self, **param_overrides):
-        super().__init__()
-        self._params = with_overrides(
-            "IcyRoad",
-            EnvParams(),
-            param_overrides,
-            lambda p: [
-                (0.0 <= p.swerve_prob <= 1.0, "swerve_prob must be in [0, 1]"),
-                (p.dt > 0, "dt must be positive"),
-                (p.road_half_width > 0, "road_half_width must be positive"),
-                (p.speed_threshold >= 0, "speed_threshold must be non-negative"),
-                (p.max_speed > 0, "max_speed must be positive"),
-                (
-                    p.swerve_speed * p.dt > p.road_half_width,
-                    "swerve_speed * dt must exceed road_half_width (a swerve leaves the road)",
-                ),
-            ],
-        )
+    params_cls = EnvParams
 
-    @property
-    def default_params(self) -> EnvParams:
-        return self._params
+    @staticmethod
+    def param_checks(p):
+        return [
+            (0.0 <= p.swerve_prob <= 1.0, "swerve_prob must be in [0, 1]"),
+            (p.dt > 0, "dt must be positive"),
+            (p.road_half_width > 0, "road_half_width must be positive"),
+            (p.speed_threshold >= 0, "speed_threshold must be non-negative"),
+            (p.max_speed > 0, "max_speed must be positive"),
+            (
+                p.swerve_speed * p.dt > p.road_half_width,
+                "swerve_speed * dt must exceed road_half_width (a swerve leaves the road)",
+            ),
+        ]
 
     def step_env(
         self,
@@ -143,10 +136,6 @@ class IcyRoad(environment.Environment[EnvState, EnvParams]):
     def get_obs(self, state: EnvState, params=None, key=None) -> jax.Array:
         return jnp.stack([state.x, state.y, state.xdot, state.ydot]).astype(jnp.float32)
 
-    def is_terminated(self, state: EnvState, params: EnvParams) -> jax.Array:
-        """Never: the episode ends only by the time limit (truncation)."""
-        return jnp.zeros(jnp.shape(state.time), dtype=bool)
-
     def reward_fn(self, obs, action, next_obs, params: EnvParams | None = None):
         """Paper Eq. 20 on the post-transition observation; any leading batch dims."""
         params = self.default_params if params is None else params
@@ -154,21 +143,6 @@ class IcyRoad(environment.Environment[EnvState, EnvParams]):
         on_road = jnp.abs(y) <= params.road_half_width
         bonus = jnp.where(xdot > params.speed_threshold, 8.0, 0.0)
         return jnp.where(on_road, xdot + bonus, xdot - 6.0).astype(jnp.float32)
-
-    def termination_fn(self, obs, action, next_obs, params: EnvParams | None = None):
-        """All False (fixed-horizon task), shaped like the batch."""
-        return jnp.zeros(jnp.shape(next_obs)[:-1], dtype=bool)
-
-    @property
-    def name(self) -> str:
-        return "IcyRoad"
-
-    @property
-    def num_actions(self) -> int:
-        return 3
-
-    def action_space(self, params: EnvParams | None = None) -> spaces.Discrete:
-        return spaces.Discrete(3)
 
     def observation_space(self, params: EnvParams | None = None) -> spaces.Box:
         p = self.default_params if params is None else params

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from flax import struct
 from gymnax.environments import environment, spaces
 
-from envs._params import with_overrides
+from envs._common import FixedHorizonDiscreteEnv
 
 _HALF_PI = jnp.pi / 2
 
@@ -86,32 +86,25 @@ class EnvParams(environment.EnvParams):
     max_steps_in_episode: int = 25
 
 
-class Intersection(environment.Environment[EnvState, EnvParams]):
+class Intersection(FixedHorizonDiscreteEnv):
     """Intersection from DAM (Haghgoo et al., 2021), gymnax 1.0 API."""
 
-    def __init__(self, **param_overrides):
-        super().__init__()
-        self._params = with_overrides(
-            "Intersection",
-            EnvParams(),
-            param_overrides,
-            lambda p: [
-                (p.speed > 0, "speed must be positive"),
-                (p.accel > 0, "accel must be positive"),
-                (p.max_speed >= p.speed, "max_speed must be >= speed"),
-                (p.dt > 0, "dt must be positive"),
-                (p.turn_radius > 0, "turn_radius must be positive"),
-                (p.start_distance > p.turn_y, "start_distance must exceed turn_y"),
-                (
-                    0 < p.collision_distance < 2 * p.lane_offset,
-                    "need 0 < collision_distance < 2 * lane_offset (passing is no crash)",
-                ),
-            ],
-        )
+    params_cls = EnvParams
 
-    @property
-    def default_params(self) -> EnvParams:
-        return self._params
+    @staticmethod
+    def param_checks(p):
+        return [
+            (p.speed > 0, "speed must be positive"),
+            (p.accel > 0, "accel must be positive"),
+            (p.max_speed >= p.speed, "max_speed must be >= speed"),
+            (p.dt > 0, "dt must be positive"),
+            (p.turn_radius > 0, "turn_radius must be positive"),
+            (p.start_distance > p.turn_y, "start_distance must exceed turn_y"),
+            (
+                0 < p.collision_distance < 2 * p.lane_offset,
+                "need 0 < collision_distance < 2 * lane_offset (passing is no crash)",
+            ),
+        ]
 
     def step_env(
         self,
@@ -176,10 +169,6 @@ class Intersection(environment.Environment[EnvState, EnvParams]):
             ]
         ).astype(jnp.float32)
 
-    def is_terminated(self, state: EnvState, params: EnvParams) -> jax.Array:
-        """Never: the episode ends only by the time limit (truncation)."""
-        return jnp.zeros(jnp.shape(state.time), dtype=bool)
-
     @staticmethod
     def _collision(obs, params: EnvParams):
         gap = jnp.hypot(obs[..., 0] - obs[..., 5], obs[..., 1] - obs[..., 6])
@@ -190,21 +179,6 @@ class Intersection(environment.Environment[EnvState, EnvParams]):
         params = self.default_params if params is None else params
         crash = self._collision(next_obs, params)
         return (next_obs[..., 3] - 10.0 * crash).astype(jnp.float32)
-
-    def termination_fn(self, obs, action, next_obs, params: EnvParams | None = None):
-        """All False (fixed-horizon task), shaped like the batch."""
-        return jnp.zeros(jnp.shape(next_obs)[:-1], dtype=bool)
-
-    @property
-    def name(self) -> str:
-        return "Intersection"
-
-    @property
-    def num_actions(self) -> int:
-        return 3
-
-    def action_space(self, params: EnvParams | None = None) -> spaces.Discrete:
-        return spaces.Discrete(3)
 
     def observation_space(self, params: EnvParams | None = None) -> spaces.Box:
         p = self.default_params if params is None else params
