@@ -599,21 +599,21 @@ def make_train(args: Args):
         return runner, (returns, sac_metrics, {**model_metrics, "model/rollout_length": k})
 
     def evaluate(actor, key):
-        """Mean return of `eval_episodes` deterministic-policy episodes in the real env."""
+        """Mean return of `eval_episodes` deterministic-policy episodes in the real env, stepping
+        until every episode has ended (the time limit bounds it)."""
         reset_key, key = jax.random.split(key)
         obs, state = jax.vmap(env.reset, (0, None))(jax.random.split(reset_key, args.eval_episodes), env_params)
 
-        def step(carry, key):
-            obs, state, total, running = carry
+        def step(carry):
+            t, obs, state, total, running = carry
             action = jax.vmap(deterministic_action, (None, 0))(actor, obs)
             obs, state, reward, terminated, truncated, _ = jax.vmap(env.step, (0, 0, 0, None))(
-                jax.random.split(key, args.eval_episodes), state, action, env_params)
+                jax.random.split(jax.random.fold_in(key, t), args.eval_episodes), state, action, env_params)
             total = total + reward * running
-            return (obs, state, total, running & ~(terminated | truncated)), None
+            return t + 1, obs, state, total, running & ~(terminated | truncated)
 
-        init = (obs, state, jnp.zeros(args.eval_episodes), jnp.ones(args.eval_episodes, bool))
-        (_, _, total, _), _ = jax.lax.scan(step, init, jax.random.split(key, env_params.max_steps_in_episode))
-        return jnp.mean(total)
+        init = (jnp.int32(0), obs, state, jnp.zeros(args.eval_episodes), jnp.ones(args.eval_episodes, bool))
+        return jnp.mean(jax.lax.while_loop(lambda carry: jnp.any(carry[-1]), step, init)[3])
 
     def chunk(runner, start_step):
         starts = start_step + args.model_train_freq * jnp.arange(periods_per_chunk)
