@@ -681,7 +681,7 @@ def run(args: Args):
     loaded, done_steps = run_dir.load_checkpoint(state)
     if loaded is not None:
         state = loaded
-        run_dir.truncate_metrics(done_steps)
+    run_dir.truncate_metrics(done_steps)  # rows written after the checkpoint (all, if none)
     bar = tqdm(total=args.total_timesteps, initial=done_steps, unit="step", disable=not args.progress)
     metrics = {}
     while done_steps < args.total_timesteps:

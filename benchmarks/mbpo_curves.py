@@ -40,7 +40,7 @@ class Run:
         loaded, self.steps = self.run_dir.load_checkpoint(self.state)
         if loaded is not None:
             self.state = loaded
-            self.run_dir.truncate_metrics(self.steps)
+        self.run_dir.truncate_metrics(self.steps)  # rows written after the checkpoint (all, if none)
 
     @property
     def done(self):
