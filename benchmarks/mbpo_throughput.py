@@ -4,8 +4,11 @@
 
 Measures, in one process (so the ratios share the machine's state):
 1. dense fp32 matmul FLOP/s of this machine (2048 x 2048, and 256 x 256 x 256 like a SAC layer);
-2. the SAC-update phase: XLA cost-analysis FLOPs of one update / wall time of G = 20 updates;
-3. the model-fit phase: FLOPs of one ensemble SGD step (7 members, batch 256) / wall time of 50;
+2. the SAC-update phase: XLA cost-analysis FLOPs of one update / wall time of G = 20 updates,
+   vmapped over each `--seeds` count;
+3. the model-fit phase: FLOPs of one ensemble SGD step (7 members, batch 256) / wall time of 50,
+   vmapped over each `--seeds` count, and the ceiling these matmul shapes allow (the bare linear
+   layers: no activations, normalizer, log-variance bounds or Adam);
 4. the full MBPO iteration (collect -> fit model -> 100k-rollout branch -> G updates per step):
    compile time and seconds per env step over a model period (`--steps` = model_train_freq = 250
    env steps, one fit, one rollout branch, G updates per step), for each `--seeds` count,
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import envs
 from algorithms import mbpo
 
 
@@ -49,6 +53,60 @@ def matmul_flops_per_s(n, k, repeats=20):
     return repeats * 2 * n * k * k / best_time(f, a, b)
 
 
+def phase_flops(trainer, args, num_seeds, big, small, report):
+    """FLOP/s of one SAC update and one ensemble SGD step, vmapped over `num_seeds` seeds."""
+    keys = jnp.stack([jax.random.PRNGKey(i) for i in range(num_seeds)])
+    runner = jax.jit(jax.vmap(trainer.init))(keys)
+    obs_size, action_size = runner.obs.shape[-1], runner.sac.actor.net.layers[-1].out_features // 2
+    n = args.sac_batch_size
+    obs = jax.random.normal(jax.random.PRNGKey(1), (num_seeds, n, obs_size))
+    batch = (obs, jnp.zeros((num_seeds, n, action_size)), jnp.ones((num_seeds, n)), obs, jnp.zeros((num_seeds, n), bool))
+    update = jax.vmap(trainer.sac_update)
+    update_flops = flops(update, runner.sac, batch, jax.random.split(jax.random.PRNGKey(0), num_seeds))
+    g_updates = jax.jit(lambda sac, key: jax.lax.scan(
+        lambda s, k: (update(s, batch, jax.random.split(k, num_seeds))[0], None), sac,
+        jax.random.split(key, args.updates_per_step))[0])
+    seconds = best_time(g_updates, runner.sac, jax.random.PRNGKey(0)) / args.updates_per_step
+    report(f"- SAC update, {num_seeds} seed(s): {update_flops / 1e6:.1f} MFLOP, {seconds * 1e3:.2f} ms -> "
+           f"{update_flops / seconds / 1e9:.0f} GFLOP/s ({update_flops / seconds / small:.0%} of 256^3 matmul, "
+           f"{update_flops / seconds / big:.0%} of 2048^3)")
+
+    shape = (num_seeds, args.ensemble_size, args.model_batch_size)
+    inputs = jax.random.normal(jax.random.PRNGKey(2), shape + (obs_size + action_size,))
+    targets = jax.random.normal(jax.random.PRNGKey(3), shape + (obs_size + 1,))
+    model_opt = jax.vmap(optax.adam(args.model_lr).init)(runner.model)
+    sgd_step = jax.vmap(trainer.model_sgd_step)
+    step_flops = flops(sgd_step, runner.model, model_opt, inputs, targets)
+    fifty = jax.jit(lambda m, o: jax.lax.fori_loop(0, 50, lambda i, c: sgd_step(*c, inputs, targets)[:2], (m, o)))
+    seconds = best_time(fifty, runner.model, model_opt) / 50
+    report(f"- ensemble SGD step, {num_seeds} seed(s): {step_flops / 1e6:.1f} MFLOP, {seconds * 1e3:.2f} ms -> "
+           f"{step_flops / seconds / 1e9:.0f} GFLOP/s ({step_flops / seconds / small:.0%} of 256^3 matmul, "
+           f"{step_flops / seconds / big:.0%} of 2048^3)")
+
+
+def model_shape_ceiling(args, big, report):
+    """What the ensemble's matmul shapes allow: forward + backward + SGD of the bare linear layers
+    (no bias, activation, normalizer, log-variance bounds, Adam), 1 seed."""
+    env, _ = envs.make(args.env_id)
+    sizes = [env.obs_size + env.action_size] + [args.model_width] * args.model_depth + [2 * (env.obs_size + 1)]
+    weights = [jax.random.normal(jax.random.PRNGKey(i), (args.ensemble_size, a, b)) / np.sqrt(a)
+               for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
+    inputs = jax.random.normal(jax.random.PRNGKey(9), (args.ensemble_size, args.model_batch_size, sizes[0]))
+
+    def step(weights):
+        def loss(weights):
+            x = inputs
+            for w in weights:
+                x = jnp.einsum("bni,bio->bno", x, w)
+            return jnp.sum(x**2)
+        return jax.tree.map(lambda w, g: w - 1e-6 * g, weights, jax.grad(loss)(weights))
+
+    step_flops = flops(step, weights)
+    seconds = best_time(jax.jit(lambda w: jax.lax.fori_loop(0, 50, lambda i, w: step(w), w)), weights) / 50
+    report(f"- ceiling of the ensemble's shapes (bare linear layers, fwd+bwd+SGD, 1 seed): {seconds * 1e3:.2f} ms -> "
+           f"{step_flops / seconds / 1e9:.0f} GFLOP/s ({step_flops / seconds / big:.0%} of 2048^3)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 4])
@@ -68,25 +126,9 @@ def main():
     big, small = matmul_flops_per_s(2048, 2048), matmul_flops_per_s(256, 256)
     report(f"- dense matmul: {big / 1e9:.0f} GFLOP/s at 2048^3, {small / 1e9:.0f} GFLOP/s at 256^3")
 
-    runner = jax.jit(trainer.init)(jax.random.PRNGKey(0))
-    obs = jax.random.normal(jax.random.PRNGKey(1), (args.sac_batch_size, runner.obs.shape[-1]))
-    action = jnp.zeros((args.sac_batch_size, runner.sac.actor.net.layers[-1].out_features // 2))
-    batch = (obs, action, jnp.ones(args.sac_batch_size), obs, jnp.zeros(args.sac_batch_size, bool))
-    update_flops = flops(trainer.sac_update, runner.sac, batch, jax.random.PRNGKey(0))
-    g_updates = jax.jit(lambda sac, key: jax.lax.scan(
-        lambda s, k: (trainer.sac_update(s, batch, k)[0], None), sac, jax.random.split(key, args.updates_per_step))[0])
-    seconds = best_time(g_updates, runner.sac, jax.random.PRNGKey(0)) / args.updates_per_step
-    report(f"- SAC update: {update_flops / 1e6:.1f} MFLOP, {seconds * 1e3:.2f} ms -> {update_flops / seconds / 1e9:.0f} "
-           f"GFLOP/s ({update_flops / seconds / small:.0%} of 256^3 matmul, {update_flops / seconds / big:.0%} of 2048^3)")
-
-    inputs = jax.random.normal(jax.random.PRNGKey(2), (args.ensemble_size, args.model_batch_size, obs.shape[-1] + action.shape[-1]))
-    targets = jax.random.normal(jax.random.PRNGKey(3), (args.ensemble_size, args.model_batch_size, obs.shape[-1] + 1))
-    model_opt = optax.adam(args.model_lr).init(runner.model)
-    step_flops = flops(trainer.model_sgd_step, runner.model, model_opt, inputs, targets)
-    fifty = jax.jit(lambda m, o: jax.lax.fori_loop(0, 50, lambda i, c: trainer.model_sgd_step(*c, inputs, targets)[:2], (m, o)))
-    seconds = best_time(fifty, runner.model, model_opt) / 50
-    report(f"- ensemble SGD step: {step_flops / 1e6:.1f} MFLOP, {seconds * 1e3:.2f} ms -> {step_flops / seconds / 1e9:.0f} "
-           f"GFLOP/s ({step_flops / seconds / small:.0%} of 256^3 matmul, {step_flops / seconds / big:.0%} of 2048^3)")
+    for num_seeds in cli.seeds:
+        phase_flops(trainer, args, num_seeds, big, small, report)
+    model_shape_ceiling(args, big, report)
 
     for num_seeds in cli.seeds:
         keys = jnp.stack([jax.random.PRNGKey(i) for i in range(num_seeds)])

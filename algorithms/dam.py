@@ -1,0 +1,560 @@
+"""DAM: Discriminator Augmented Model-Based RL (Haghgoo, Zhou, Sharma, Finn 2021), in one file:
+a learned dynamics model q(s'|s, a), a discriminator D(s, a, s') whose logit estimates
+log p/q, discriminator-corrected value estimates (Eq. 4, 8) in a random-shooting MPC planner
+(Algorithm 1, 3), and the minimum-variance model objective (Eq. 10). The whole MBRL loop of
+Algorithm 3 (rollout -> fit model -> fit discriminator, J rounds) is compiled by XLA and vmapped
+over seeds.
+
+    python algorithms/dam.py --env-id IcyRoad --method dam --model mdn --seed 0
+    python algorithms/dam.py --env-id Intersection --method baseline --model gaussian --num-seeds 10
+    python algorithms/dam.py --evaluate runs/<run-name>      # planner episodes with the saved model
+
+Methods (Table 1): `baseline` = maximum-likelihood model, uncorrected values; `minvar` =
+minimum-variance model only; `disc` = discriminator-corrected planning only; `dam` = both.
+Models: `gaussian` (unimodal, diagonal) or `mdn` (mixture density network, K components).
+
+What the paper fixes, and we follow:
+* ESTIMATEVALUE (Alg. 1, Eq. 4): rollouts through q; the reward of step t is multiplied by the
+  product of the importance weights of the transitions leading up to it; a transition's weight is
+  w = exp(logit) (Eq. 8). Alg. 1 writes sigmoid(logit) instead: `--weight sigmoid` (not an
+  estimate of p/q: with a perfect model D = 1/2 and the weight halves at every step).
+* The discriminator is trained with Alg. 2's classification loss: real (s, a, s') labelled 1,
+  (s, a, s'~q(.|s, a)) at the same real (s, a) labelled 0, so its logit estimates log p/q (Eq. 7).
+* RSPLANNER (Alg. 3): K action sequences of horizon H, actions i.i.d. uniform over the 3 discrete
+  actions, the first action of the best sequence executed, replanning at every step (MPC).
+* MBRL (Alg. 3): J = 10 rounds of (roll out the planner in the real env, add the trajectory,
+  retrain the model and the discriminator from freshly initialized parameters), starting from a
+  small random-policy dataset.
+
+Choices where the paper is silent (and why):
+* Minimum-variance weights need R(tau) >= 0 (Eq. 9) while these envs have negative rewards. We
+  shift every reward by the env's lowest possible reward r_min (IcyRoad -6: xdot - 6 with xdot
+  >= 0; Intersection -10: vy - 10 with vy >= 0), i.e. R'(tau) = R(tau) - T r_min >= 0. With a fixed
+  horizon T and no termination, this per-step constant changes no policy's ranking, so Eq. 9-10
+  apply exactly to the shifted task. Weights are divided by their mean over the dataset (Eq. 16's
+  1 / E_p[R], which keeps the learning rate comparable to maximum likelihood).
+* Rewards are functions of s' in our envs (`envs` computes them on next_obs), so step t's reward
+  is weighted by the product up to and including transition t's weight (Eq. 4's product to t);
+  Alg. 1's loop order (add the reward, then update w) would leave the transition that produced
+  the reward uncorrected.
+* Overflow guard: the running log-weight is capped at `max_log_weight` (default 10, w <= 2.2e4)
+  after every step; products are accumulated in log space, so tiny weights underflow to 0 safely.
+* Each sequence's value is the mean over `num_particles` model rollouts (Alg. 1 draws one). With
+  one draw, the argmax over K noisy single-sample estimates picks lucky draws even with a perfect
+  model (on IcyRoad it then accelerates into the swerve zone); averaging removes that confound.
+* Rewards past the episode's end are masked (the horizon is fixed and known), so planning at the
+  last steps does not value imaginary steps.
+* The Gaussian model is the mixture model with K = 1 (same network, loss and sampling code).
+  Models predict the normalized change s' - s from the normalized state and a one-hot action;
+  scales are `min_std` + softplus(.) (normalized units) so deterministic dimensions cannot drive
+  the likelihood to infinity. The discriminator sees (normalized s, one-hot a, normalized s' - s).
+* Undiscounted returns (gamma = 1) for planning and for R(tau): the episodes are 5 and 25 steps.
+* Network sizes, learning rates, step counts, K, H, the particle count and the size of the random
+  dataset are not given in the paper; the defaults below are ours, chosen to make the full
+  Table 1 run (16 cells x 10 seeds) fit in about an hour on 2 CPU cores.
+"""
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import distrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from tqdm import tqdm
+
+import envs
+from algorithms import utils
+
+METHODS = ("baseline", "minvar", "disc", "dam")
+MODELS = ("gaussian", "mdn")
+ENV_IDS = ("IcyRoad", "Intersection")
+# Lowest possible per-step reward (paper Eq. 20, 21 with speeds >= 0): the shift of R(tau) >= 0.
+MIN_REWARD = {"IcyRoad": -6.0, "Intersection": -10.0}
+NUM_ACTIONS = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments. `None` means "the preset of --env-id" (PRESETS below).
+@dataclasses.dataclass
+class Args:
+    # experiment
+    env_id: str = "IcyRoad"
+    """IcyRoad or Intersection"""
+    method: str = "dam"
+    """baseline (MLE model, plain values), minvar (Eq. 10 model), disc (Eq. 4 corrected values), dam (both)"""
+    model: str = "mdn"
+    """gaussian (unimodal) or mdn (mixture density network)"""
+    seed: int = 0
+    """seed of the first run; vmapped seed i uses seed + i"""
+    num_seeds: int = 1
+    """independent seeds trained at once in one vmapped program"""
+    run_dir: str = "runs"
+    """where runs/<run-name>/ is created"""
+    run_name: str | None = None
+    """name of the run directory (default: <env>__dam-<method>-<model>__<seed>__<time>)"""
+    resume: str | None = None
+    """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
+    evaluate: str | None = None
+    """only run `eval_episodes` planner episodes with the model saved in this run directory"""
+    eval_episodes: int = 10
+    """planner episodes of --evaluate"""
+    progress: bool = True
+    """show a progress bar"""
+
+    # MBRL loop (Algorithm 3)
+    rounds: int = 10
+    """J: rounds of (planner rollout, add trajectory, refit model and discriminator)"""
+    init_episodes: int = 10
+    """random-policy episodes in the initial dataset"""
+    episodes_per_round: int = 1
+    """planner episodes collected per round (Alg. 3: one trajectory)"""
+
+    # planner (RSPLANNER + ESTIMATEVALUE)
+    num_sequences: int | None = None
+    """K: action sequences sampled per planning step (preset 500 IcyRoad, 200 Intersection)"""
+    horizon: int | None = None
+    """H: planning horizon (preset 5 IcyRoad = whole episode, 10 Intersection)"""
+    num_particles: int | None = None
+    """model rollouts averaged per sequence (preset 20 IcyRoad, 8 Intersection)"""
+    weight: str = "exp"
+    """importance weight from the logit: exp (Eq. 8, default) or sigmoid (as written in Alg. 1)"""
+    max_log_weight: float = 10.0
+    """cap on the running log importance weight (overflow guard)"""
+
+    # dynamics model
+    model_width: int = 128
+    model_depth: int = 2
+    mixture_components: int = 3
+    """K of the MDN (IcyRoad has 3 outcomes at speed: stay, swerve +y, swerve -y)"""
+    min_std: float = 0.01
+    """lower bound of the predicted standard deviations (normalized units)"""
+    model_lr: float = 1e-3
+    model_batch_size: int = 256
+    model_train_steps: int = 2000
+    """Adam steps per fit (from fresh parameters every round, Alg. 2)"""
+
+    # discriminator
+    disc_width: int = 128
+    disc_depth: int = 2
+    disc_lr: float = 1e-3
+    disc_batch_size: int = 256
+    disc_train_steps: int = 1000
+    """Adam steps per fit (from fresh parameters every round, Alg. 2)"""
+
+
+PRESETS = {
+    "IcyRoad": dict(num_sequences=500, horizon=5, num_particles=20),
+    "Intersection": dict(num_sequences=200, horizon=10, num_particles=8),
+}
+
+
+def resolve(args: Args) -> Args:
+    """Fill `None` fields from the env's preset and check every argument (one-line errors)."""
+    check = utils.check
+    check(args.env_id in ENV_IDS, f"unknown env {args.env_id!r} for DAM; valid: {', '.join(ENV_IDS)}")
+    check(args.method in METHODS, f"unknown --method {args.method!r}; valid: {', '.join(METHODS)}")
+    check(args.model in MODELS, f"unknown --model {args.model!r}; valid: {', '.join(MODELS)}")
+    check(args.weight in ("exp", "sigmoid"), f"unknown --weight {args.weight!r}; valid: exp, sigmoid")
+    args = Args(**{k: (PRESETS[args.env_id].get(k) if v is None else v) for k, v in dataclasses.asdict(args).items()})
+    for name in ["num_seeds", "eval_episodes", "rounds", "init_episodes", "episodes_per_round", "num_sequences",
+                 "horizon", "num_particles", "model_width", "model_depth", "mixture_components", "model_batch_size",
+                 "model_train_steps", "disc_width", "disc_depth", "disc_batch_size", "disc_train_steps"]:
+        check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["min_std", "model_lr", "disc_lr", "max_log_weight"]:
+        check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check(args.model == "gaussian" or args.mixture_components >= 2,
+          "--mixture-components must be >= 2 for --model mdn (1 component is --model gaussian)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+class MLP(eqx.Module):
+    """ReLU MLP on any leading dims (x @ W + b); uniform(+-1/sqrt(fan_in)) init like torch."""
+
+    weights: list
+    biases: list
+
+    def __init__(self, key, in_size, out_size, width, depth):
+        sizes = [in_size] + [width] * depth + [out_size]
+        keys = jax.random.split(key, 2 * (len(sizes) - 1))
+        bounds = [1.0 / np.sqrt(n) for n in sizes[:-1]]
+        self.weights = [jax.random.uniform(k, (i, o), minval=-s, maxval=s)
+                        for k, i, o, s in zip(keys[::2], sizes[:-1], sizes[1:], bounds)]
+        self.biases = [jax.random.uniform(k, (o,), minval=-s, maxval=s) for k, o, s in zip(keys[1::2], sizes[1:], bounds)]
+
+    def __call__(self, x):
+        for w, b in zip(self.weights[:-1], self.biases[:-1]):
+            x = jax.nn.relu(x @ w + b)
+        return x @ self.weights[-1] + self.biases[-1]
+
+
+class Normalizer(NamedTuple):
+    """Per-dimension statistics of the dataset's states and state changes (refit every round)."""
+
+    obs_mean: jax.Array
+    obs_std: jax.Array
+    delta_mean: jax.Array
+    delta_std: jax.Array
+
+
+class Dataset(NamedTuple):
+    """Whole episodes in preallocated arrays (episodes, T, ...): returns per trajectory are sums."""
+
+    obs: jax.Array  # (E, T, d)
+    action: jax.Array  # (E, T) int32
+    reward: jax.Array  # (E, T)
+    next_obs: jax.Array  # (E, T, d)
+    size: jax.Array  # episodes stored
+
+    def add(self, episodes):
+        """Append a batch of episodes (obs, action, reward, next_obs), each (n, T, ...)."""
+        n = episodes[0].shape[0]
+        new = [jax.lax.dynamic_update_slice_in_dim(x, y, self.size, axis=0) for x, y in zip(self[:4], episodes)]
+        return Dataset(*new, self.size + n)
+
+    def sample(self, key, n):
+        """n transitions uniformly from the stored episodes: (obs, action, next_obs, episode index)."""
+        episode_key, step_key = jax.random.split(key)
+        e = jax.random.randint(episode_key, (n,), 0, self.size)
+        t = jax.random.randint(step_key, (n,), 0, self.obs.shape[1])
+        return self.obs[e, t], self.action[e, t], self.next_obs[e, t], e
+
+
+class RunnerState(NamedTuple):
+    data: Dataset
+    model: MLP  # outputs the mixture parameters of q(s' - s | s, a)
+    disc: MLP  # outputs the logit of D(s, a, s')
+    norm: Normalizer
+    key: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+def make_train(args: Args):
+    env, env_params = envs.make(args.env_id)
+    obs_size = env.observation_space(env_params).shape[0]
+    horizon_T = env_params.max_steps_in_episode
+    num_components = 1 if args.model == "gaussian" else args.mixture_components
+    minvar_fit = args.method in ("minvar", "dam")
+    corrected = args.method in ("disc", "dam")
+    capacity = args.init_episodes + args.rounds * args.episodes_per_round
+    model_out = num_components * (1 + 2 * obs_size)  # logits, means, raw scales
+
+    # --- dynamics model q(s'|s, a) ------------------------------------------------------------
+    def predictive(model, norm, obs, action):
+        """The mixture q(z | s, a) over the normalized change z = (s' - s - mean) / std."""
+        x = jnp.concatenate([(obs - norm.obs_mean) / norm.obs_std, jax.nn.one_hot(action, NUM_ACTIONS)], -1)
+        out = model(x)
+        lead = out.shape[:-1]
+        logits = out[..., :num_components]
+        loc = out[..., num_components: num_components * (1 + obs_size)].reshape(*lead, num_components, obs_size)
+        raw_scale = out[..., num_components * (1 + obs_size):].reshape(*lead, num_components, obs_size)
+        return distrax.MixtureSameFamily(
+            mixture_distribution=distrax.Categorical(logits=logits),
+            components_distribution=distrax.MultivariateNormalDiag(loc, args.min_std + jax.nn.softplus(raw_scale)),
+        )
+
+    def sample_model(model, norm, obs, action, key):
+        """s' ~ q(.|s, a) for a batch of (s, a)."""
+        z = predictive(model, norm, obs, action).sample(seed=key)
+        return obs + norm.delta_mean + norm.delta_std * z
+
+    def fit_normalizer(data):
+        mask = (jnp.arange(data.obs.shape[0]) < data.size)[:, None, None].astype(jnp.float32)
+        count = data.size * horizon_T
+
+        def stats(x):
+            mean = jnp.sum(x * mask, (0, 1)) / count
+            std = jnp.sqrt(jnp.sum((x - mean) ** 2 * mask, (0, 1)) / count)
+            return mean, jnp.where(std < 1e-6, 1.0, std)  # constant dimensions stay unscaled
+
+        return Normalizer(*stats(data.obs), *stats(data.next_obs - data.obs))
+
+    # --- FIT MODEL (Alg. 2, TRAINMODEL; Eq. 10) ---------------------------------------------------
+    def trajectory_weights(data):
+        """Per-episode weight of the log-likelihood: R'(tau) / mean R' with R' = R - T r_min >= 0
+        (minimum-variance objective, Eq. 10), or 1 (maximum likelihood)."""
+        slots = data.obs.shape[0]
+        if not minvar_fit:
+            return jnp.ones(slots)
+        shifted = jnp.sum(data.reward, 1) - horizon_T * MIN_REWARD[args.env_id]
+        stored = jnp.arange(slots) < data.size
+        mean = jnp.sum(jnp.where(stored, shifted, 0.0)) / data.size
+        return jnp.where(stored, shifted / jnp.maximum(mean, 1e-8), 0.0)
+
+    def model_loss(model, norm, obs, action, next_obs, weight):
+        """-mean_i weight_i log q(s'_i | s_i, a_i) (Eq. 10 with the episode weights; MLE if 1)."""
+        z = (next_obs - obs - norm.delta_mean) / norm.delta_std
+        return -jnp.mean(weight * predictive(model, norm, obs, action).log_prob(z))
+
+    model_optimizer = optax.adam(args.model_lr)
+
+    def fit_model(data, norm, key):
+        init_key, key = jax.random.split(key)
+        model = MLP(init_key, obs_size + NUM_ACTIONS, model_out, args.model_width, args.model_depth)
+        weights = trajectory_weights(data)
+
+        def sgd_step(carry, key):
+            model, opt_state = carry
+            obs, action, next_obs, episode = data.sample(key, args.model_batch_size)
+            loss, grads = jax.value_and_grad(model_loss)(model, norm, obs, action, next_obs, weights[episode])
+            updates, opt_state = model_optimizer.update(grads, opt_state)
+            return (optax.apply_updates(model, updates), opt_state), loss
+
+        (model, _), losses = jax.lax.scan(sgd_step, (model, model_optimizer.init(model)),
+                                          jax.random.split(key, args.model_train_steps))
+        return model, {"model/loss": jnp.mean(losses[-100:])}
+
+    # --- FIT DISCRIMINATOR (Alg. 2, TRAINDISCRIMINATOR) ----------------------------------------
+    def disc_logit(disc, norm, obs, action, next_obs):
+        """Logit of D(s, a, s'), an estimate of log p(s'|s, a) / q(s'|s, a) (Eq. 7)."""
+        delta = (next_obs - obs - norm.delta_mean) / norm.delta_std
+        x = jnp.concatenate([(obs - norm.obs_mean) / norm.obs_std, jax.nn.one_hot(action, NUM_ACTIONS), delta], -1)
+        return disc(x)[..., 0]
+
+    disc_optimizer = optax.adam(args.disc_lr)
+
+    def fit_discriminator(data, norm, sample_fake, key):
+        """Real (s, a, s') -> 1, (s, a, s'~sample_fake(s, a)) at the same real (s, a) -> 0."""
+        init_key, key = jax.random.split(key)
+        disc = MLP(init_key, 2 * obs_size + NUM_ACTIONS, 1, args.disc_width, args.disc_depth)
+
+        def loss_fn(disc, obs, action, real, fake):
+            real_logit, fake_logit = disc_logit(disc, norm, obs, action, real), disc_logit(disc, norm, obs, action, fake)
+            loss = jnp.mean(jax.nn.softplus(-real_logit)) + jnp.mean(jax.nn.softplus(fake_logit))  # -log D - log(1-D)
+            accuracy = 0.5 * (jnp.mean(real_logit > 0) + jnp.mean(fake_logit < 0))
+            return loss, accuracy
+
+        def sgd_step(carry, key):
+            disc, opt_state = carry
+            batch_key, fake_key = jax.random.split(key)
+            obs, action, real, _ = data.sample(batch_key, args.disc_batch_size)
+            fake = jax.lax.stop_gradient(sample_fake(obs, action, fake_key))
+            (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(disc, obs, action, real, fake)
+            updates, opt_state = disc_optimizer.update(grads, opt_state)
+            return (optax.apply_updates(disc, updates), opt_state), (loss, accuracy)
+
+        (disc, _), (losses, accuracies) = jax.lax.scan(sgd_step, (disc, disc_optimizer.init(disc)),
+                                                       jax.random.split(key, args.disc_train_steps))
+        return disc, {"disc/loss": jnp.mean(losses[-100:]), "disc/accuracy": jnp.mean(accuracies[-100:])}
+
+    # --- PLAN (Alg. 1 ESTIMATEVALUE, Alg. 3 RSPLANNER) -------------------------------------------
+    def estimate_values(sample_next, step_log_weight, obs, t, sequences, key):
+        """Eq. 4: mean over particles of sum_h w_{1..h} r_h along model rollouts of each sequence
+        (N, H) from `obs` at episode step t; w multiplies the weights of every transition up to
+        and including h, in log space, capped at `max_log_weight`. Steps past the episode's end
+        earn nothing. Returns (values (N,), mean log-weight of the last step)."""
+        n, p = sequences.shape[0], args.num_particles
+        states = jnp.broadcast_to(obs, (n * p, obs_size))
+        actions = jnp.repeat(sequences, p, axis=0)  # (n * p, H)
+
+        def step(carry, inputs):
+            state, log_w, total = carry
+            h, action, key = inputs
+            next_state = sample_next(state, action, key)
+            log_w = jnp.minimum(log_w + step_log_weight(state, action, next_state), args.max_log_weight)
+            reward = env.reward_fn(state, action, next_state, env_params)
+            total = total + jnp.where(t + h < horizon_T, jnp.exp(log_w) * reward, 0.0)
+            return (next_state, log_w, total), None
+
+        horizon = sequences.shape[1]
+        init = (states, jnp.zeros(n * p), jnp.zeros(n * p))
+        (_, log_w, total), _ = jax.lax.scan(step, init, (jnp.arange(horizon), actions.T, jax.random.split(key, horizon)))
+        return jnp.mean(total.reshape(n, p), 1), jnp.mean(log_w)
+
+    def log_weight_fn(runner):
+        """log w of one transition: logit (Eq. 8), log sigmoid(logit) (Alg. 1), or 0 (uncorrected)."""
+        if not corrected:
+            return lambda obs, action, next_obs: jnp.zeros(obs.shape[:-1])
+        logit = lambda obs, action, next_obs: disc_logit(runner.disc, runner.norm, obs, action, next_obs)
+        if args.weight == "sigmoid":
+            return lambda *transition: jax.nn.log_sigmoid(logit(*transition))
+        return logit
+
+    def plan(runner, obs, t, key):
+        """RSPLANNER: the first action of the best of K uniformly random sequences."""
+        sequence_key, value_key = jax.random.split(key)
+        sequences = jax.random.randint(sequence_key, (args.num_sequences, args.horizon), 0, NUM_ACTIONS)
+        sample_next = lambda s, a, k: sample_model(runner.model, runner.norm, s, a, k)
+        values, log_w = estimate_values(sample_next, log_weight_fn(runner), obs, t, sequences, value_key)
+        best = jnp.argmax(values)
+        return sequences[best, 0], {"plan/value": values[best], "plan/log_weight": log_w}
+
+    # --- COLLECT (Alg. 3, ROLLOUT) ----------------------------------------------------------------
+    def run_episode(policy, key):
+        """One fixed-horizon episode; `policy(obs, t, key) -> (action, info)`. The envs never
+        terminate, so the episode is exactly T steps of `step_env` (no auto-reset)."""
+        reset_key, key = jax.random.split(key)
+        obs, env_state = env.reset(reset_key, env_params)
+
+        def step(carry, t):
+            obs, env_state, key = carry
+            key, action_key, step_key = jax.random.split(key, 3)
+            action, info = policy(obs, t, action_key)
+            next_obs, env_state, reward, _, _ = env.step_env(step_key, env_state, action, env_params)
+            return (next_obs, env_state, key), (obs, action, reward, next_obs, info)
+
+        _, (obs, action, reward, next_obs, info) = jax.lax.scan(step, (obs, env_state, key), jnp.arange(horizon_T))
+        return (obs, action.astype(jnp.int32), reward, next_obs), info
+
+    def random_policy(obs, t, key):
+        return jax.random.randint(key, (), 0, NUM_ACTIONS), {}
+
+    def fit(runner, key):
+        """Refit the normalizer, the model and (if the method uses it) the discriminator."""
+        model_key, disc_key = jax.random.split(key)
+        norm = fit_normalizer(runner.data)
+        model, metrics = fit_model(runner.data, norm, model_key)
+        runner = runner._replace(model=model, norm=norm)
+        if corrected:
+            sample_fake = lambda s, a, k: sample_model(model, norm, s, a, k)
+            disc, disc_metrics = fit_discriminator(runner.data, norm, sample_fake, disc_key)
+            runner, metrics = runner._replace(disc=disc), {**metrics, **disc_metrics}
+        return runner, metrics
+
+    # --- init and one round ---------------------------------------------------------------------
+    def init(key):
+        key, data_key, model_key, disc_key = jax.random.split(key, 4)
+        empty = Dataset(jnp.zeros((capacity, horizon_T, obs_size)), jnp.zeros((capacity, horizon_T), jnp.int32),
+                        jnp.zeros((capacity, horizon_T)), jnp.zeros((capacity, horizon_T, obs_size)), jnp.int32(0))
+        episodes, _ = jax.vmap(run_episode, (None, 0))(random_policy, jax.random.split(data_key, args.init_episodes))
+        norm = Normalizer(jnp.zeros(obs_size), jnp.ones(obs_size), jnp.zeros(obs_size), jnp.ones(obs_size))
+        return RunnerState(
+            data=empty.add(episodes), norm=norm, key=key,
+            model=MLP(model_key, obs_size + NUM_ACTIONS, model_out, args.model_width, args.model_depth),
+            disc=MLP(disc_key, 2 * obs_size + NUM_ACTIONS, 1, args.disc_width, args.disc_depth),
+        )
+
+    def round_(runner, round_index):
+        """One round of Algorithm 3, fit-first: fit model (+ discriminator) on all data so far,
+        then roll out the planner in the real env and add its trajectories. (Alg. 3 fits after
+        adding; the order is the same once the initial random dataset is fitted first.)"""
+        key, fit_key, rollout_key = jax.random.split(runner.key, 3)
+        runner, metrics = fit(runner._replace(key=key), fit_key)
+        policy = lambda obs, t, key: plan(runner, obs, t, key)
+        episodes, info = jax.vmap(run_episode, (None, 0))(policy, jax.random.split(rollout_key, args.episodes_per_round))
+        runner = runner._replace(data=runner.data.add(episodes))
+        returns = jnp.sum(episodes[2], 1)
+        metrics = {
+            "round": round_index + 1,
+            "env_steps": (args.init_episodes + (round_index + 1) * args.episodes_per_round) * horizon_T,
+            "charts/episode_return": jnp.mean(returns),
+            "plan/value_first_step": jnp.mean(info["plan/value"][:, 0]),
+            "plan/mean_log_weight": jnp.mean(info["plan/log_weight"]),
+            **metrics,
+        }
+        return runner, metrics
+
+    def train(key):
+        """The whole run: init, then J rounds. Returns (final state, metrics stacked over rounds)."""
+        return jax.lax.scan(round_, init(key), jnp.arange(args.rounds))
+
+    def evaluate(runner, key):
+        """Mean return of `eval_episodes` planner episodes with the state's model/discriminator."""
+        policy = lambda obs, t, key: plan(runner, obs, t, key)
+        episodes, _ = jax.vmap(run_episode, (None, 0))(policy, jax.random.split(key, args.eval_episodes))
+        return jnp.mean(jnp.sum(episodes[2], 1))
+
+    return Trainer(init, round_, train, evaluate, fit_normalizer, fit_model, fit_discriminator, trajectory_weights,
+                   model_loss, predictive, sample_model, disc_logit, estimate_values, plan, run_episode, env)
+
+
+class Trainer(NamedTuple):
+    init: callable
+    round: callable
+    train: callable
+    evaluate: callable
+    # the pieces, exposed for tests and for reuse
+    fit_normalizer: callable
+    fit_model: callable
+    fit_discriminator: callable
+    trajectory_weights: callable
+    model_loss: callable
+    predictive: callable
+    sample_model: callable
+    disc_logit: callable
+    estimate_values: callable
+    plan: callable
+    run_episode: callable
+    env: object
+
+
+# ---------------------------------------------------------------------------------------------
+def seed_keys(args):
+    return jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+
+
+def run(args: Args):
+    """Train with a thin host loop over compiled rounds: log, check, checkpoint, resume."""
+    if args.resume:
+        run_dir = utils.RunDir(args.resume)
+        args = run_dir.load_args(Args)
+    else:
+        args = resolve(args)
+        name = args.run_name or utils.RunDir.new_name(args.env_id, f"dam-{args.method}-{args.model}", args.seed)
+        run_dir = utils.RunDir(Path(args.run_dir) / name, args)
+    trainer = make_train(args)
+    steps_per_round = args.episodes_per_round * trainer.env.default_params.max_steps_in_episode
+    init_steps = args.init_episodes * trainer.env.default_params.max_steps_in_episode
+    one_round = jax.jit(jax.vmap(trainer.round, in_axes=(0, None)), donate_argnums=0)
+    state = jax.jit(jax.vmap(trainer.init))(seed_keys(args))
+    loaded, done_steps = run_dir.load_checkpoint(state)
+    state = state if loaded is None else loaded
+    run_dir.truncate_metrics(done_steps)
+    done_rounds = max(0, (done_steps - init_steps) // steps_per_round)
+    bar = tqdm(total=args.rounds, initial=done_rounds, unit="round", disable=not args.progress)
+    metrics = {}
+    returns = []
+    while done_rounds < args.rounds:
+        start = time.perf_counter()
+        state, metrics = one_round(state, jnp.int32(done_rounds))
+        metrics = jax.tree.map(np.asarray, metrics)
+        done_rounds += 1
+        metrics["charts/seconds_per_round"] = np.full(args.num_seeds, time.perf_counter() - start)
+        utils.assert_finite(metrics, f"round {done_rounds}")
+        run_dir.write_metrics(metrics, args.seed)
+        run_dir.save_checkpoint(state, int(metrics["env_steps"][0]))
+        returns.append(metrics["charts/episode_return"])
+        bar.update(1)
+        bar.set_postfix(episode_return=f"{metrics['charts/episode_return'].mean():.2f}")
+    bar.close()
+    final = metrics.get("charts/episode_return", np.full(args.num_seeds, np.nan))
+    summary = {"run_dir": str(run_dir.path), "env_id": args.env_id, "method": args.method, "model": args.model,
+               "rounds": done_rounds, "final_return_mean": float(np.mean(final)),
+               "final_return_per_seed": [float(x) for x in final]}
+    run_dir.write_summary(summary)
+    print(json.dumps(summary))
+    return run_dir, metrics
+
+
+def evaluate_saved(path, eval_episodes):
+    run_dir = utils.RunDir(path)
+    args = dataclasses.replace(run_dir.load_args(Args), eval_episodes=eval_episodes)
+    trainer = make_train(args)
+    like = jax.eval_shape(jax.vmap(trainer.init), seed_keys(args))
+    state, steps = run_dir.load_checkpoint(like)
+    utils.check(state is not None, f"no checkpoint in {path}")
+    keys = jax.vmap(jax.random.fold_in, (0, None))(seed_keys(args), 12345)
+    returns = jax.jit(jax.vmap(trainer.evaluate))(state, keys)
+    print(json.dumps({"run_dir": path, "env_steps": steps, "eval_return_per_seed": [float(r) for r in returns]}))
+    return returns
+
+
+def main():
+    utils.enable_compilation_cache()
+    args = tyro.cli(Args)
+    if args.evaluate:
+        evaluate_saved(args.evaluate, args.eval_episodes)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,652 @@
+"""PETS: Probabilistic Ensembles with Trajectory Sampling (Chua, Calandra, McAllister, Levine 2018,
+"Deep reinforcement learning in a handful of trials using probabilistic dynamics models"), in one
+file, with each trial (an episode of MPC planning in the real env, then a model fit on all data)
+compiled by XLA as one call and vmapped over seeds.
+
+    python algorithms/pets.py --seed 0                           # inverted_pendulum (cartpole-like)
+    python algorithms/pets.py --env-id halfcheetah --num-seeds 4
+    python algorithms/pets.py --propagation ts1 --optimizer random
+    python algorithms/pets.py --resume runs/<run-name>           # continue a killed run
+    python algorithms/pets.py --evaluate runs/<run-name>         # one planning episode per seed with its model
+
+What the paper (Sec. 4-5, App. A) and its reference configuration fix, and we follow:
+* Model (PE): B = 5 probabilistic MLPs (swish) predicting a diagonal Gaussian over next_obs - obs
+  from normalized (obs, action); log-variance softly bounded by learned max/min bounds (+0.01 *
+  their difference as regularizer); per-layer weight decay 0.5 * wd * ||W||^2; each member fit to
+  its own bootstrap resample of all data; Adam 1e-3, batch 32, 5 epochs after every trial,
+  continuing from the previous weights (and Adam state); normalizer refit on all data each time.
+* Trajectory sampling with P = 20 particles per candidate action sequence: TS-inf (a particle's
+  bootstrap never changes over the horizon), TS1 (resampled every step), or expectation (E: the
+  ensemble's mean prediction propagated deterministically, so one particle suffices). A candidate's
+  value is the mean over its particles of the summed rewards; non-finite particle returns count as
+  -1e6 (the reference's NaN -> cost 1e6).
+* CEM (reference configuration: 5 iterations, alpha 0.1, popsize/elites 400/40 or 500/50): samples
+  from a normal truncated at 2 std whose variance is constrained so that 2 std stays inside the
+  action bounds; mean and variance smoothed with alpha (new = alpha * old + (1 - alpha) * elites);
+  stop early once the largest variance is < epsilon = 1e-3; initial variance (ub - lb)^2 / 16;
+  warm start from the previous solution shifted by one step, the new last step at the bounds'
+  middle; the executed action is the first step of the final CEM mean. Random shooting evaluates
+  the same budget (reference: popsize 2000 = 400 x 5) and executes the best sequence's first action.
+* MPC replans at every step. One random-action trial first, then one planned trial per iteration,
+  the model refit on all data after each trial. Task horizons: cartpole 200 steps, pusher 150,
+  halfcheetah 1000; planning horizons 25 (30 halfcheetah).
+
+Choices where the paper is silent (and why):
+* Rewards and terminations come from `envs`' `reward_fn`/`termination_fn` on predicted
+  observations (the paper's known cost functions); `--learn-reward` adds the reward as one more
+  model output and plans with it instead (termination stays known). Particles stop earning reward
+  after the step where `termination_fn` says done (that step's reward counts, as in `env.step`);
+  the reference's tasks never terminate, Brax's inverted_pendulum does.
+* TS assigns members in balanced groups (P / B particles per member and candidate, a random
+  permutation per planning call for TS-inf and per step for TS1), as the reference code does to
+  run each member on its own block of inputs; hence P must be a multiple of B for both.
+* Bootstrap: at each fit every member draws n indices with replacement from the n stored
+  transitions (the reference), reshuffled every epoch; an epoch is ceil(n / batch) minibatches,
+  the last one partial (masked). All shapes are those of the full buffer (num_trials x
+  episode_length), the step count a traced value: nothing recompiles as data grows.
+* Same network for every task (4 x 200 swish, the paper's halfcheetah model and weight decays);
+  the reference code uses 3 x 500 for cartpole and 3-4 x 200 with larger decays for reacher/pusher.
+* inverted_pendulum (Brax, reward 1 per step until |angle| > 0.2) stands in for the paper's
+  cartpole swing-up: 200-step episodes, 15 trials (the reference runs 50 cartpole iterations).
+  reacher uses Brax's 50-step episodes (the paper's 3D reacher has 150), 100 trials; pusher 150
+  steps and 100 trials, halfcheetah 1000 and 300 trials (the reference's counts).
+* A trial ends at the env's termination or time limit (`episode_length`); the episode is a
+  `while_loop`, so a single seed stops at termination (under `vmap` the loop runs until every
+  seed is done, finished seeds masked). `num_trials` counts the random trial.
+* The `env_steps` column is the step budget through the trial ((trial + 1) x episode_length, the
+  same for all seeds, which is what checkpoints and `--resume` count); the real per-seed count of
+  env steps is `charts/env_steps_taken` (smaller when episodes terminate).
+* `model/trial_mse`: one-step MSE of the ensemble's mean prediction on the trial's transitions,
+  measured while collecting them (before the model is fit on them): the model's error on the
+  states its plans visit. `model/train_*` average the last epoch's minibatches.
+"""
+
+import dataclasses
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from tqdm import tqdm
+
+import envs
+from algorithms import utils
+
+PROPAGATIONS = ("ts-inf", "ts1", "expectation")
+OPTIMIZERS = ("cem", "random")
+NONFINITE_RETURN = -1e6  # the reference replaces NaN costs by 1e6
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments. `None` means "the preset of --env-id" (PRESETS below, from the paper's configuration).
+@dataclasses.dataclass
+class Args:
+    # experiment
+    env_id: str = "inverted_pendulum"
+    """task: inverted_pendulum, reacher, pusher, halfcheetah (presets), or any continuous envs.BRAX_TASKS"""
+    seed: int = 0
+    """seed of the first run; vmapped seed i uses seed + i"""
+    num_seeds: int = 1
+    """independent seeds trained at once in one vmapped program"""
+    num_trials: int | None = None
+    """trials (episodes) including the first random-action one (preset: 15 inverted_pendulum, 100 reacher/pusher, 300 halfcheetah)"""
+    episode_length: int | None = None
+    """task horizon: env steps per trial unless it terminates (preset: 200 inverted_pendulum, 50 reacher, 150 pusher, 1000 halfcheetah)"""
+    backend: str = envs.DEFAULT_BACKEND
+    """Brax physics backend (recorded with the run; returns differ across backends)"""
+    run_dir: str = "runs"
+    """where runs/<run-name>/ is created"""
+    run_name: str | None = None
+    """name of the run directory (default: <env>__pets__<seed>__<time>)"""
+    resume: str | None = None
+    """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
+    evaluate: str | None = None
+    """only run one planning episode per seed with the model saved in this run directory and print the returns"""
+    progress: bool = True
+    """show a progress bar"""
+
+    # model
+    ensemble_size: int = 5
+    """B, members of the probabilistic ensemble"""
+    model_width: int = 200
+    """hidden units per layer"""
+    model_depth: int = 4
+    """hidden layers"""
+    model_weight_decay: tuple[float, ...] = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)
+    """L2 coefficient per layer (hidden layers then output), 0.5 * wd * ||W||^2"""
+    model_lr: float = 1e-3
+    """Adam learning rate of the model"""
+    model_batch_size: int = 32
+    """minibatch size per member"""
+    model_epochs: int = 5
+    """epochs over all data after every trial (continuing from the previous weights)"""
+    learn_reward: bool = False
+    """learn the reward as an extra model output and plan with it instead of the env's reward_fn"""
+
+    # planning
+    propagation: str = "ts-inf"
+    """particle propagation: ts-inf (member fixed per particle), ts1 (resampled every step), expectation (mean, no sampling)"""
+    num_particles: int = 20
+    """P, particles per candidate action sequence (a multiple of --ensemble-size for ts-inf/ts1)"""
+    optimizer: str = "cem"
+    """action-sequence optimizer: cem or random (shooting)"""
+    horizon: int | None = None
+    """planning horizon H in steps (preset: 25; 30 halfcheetah)"""
+    population: int | None = None
+    """candidate sequences per CEM iteration (preset: 400; 500 pusher/halfcheetah)"""
+    num_elites: int | None = None
+    """CEM elites (preset: 40; 50 pusher/halfcheetah)"""
+    cem_iterations: int = 5
+    """CEM iterations per planning step (random shooting: batches of --population, the same budget)"""
+    cem_alpha: float = 0.1
+    """CEM smoothing: new = alpha * old + (1 - alpha) * elite statistics"""
+    cem_epsilon: float = 1e-3
+    """CEM stops early once its largest variance is below this"""
+
+
+PRESETS = {  # PETS' reference configuration per task (see the module docstring for the stand-ins)
+    "inverted_pendulum": dict(num_trials=15, episode_length=200, horizon=25, population=400, num_elites=40),
+    "reacher": dict(num_trials=100, episode_length=50, horizon=25, population=400, num_elites=40),
+    "pusher": dict(num_trials=100, episode_length=150, horizon=25, population=500, num_elites=50),
+    "halfcheetah": dict(num_trials=300, episode_length=1000, horizon=30, population=500, num_elites=50),
+}
+DEFAULTS = dict(num_trials=100, horizon=25, population=400, num_elites=40)  # other tasks: envs' episode length
+
+
+def resolve(args: Args) -> Args:
+    """Fill `None` fields from the env's preset and check every argument (one-line errors)."""
+    check = utils.check
+    check(args.env_id in envs.NAMES, f"unknown env {args.env_id!r}; valid: {', '.join(envs.NAMES)}")
+    check(args.env_id in envs.BRAX_TASKS, f"PETS needs a continuous-action Brax task, not {args.env_id}")
+    preset = {**DEFAULTS, "episode_length": envs.brax_tasks.EPISODE_LENGTH[args.env_id], **PRESETS.get(args.env_id, {})}
+    filled = {k: (preset[k] if v is None and k in preset else v) for k, v in dataclasses.asdict(args).items()}
+    args = Args(**filled)
+    check(args.propagation in PROPAGATIONS, f"unknown --propagation {args.propagation!r}; valid: {', '.join(PROPAGATIONS)}")
+    check(args.optimizer in OPTIMIZERS, f"unknown --optimizer {args.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    check(args.backend in envs.BACKENDS, f"unknown backend {args.backend!r}; valid: {', '.join(envs.BACKENDS)}")
+    for name in ["num_seeds", "num_trials", "episode_length", "ensemble_size", "model_width", "model_depth",
+                 "model_batch_size", "model_epochs", "num_particles", "horizon", "population", "num_elites",
+                 "cem_iterations"]:
+        check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check(args.num_elites <= args.population, f"--num-elites {args.num_elites} > --population {args.population}")
+    if args.propagation in ("ts-inf", "ts1"):
+        check(args.num_particles % args.ensemble_size == 0,
+              f"--num-particles {args.num_particles} must be a multiple of --ensemble-size {args.ensemble_size} "
+              f"for --propagation {args.propagation} (each member propagates P / B particles)")
+    check(0.0 <= args.cem_alpha < 1.0, f"--cem-alpha must be in [0, 1), got {args.cem_alpha}")
+    check(args.cem_epsilon >= 0.0, f"--cem-epsilon must be >= 0, got {args.cem_epsilon}")
+    check(args.model_lr > 0.0, f"--model-lr must be positive, got {args.model_lr}")
+    check(len(args.model_weight_decay) == args.model_depth + 1,
+          f"--model-weight-decay needs {args.model_depth + 1} values (hidden layers + output)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Network
+class Ensemble(eqx.Module):
+    """B Gaussian MLPs in stacked weights (einsum over the member axis), with input normalizer."""
+
+    weights: list  # (B, in, out) per layer
+    biases: list  # (B, out)
+    max_logvar: jax.Array  # (out,), shared by the members as in the reference
+    min_logvar: jax.Array
+    input_mean: jax.Array  # normalizer, refit on all data at every fit (not trained)
+    input_std: jax.Array
+
+    def __init__(self, key, num_members, in_size, out_size, width, depth):
+        sizes = [in_size] + [width] * depth + [2 * out_size]
+        keys = jax.random.split(key, len(sizes) - 1)
+        # Truncated normal with std 1 / (2 sqrt(fan_in)), as the reference's FC layers.
+        self.weights = [
+            jax.random.truncated_normal(k, -2.0, 2.0, (num_members, n_in, n_out)) / (2.0 * np.sqrt(n_in))
+            for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:])
+        ]
+        self.biases = [jnp.zeros((num_members, n_out)) for n_out in sizes[1:]]
+        self.max_logvar = jnp.full((out_size,), 0.5, jnp.float32)  # strong dtype: no retrace after a fit
+        self.min_logvar = jnp.full((out_size,), -10.0, jnp.float32)
+        self.input_mean, self.input_std = jnp.zeros(in_size), jnp.ones(in_size)
+
+    def __call__(self, inputs):
+        """inputs (B, N, in) -> mean, logvar (B, N, out): member b predicts for inputs[b]."""
+        x = (inputs - jax.lax.stop_gradient(self.input_mean)) / jax.lax.stop_gradient(self.input_std)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = jnp.einsum("bni,bio->bno", x, w) + b[:, None]
+            if i < len(self.weights) - 1:
+                x = jax.nn.swish(x)
+        mean, raw_logvar = jnp.split(x, 2, axis=-1)
+        # Soft bounds (PETS App. A.1): smooth clamp of the log-variance into [min_logvar, max_logvar],
+        # so that it cannot collapse or explode away from the data.
+        logvar = self.max_logvar - jax.nn.softplus(self.max_logvar - raw_logvar)
+        logvar = self.min_logvar + jax.nn.softplus(logvar - self.min_logvar)
+        return mean, logvar
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffer: preallocated for the whole run (num_trials x episode_length), traced size. PETS keeps
+# every transition ("train on all data"), so it is never overwritten.
+class Buffer(NamedTuple):
+    obs: jax.Array
+    action: jax.Array
+    reward: jax.Array
+    next_obs: jax.Array
+    terminated: jax.Array
+    size: jax.Array
+
+    @staticmethod
+    def empty(capacity, obs_size, action_size):
+        f = partial(jnp.zeros, dtype=jnp.float32)
+        return Buffer(f((capacity, obs_size)), f((capacity, action_size)), f(capacity), f((capacity, obs_size)),
+                      jnp.zeros(capacity, bool), jnp.int32(0))
+
+    def add(self, transition):
+        fields = [getattr(self, name).at[self.size].set(value, mode="drop") for name, value in zip(self._fields[:5], transition)]
+        return Buffer(*fields, self.size + 1)
+
+
+class RunnerState(NamedTuple):
+    buffer: Buffer
+    model: Ensemble
+    model_opt: optax.OptState
+    key: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning pieces that do not depend on the arguments (tested on their own).
+def particle_members(key, propagation, horizon, num_candidates, num_particles, ensemble_size):
+    """Member index of every particle at every planning step, (H, N, P) int32.
+
+    Balanced: each candidate's P particles are split P / B per member (a random permutation of
+    [0..B-1] repeated), which lets `model_step` run each member on one block of inputs.
+    TS-inf draws one permutation per candidate for the whole horizon (a particle keeps its
+    bootstrap); TS1 draws a fresh one at every step. Expectation uses no members (zeros)."""
+    if propagation == "expectation":
+        return jnp.zeros((horizon, num_candidates, num_particles), jnp.int32)
+    base = jnp.arange(num_particles, dtype=jnp.int32) % ensemble_size
+    steps = 1 if propagation == "ts-inf" else horizon
+    perm = jnp.argsort(jax.random.uniform(key, (steps, num_candidates, num_particles)), axis=-1)
+    members = base[perm]
+    return jnp.broadcast_to(members, (horizon, num_candidates, num_particles))
+
+
+def trajectory_values(step_fn, state, action_seqs, key, num_particles):
+    """Value of each candidate: the mean over its particles of the summed rewards over the horizon.
+
+    `step_fn(states, actions, t, key) -> (next_states, rewards, terminated)` on (N, P)-batched
+    states (a learned model or, in tests, the real env). `state` is one state, broadcast to all
+    particles. A particle earns no reward after the step that terminates it."""
+    n, horizon, _ = action_seqs.shape
+    states = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, num_particles, *jnp.shape(x))), state)
+
+    def step(carry, inputs):
+        states, alive, total = carry
+        action, t, step_key = inputs
+        actions = jnp.broadcast_to(action[:, None], (n, num_particles, action.shape[-1]))
+        states, reward, terminated = step_fn(states, actions, t, step_key)
+        total = total + jnp.where(alive, reward, 0.0)
+        return (states, alive & ~terminated, total), None
+
+    init = (states, jnp.ones((n, num_particles), bool), jnp.zeros((n, num_particles)))
+    xs = (jnp.swapaxes(action_seqs, 0, 1), jnp.arange(horizon), jax.random.split(key, horizon))
+    (_, _, total), _ = jax.lax.scan(step, init, xs)
+    # PETS replaces NaN costs by a large cost: a blown-up particle makes its candidate unattractive.
+    total = jnp.where(jnp.isfinite(total), total, NONFINITE_RETURN)
+    return jnp.mean(total, axis=1)
+
+
+def cem(value_fn, init_mean, key, *, population, num_elites, iterations, alpha, epsilon, lower, upper):
+    """Cross-entropy method over action sequences (H, A), PETS-style (see the module docstring).
+    `value_fn(seqs (N, H, A), key) -> (N,)` is maximized. Returns (final mean, stats)."""
+    init_var = jnp.broadcast_to(jnp.square(upper - lower) / 16.0, init_mean.shape)
+
+    def body(carry):
+        i, mean, var, best, _, key = carry
+        key, sample_key, value_key = jax.random.split(key, 3)
+        # Constrain the variance so that the 2-std truncation stays inside the bounds.
+        constrained = jnp.minimum(jnp.minimum(jnp.square((mean - lower) / 2), jnp.square((upper - mean) / 2)), var)
+        noise = jax.random.truncated_normal(sample_key, -2.0, 2.0, (population, *mean.shape))
+        samples = jnp.clip(mean + jnp.sqrt(constrained) * noise, lower, upper)
+        values = value_fn(samples, value_key)
+        elite_values, elite_index = jax.lax.top_k(values, num_elites)
+        elites = samples[elite_index]
+        mean = alpha * mean + (1 - alpha) * jnp.mean(elites, 0)
+        var = alpha * var + (1 - alpha) * jnp.var(elites, 0)
+        return i + 1, mean, var, jnp.maximum(best, elite_values[0]), jnp.mean(values), key
+
+    def keep_going(carry):
+        i, _, var = carry[:3]
+        return (i < iterations) & (jnp.max(var) > epsilon)
+
+    init = (jnp.int32(0), init_mean, init_var, jnp.float32(-jnp.inf), jnp.float32(jnp.nan), key)
+    i, mean, var, best, mean_value, _ = jax.lax.while_loop(keep_going, body, init)
+    stats = {"plan/best_value": best, "plan/mean_value": mean_value, "plan/iterations": i,
+             "plan/final_std": jnp.mean(jnp.sqrt(var))}
+    return mean, stats
+
+
+def random_shooting(value_fn, shape, key, *, population, iterations, lower, upper):
+    """`iterations` batches of `population` uniform sequences; returns (best sequence, stats)."""
+
+    def batch(carry, key):
+        best_seq, best = carry
+        sample_key, value_key = jax.random.split(key)
+        samples = jax.random.uniform(sample_key, (population, *shape), minval=lower, maxval=upper)
+        values = value_fn(samples, value_key)
+        i = jnp.argmax(values)
+        better = values[i] > best
+        return (jnp.where(better, samples[i], best_seq), jnp.where(better, values[i], best)), jnp.mean(values)
+
+    init = (jnp.zeros(shape), jnp.float32(-jnp.inf))
+    (best_seq, best), mean_values = jax.lax.scan(batch, init, jax.random.split(key, iterations))
+    stats = {"plan/best_value": best, "plan/mean_value": mean_values[-1], "plan/iterations": jnp.int32(iterations),
+             "plan/final_std": jnp.mean((upper - lower) / np.sqrt(12.0))}  # std of the uniform it samples
+    return best_seq, stats
+
+
+# ---------------------------------------------------------------------------------------------
+def make_train(args: Args):
+    """Returns `Trainer`:
+
+    * `init(key) -> RunnerState`
+    * `chunk(state, trial) -> (state, metrics)`: one trial (COLLECT an episode, random actions if
+      `trial == 0` else MPC with the model, then FIT MODEL on all data); `trial` is shared by all
+      seeds (unbatched), so the random/planned switch is a real branch even under `vmap`.
+    * `evaluate(state, key) -> return`: one planning episode with the state's model, no data kept.
+    * `train(key) -> (state, metrics)`: the whole run as one pure function, `jax.vmap`-able over keys.
+    """
+    env, env_params = envs.make(args.env_id, backend=args.backend, max_steps_in_episode=args.episode_length)
+    obs_size, action_size = env.obs_size, env.action_size
+    space = env.action_space(env_params)
+    lower = jnp.broadcast_to(jnp.asarray(space.low, jnp.float32), (action_size,))
+    upper = jnp.broadcast_to(jnp.asarray(space.high, jnp.float32), (action_size,))
+    middle = (lower + upper) / 2
+    model_out = obs_size + int(args.learn_reward)  # (next_obs - obs[, reward])
+    capacity = args.num_trials * args.episode_length
+    B, bs = args.ensemble_size, args.model_batch_size
+    padded = -(-capacity // bs) * bs  # bootstrap index rows, a whole number of minibatches
+    # Expectation propagation is deterministic: all particles would be equal, so use one (as the reference).
+    num_particles = 1 if args.propagation == "expectation" else args.num_particles
+    model_optimizer = optax.adam(args.model_lr)
+
+    # --- FIT MODEL --------------------------------------------------------------------------
+    def model_io(buffer):
+        inputs = jnp.concatenate([buffer.obs, buffer.action], -1)
+        targets = buffer.next_obs - buffer.obs
+        if args.learn_reward:
+            targets = jnp.concatenate([targets, buffer.reward[:, None]], -1)
+        return inputs, targets
+
+    def model_loss(model, inputs, targets, mask):
+        """Gaussian NLL per member (mean over valid rows and dims) + log-var bound term + weight decay."""
+        mean, logvar = model(inputs)
+        per_row = jnp.mean((mean - targets) ** 2 * jnp.exp(-logvar) + logvar, -1)
+        nll = jnp.sum(per_row * mask, -1) / jnp.sum(mask)
+        mse = jnp.sum(jnp.mean((mean - targets) ** 2, -1) * mask, -1) / jnp.sum(mask)
+        bounds = 0.01 * (jnp.sum(model.max_logvar) - jnp.sum(model.min_logvar))
+        decay = sum(0.5 * wd * jnp.sum(w**2) for wd, w in zip(args.model_weight_decay, model.weights))
+        return jnp.sum(nll) + bounds + decay, (nll, mse)
+
+    def model_sgd_step(model, opt_state, inputs, targets, mask):
+        """One Adam step of every member on its own minibatch (inputs[b], targets[b]); rows where
+        `mask` is False (the padding of an epoch's last minibatch) do not count."""
+        (_, (nll, mse)), grads = eqx.filter_value_and_grad(model_loss, has_aux=True)(model, inputs, targets, mask)
+        updates, opt_state = model_optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, nll, mse
+
+    def fit_model(model, opt_state, buffer, key):
+        """`model_epochs` epochs over all n stored transitions, each member on its own bootstrap
+        resample (n draws with replacement, reshuffled every epoch). Shapes are those of the full
+        buffer; the number of minibatches, ceil(n / batch) per epoch, is traced."""
+        n = buffer.size
+        valid = (jnp.arange(capacity) < n).astype(jnp.float32)[:, None]
+        inputs, targets = model_io(buffer)
+        mean = jnp.sum(inputs * valid, 0) / n
+        std = jnp.sqrt(jnp.sum((inputs - mean) ** 2 * valid, 0) / n)
+        model = eqx.tree_at(lambda m: (m.input_mean, m.input_std), model, (mean, jnp.where(std < 1e-12, 1.0, std)))
+
+        boot_key, key = jax.random.split(key)
+        boot = jax.random.randint(boot_key, (B, padded), 0, n)  # member b's resample: boot[b, :n]
+        steps_per_epoch = (n + bs - 1) // bs
+
+        def epoch(_, carry):
+            model, opt_state, key, _ = carry
+            key, perm_key = jax.random.split(key)
+            # Shuffle each member's first n entries (the padding sorts last).
+            rank = jnp.where(jnp.arange(padded) < n, jax.random.uniform(perm_key, (B, padded)), 2.0)
+            order = jnp.take_along_axis(boot, jnp.argsort(rank, -1), -1)
+
+            def sgd_step(j, carry):
+                model, opt_state, sums = carry
+                index = jax.lax.dynamic_slice_in_dim(order, j * bs, bs, axis=1)  # (B, bs)
+                mask = (j * bs + jnp.arange(bs) < n).astype(jnp.float32)
+                model, opt_state, nll, mse = model_sgd_step(model, opt_state, inputs[index], targets[index], mask)
+                return model, opt_state, (sums[0] + jnp.mean(nll), sums[1] + jnp.mean(mse))
+
+            model, opt_state, (nll, mse) = jax.lax.fori_loop(
+                0, steps_per_epoch, sgd_step, (model, opt_state, (jnp.float32(0), jnp.float32(0))))
+            return model, opt_state, key, (nll / steps_per_epoch, mse / steps_per_epoch)
+
+        init = (model, opt_state, key, (jnp.float32(jnp.nan), jnp.float32(jnp.nan)))
+        model, opt_state, _, (nll, mse) = jax.lax.fori_loop(0, args.model_epochs, epoch, init)
+        metrics = {"model/train_nll": nll, "model/train_mse": mse, "model/sgd_steps": args.model_epochs * steps_per_epoch}
+        return model, opt_state, metrics
+
+    # --- PLAN -----------------------------------------------------------------------------------
+    def model_step(model, obs, action, members, key):
+        """One model step of (N, P) particles: next_obs (N, P, obs) and predicted reward (N, P)
+        (zeros unless --learn-reward). TS: particle (n, p) is propagated by member members[n, p],
+        sampling the Gaussian; expectation: the mean over members of their mean predictions."""
+        n, p = members.shape
+        inputs = jnp.concatenate([obs, action], -1)
+        if args.propagation == "expectation":
+            flat = inputs.reshape(1, n * p, -1)
+            mean, _ = model(jnp.broadcast_to(flat, (B, *flat.shape[1:])))
+            delta = jnp.mean(mean, 0).reshape(n, p, -1)
+        else:
+            # Group each candidate's particles by member (P / B each, see particle_members) so that
+            # every member runs once on its block: (N, P, in) -> (B, N * P / B, in).
+            k = p // B
+            order = jnp.argsort(members, axis=-1, stable=True)
+            grouped = jnp.take_along_axis(inputs, order[..., None], 1)
+            grouped = grouped.reshape(n, B, k, -1).transpose(1, 0, 2, 3).reshape(B, n * k, -1)
+            mean, logvar = model(grouped)
+            sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+            sample = sample.reshape(B, n, k, -1).transpose(1, 0, 2, 3).reshape(n, p, -1)
+            delta = jnp.take_along_axis(sample, jnp.argsort(order, axis=-1)[..., None], 1)  # undo the grouping
+        reward = delta[..., obs_size] if args.learn_reward else jnp.zeros((n, p))
+        return obs + delta[..., :obs_size], reward
+
+    def model_value(model, obs, action_seqs, key):
+        """Values (N,) of candidate action sequences (N, H, A) from `obs` by trajectory sampling."""
+        member_key, key = jax.random.split(key)
+        n, horizon, _ = action_seqs.shape
+        members = particle_members(member_key, args.propagation, horizon, n, num_particles, B)
+
+        def step(obs, action, t, key):
+            next_obs, model_reward = model_step(model, obs, action, members[t], key)
+            reward = model_reward if args.learn_reward else env.reward_fn(obs, action, next_obs)
+            return next_obs, reward, env.termination_fn(obs, action, next_obs)
+
+        return trajectory_values(step, obs, action_seqs, key, num_particles)
+
+    def plan(value_fn, plan_mean, key):
+        """MPC: optimize the action sequence (warm-started from `plan_mean`), return its first
+        action and the next warm start (shifted one step, the new last step at the middle)."""
+        if args.optimizer == "cem":
+            solution, stats = cem(value_fn, plan_mean, key, population=args.population, num_elites=args.num_elites,
+                                  iterations=args.cem_iterations, alpha=args.cem_alpha, epsilon=args.cem_epsilon,
+                                  lower=lower, upper=upper)
+        else:
+            solution, stats = random_shooting(value_fn, plan_mean.shape, key, population=args.population,
+                                              iterations=args.cem_iterations, lower=lower, upper=upper)
+        next_plan = jnp.concatenate([solution[1:], middle[None]])
+        return solution[0], next_plan, stats
+
+    empty_stats = {"plan/best_value": jnp.float32(jnp.nan), "plan/mean_value": jnp.float32(jnp.nan),
+                   "plan/iterations": jnp.int32(0), "plan/final_std": jnp.float32(jnp.nan)}
+
+    # --- COLLECT --------------------------------------------------------------------------------
+    def episode(runner, random_actions, key):
+        """One trial in the real env until termination or the time limit: random actions, or MPC
+        with the runner's model. Adds every transition (with the true next observation) to the
+        buffer; `random_actions` must be unbatched (a real branch under vmap)."""
+        reset_key, key = jax.random.split(key)
+        obs, env_state = env.reset(reset_key, env_params)
+        plan_mean = jnp.broadcast_to(middle, (args.horizon, action_size))
+        stat_sums = jax.tree.map(lambda x: jnp.zeros((), x.dtype), empty_stats)
+
+        def act(obs, plan_mean, key):
+            def random_branch():
+                return jax.random.uniform(key, (action_size,), minval=lower, maxval=upper), plan_mean, empty_stats
+
+            def mpc_branch():
+                return plan(partial(model_value, runner.model, obs), plan_mean, key)
+
+            return jax.lax.cond(random_actions, random_branch, mpc_branch)
+
+        def step(carry):
+            t, env_state, obs, plan_mean, buffer, total, sq_err, sums, _, key = carry
+            key, act_key, step_key = jax.random.split(key, 3)
+            action, plan_mean, stats = act(obs, plan_mean, act_key)
+            next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, env_state, action, env_params)
+            # The model learns from the true next observation, never the post-reset one.
+            true_next = info["final_observation"]
+            buffer = buffer.add((obs, action, reward, true_next, terminated))
+            predicted, _ = runner.model(jnp.broadcast_to(jnp.concatenate([obs, action]), (B, 1, obs_size + action_size)))
+            sq_err = sq_err + jnp.mean((jnp.mean(predicted[:, 0, :obs_size], 0) - (true_next - obs)) ** 2)
+            sums = jax.tree.map(jnp.add, sums, stats)
+            return t + 1, env_state, next_obs, plan_mean, buffer, total + reward, sq_err, sums, terminated | truncated, key
+
+        init = (jnp.int32(0), env_state, obs, plan_mean, runner.buffer, jnp.float32(0), jnp.float32(0), stat_sums,
+                jnp.bool_(False), key)
+        t, _, _, _, buffer, total, sq_err, sums, _, _ = jax.lax.while_loop(
+            lambda c: ~c[-2] & (c[0] < args.episode_length), step, init)
+        metrics = {"charts/trial_return": total, "charts/trial_length": t, "model/trial_mse": sq_err / t,
+                   **{k: v / t for k, v in sums.items()}}
+        return buffer, metrics
+
+    # --- init -------------------------------------------------------------------------------
+    def init(key):
+        key, model_key = jax.random.split(key)
+        model = Ensemble(model_key, B, obs_size + action_size, model_out, args.model_width, args.model_depth)
+        return RunnerState(buffer=Buffer.empty(capacity, obs_size, action_size), model=model,
+                           model_opt=model_optimizer.init(eqx.filter(model, eqx.is_array)), key=key)
+
+    # --- one trial ------------------------------------------------------------------------------
+    def chunk(runner, trial):
+        """Trial `trial`: COLLECT (random actions for trial 0, PETS' initial rollout; MPC after),
+        then FIT MODEL on all data, continuing from the current weights."""
+        key, episode_key, fit_key = jax.random.split(runner.key, 3)
+        buffer, episode_metrics = episode(runner, trial == 0, episode_key)
+        model, model_opt, fit_metrics = fit_model(runner.model, runner.model_opt, buffer, fit_key)
+        runner = RunnerState(buffer=buffer, model=model, model_opt=model_opt, key=key)
+        metrics = {"trial": trial, "env_steps": (trial + 1) * args.episode_length,
+                   "charts/env_steps_taken": buffer.size, **episode_metrics, **fit_metrics}
+        return runner, metrics
+
+    def evaluate(runner, key):
+        """Return of one planning episode with the runner's model (the data it collects is dropped)."""
+        return episode(runner, jnp.bool_(False), key)[1]["charts/trial_return"]
+
+    def train(key):
+        return jax.lax.scan(chunk, init(key), jnp.arange(args.num_trials))
+
+    return Trainer(init, chunk, evaluate, train, args.num_trials, fit_model, model_sgd_step, model_step,
+                   model_value, plan, episode)
+
+
+class Trainer(NamedTuple):
+    init: callable
+    chunk: callable
+    evaluate: callable
+    train: callable
+    num_chunks: int
+    # the phases, exposed for tests and for reuse
+    fit_model: callable
+    model_sgd_step: callable
+    model_step: callable
+    model_value: callable
+    plan: callable
+    episode: callable
+
+
+# ---------------------------------------------------------------------------------------------
+def seed_keys(args):
+    return jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+
+
+def run(args: Args):
+    """Train with a thin host loop over compiled trials: log, check, checkpoint, resume."""
+    if args.resume:
+        run_dir = utils.RunDir(args.resume)
+        args = run_dir.load_args(Args)
+    else:
+        args = resolve(args)
+        name = args.run_name or utils.RunDir.new_name(args.env_id, "pets", args.seed)
+        run_dir = utils.RunDir(Path(args.run_dir) / name, args)
+    trainer = make_train(args)
+    init = jax.jit(jax.vmap(trainer.init))
+    chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
+    state = init(seed_keys(args))
+    loaded, done_steps = run_dir.load_checkpoint(state)
+    if loaded is not None:
+        state = loaded
+    run_dir.truncate_metrics(done_steps)  # rows written after the checkpoint (all, if none)
+    done_trials = done_steps // args.episode_length
+    bar = tqdm(total=args.num_trials, initial=done_trials, unit="trial", disable=not args.progress)
+    metrics = {}
+    while done_trials < args.num_trials:
+        start = time.perf_counter()
+        state, metrics = chunk(state, jnp.int32(done_trials))
+        metrics = jax.tree.map(np.asarray, metrics)
+        metrics["charts/steps_per_second"] = metrics["charts/trial_length"] / (time.perf_counter() - start)
+        # Trial 0 has random actions: no planning statistics (NaN by design); all else must be finite.
+        utils.assert_finite({k: v for k, v in metrics.items() if done_trials > 0 or not k.startswith("plan/")},
+                            f"trial {done_trials} (env steps taken {metrics['charts/env_steps_taken'].tolist()})")
+        done_trials += 1
+        run_dir.write_metrics(metrics, args.seed)
+        run_dir.save_checkpoint(state, done_trials * args.episode_length)
+        bar.update(1)
+        bar.set_postfix(trial_return=f"{metrics['charts/trial_return'].mean():.1f}",
+                        sps=f"{metrics['charts/steps_per_second'][0]:.0f}")
+    bar.close()
+    summary = {"run_dir": str(run_dir.path), "env_id": args.env_id, "backend": args.backend,
+               "trials": done_trials, "env_steps": done_trials * args.episode_length,
+               "env_steps_taken_per_seed": [int(x) for x in metrics["charts/env_steps_taken"]],
+               "final_trial_return_mean": float(np.mean(metrics["charts/trial_return"])),
+               "final_trial_return_per_seed": [float(x) for x in metrics["charts/trial_return"]]}
+    run_dir.write_summary(summary)
+    print(json.dumps(summary))
+    return run_dir, metrics
+
+
+def evaluate_saved(path):
+    run_dir = utils.RunDir(path)
+    args = run_dir.load_args(Args)
+    trainer = make_train(args)
+    like = jax.eval_shape(jax.vmap(trainer.init), seed_keys(args))
+    state, steps = run_dir.load_checkpoint(like)
+    utils.check(state is not None, f"no checkpoint in {path}")
+    keys = jax.vmap(jax.random.fold_in, (0, None))(seed_keys(args), 12345)
+    returns = jax.jit(jax.vmap(trainer.evaluate))(state, keys)
+    print(json.dumps({"run_dir": path, "env_steps": steps, "eval_return_per_seed": [float(r) for r in returns]}))
+    return returns
+
+
+def main():
+    utils.enable_compilation_cache()
+    args = tyro.cli(Args)
+    if args.evaluate:
+        evaluate_saved(args.evaluate)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

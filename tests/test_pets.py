@@ -1,0 +1,370 @@
+"""PETS: the optimizers, trajectory sampling, the model fit, planning with the true dynamics and the
+whole compiled loop on tiny configurations.
+
+Few distinct whole-loop configurations on purpose: each costs ~20-40 s of compilation on CPU."""
+
+import dataclasses
+import functools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+import pytest
+
+from algorithms import pets, utils
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(
+    env_id="inverted_pendulum", num_trials=5, episode_length=100, horizon=15, population=50, num_elites=5,
+    cem_iterations=3, num_particles=5, model_width=32, model_depth=2, model_weight_decay=(1e-5, 1e-5, 1e-5),
+    # More and faster model training than the paper's 5 epochs at 1e-3: the pendulum's trials end
+    # after ~10-40 steps at first, so 5 epochs would be a handful of SGD steps per trial.
+    model_epochs=80, model_lr=3e-3, progress=False,
+)
+
+
+def tiny_args(**overrides):
+    return pets.resolve(pets.Args(**{**TINY, **overrides}))
+
+
+@functools.lru_cache(maxsize=None)
+def _trainer(**overrides):
+    args = tiny_args(**overrides)
+    return args, pets.make_train(args)
+
+
+def as_cli(args_dict):
+    out = []
+    for key, value in args_dict.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, tuple):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+# --- optimizers ----------------------------------------------------------------------------------
+LOWER, UPPER = -jnp.ones(2), jnp.ones(2)
+
+
+def _quadratic(target):
+    """Value of sequences (N, H, A): minus the squared distance to `target` (H, A)."""
+    return lambda seqs, key: -jnp.sum((seqs - target) ** 2, axis=(1, 2))
+
+
+def test_cem_finds_the_optimum_of_a_quadratic_and_samples_inside_the_bounds():
+    target = jax.random.uniform(jax.random.PRNGKey(0), (6, 2), minval=-0.8, maxval=0.8)
+    seen = []
+
+    def value(seqs, key):
+        jax.debug.callback(lambda s: seen.append(np.abs(s).max()), seqs)
+        return _quadratic(target)(seqs, key)
+
+    run = jax.jit(lambda key: pets.cem(value, jnp.zeros((6, 2)), key, population=300, num_elites=30, iterations=20,
+                                       alpha=0.1, epsilon=0.0, lower=LOWER, upper=UPPER))
+    mean, stats = run(jax.random.PRNGKey(1))
+    np.testing.assert_allclose(mean, target, atol=0.03)
+    assert int(stats["plan/iterations"]) == 20 and max(seen) <= 1.0
+    assert float(stats["plan/best_value"]) > -0.05 and float(stats["plan/final_std"]) < 0.05
+    # PETS' early stop: once the largest variance is below epsilon, no more iterations.
+    _, stats = jax.jit(lambda key: pets.cem(_quadratic(target), jnp.zeros((6, 2)), key, population=300, num_elites=30,
+                                            iterations=20, alpha=0.1, epsilon=1e-2, lower=LOWER, upper=UPPER))(
+        jax.random.PRNGKey(1))
+    assert 1 < int(stats["plan/iterations"]) < 20
+
+
+def test_cem_reaches_a_bound_without_leaving_it():
+    seen = []
+
+    def value(seqs, key):  # optimum at the upper bound
+        jax.debug.callback(lambda s: seen.append(np.abs(s).max()), seqs)
+        return jnp.sum(seqs, axis=(1, 2))
+
+    mean, _ = jax.jit(lambda key: pets.cem(value, jnp.zeros((4, 2)), key, population=100, num_elites=10,
+                                           iterations=15, alpha=0.1, epsilon=0.0, lower=LOWER, upper=UPPER))(
+        jax.random.PRNGKey(2))
+    # The variance constraint (2 std inside the bounds) slows the approach to a bound, but it gets close.
+    assert max(seen) <= 1.0 and np.all(np.asarray(mean) > 0.8)
+
+
+def test_random_shooting_returns_the_best_of_its_budget():
+    target = jnp.full((5, 2), 0.3)
+    calls = []
+
+    def value(seqs, key):
+        jax.debug.callback(lambda s: calls.append(s.shape[0]), seqs)
+        return _quadratic(target)(seqs, key)
+
+    best, stats = jax.jit(lambda key: pets.random_shooting(value, (5, 2), key, population=64, iterations=4,
+                                                           lower=LOWER, upper=UPPER))(jax.random.PRNGKey(0))
+    assert calls == [64] * 4  # iterations x population sequences, as CEM's budget
+    np.testing.assert_allclose(float(stats["plan/best_value"]), float(value(best[None], None)[0]), rtol=1e-6)
+    assert np.all(np.abs(np.asarray(best)) <= 1.0)
+
+
+def test_plan_executes_the_first_step_and_warm_starts_from_the_shifted_solution():
+    args, trainer = _trainer()
+    target = jax.random.uniform(jax.random.PRNGKey(3), (args.horizon, 1), minval=-0.5, maxval=0.5)
+    prev = jnp.full((args.horizon, 1), 0.2)
+    action, next_plan, _ = jax.jit(trainer.plan, static_argnums=0)(_quadratic(target), prev, jax.random.PRNGKey(4))
+    solution, _ = pets.cem(_quadratic(target), prev, jax.random.PRNGKey(4), population=args.population,
+                           num_elites=args.num_elites, iterations=args.cem_iterations, alpha=args.cem_alpha,
+                           epsilon=args.cem_epsilon, lower=-jnp.ones(1), upper=jnp.ones(1))
+    np.testing.assert_allclose(action, solution[0], atol=1e-5)
+    np.testing.assert_allclose(next_plan[:-1], solution[1:], atol=1e-5)
+    assert float(next_plan[-1, 0]) == 0.0  # the middle of [-1, 1]
+
+
+# --- trajectory sampling ---------------------------------------------------------------------------
+def test_ts_inf_keeps_each_particles_member_and_ts1_resamples_it():
+    h, n, p, b = 8, 6, 10, 5
+    inf = np.asarray(pets.particle_members(jax.random.PRNGKey(0), "ts-inf", h, n, p, b))
+    one = np.asarray(pets.particle_members(jax.random.PRNGKey(0), "ts1", h, n, p, b))
+    assert inf.shape == one.shape == (h, n, p)
+    assert np.all(inf == inf[0])  # fixed over the horizon
+    assert not np.all(one == one[0]) and np.mean(one[1:] != one[:-1]) > 0.5  # resampled every step
+    for members in (inf, one):  # balanced: P / B particles per member, candidate and step
+        counts = np.stack([(members == m).sum(-1) for m in range(b)])
+        assert np.all(counts == p // b)
+    assert not np.all(inf[0] == inf[0, 0])  # random assignments differ across candidates
+
+
+def _member_index_model(b, out):
+    """An ensemble whose member m predicts exactly m for every output (no noise to speak of)."""
+    model = pets.Ensemble(jax.random.PRNGKey(0), b, 5, out, 8, 1)
+    model = pets.eqx.tree_at(lambda m: m.weights, model, [jnp.zeros_like(w) for w in model.weights])
+    bias = jnp.concatenate([jnp.repeat(jnp.arange(b, dtype=jnp.float32)[:, None], out, 1), jnp.full((b, out), -100.0)], 1)
+    return pets.eqx.tree_at(lambda m: (m.biases[-1], m.min_logvar), model, (bias, jnp.full(out, -40.0)))
+
+
+@pytest.mark.parametrize("propagation", ["ts-inf", "ts1", "expectation"])
+def test_model_step_propagates_each_particle_with_its_member(propagation):
+    args, trainer = _trainer(propagation=propagation, learn_reward=True, num_particles=10)
+    n, p, b = 3, args.num_particles, args.ensemble_size
+    model = _member_index_model(b, 5)  # 4 observation deltas + the reward
+    members = pets.particle_members(jax.random.PRNGKey(1), propagation, 1, n, p, b)[0]
+    obs = jnp.ones((n, p, 4))
+    next_obs, reward = jax.jit(trainer.model_step)(model, obs, jnp.zeros((n, p, 1)), members, jax.random.PRNGKey(2))
+    expected = np.full((n, p), (b - 1) / 2) if propagation == "expectation" else np.asarray(members, np.float32)
+    np.testing.assert_allclose(next_obs, 1.0 + np.repeat(expected[..., None], 4, -1), atol=1e-4)
+    np.testing.assert_allclose(reward, expected, atol=1e-4)
+
+
+def test_particles_earn_no_reward_after_termination_and_blown_up_particles_count_as_very_bad():
+    def step(state, action, t, key):  # state counts steps; terminates at step 3 (reward 1 per step)
+        state = state + 1.0
+        reward = jnp.ones_like(state) + action[..., 0]
+        # particle 0 of candidate 1 blows up
+        reward = reward.at[1, 0].set(jnp.where(t == 5, jnp.nan, reward[1, 0]))
+        return state, reward, state >= 3
+
+    seqs = jnp.zeros((2, 10, 1)).at[0].set(0.5)
+    values = pets.trajectory_values(step, jnp.float32(0.0), seqs, jax.random.PRNGKey(0), num_particles=4)
+    np.testing.assert_allclose(values, [3 * 1.5, 3.0], rtol=1e-6)  # the NaN comes after termination: ignored
+    values = pets.trajectory_values(lambda s, a, t, k: step(s, a, t, k)[:2] + (s < -1,), jnp.float32(0.0), seqs,
+                                    jax.random.PRNGKey(0), num_particles=4)
+    np.testing.assert_allclose(values, [15.0, (3 * 10.0 + pets.NONFINITE_RETURN) / 4], rtol=1e-6)
+
+
+# --- the model -----------------------------------------------------------------------------------
+def _noisy_buffer(key, n, capacity):
+    """next_obs - obs = sin(2 obs_0) + noise with std 0.05; reward = obs_1 + a (noiseless)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    obs = jax.random.uniform(k1, (n, 4), minval=-1, maxval=1)
+    action = jax.random.uniform(k2, (n, 1), minval=-1, maxval=1)
+    next_obs = obs + jnp.sin(2 * obs[:, :1]) + 0.05 * jax.random.normal(k3, (n, 4))
+    pad = lambda x: jnp.zeros((capacity, *x.shape[1:]), x.dtype).at[:n].set(x)
+    return pets.Buffer(pad(obs), pad(action), pad(obs[:, 1] + action[:, 0]), pad(next_obs), jnp.zeros(capacity, bool),
+                       jnp.int32(n))
+
+
+def test_fit_learns_obs_and_reward_and_compiles_once_as_the_buffer_grows():
+    args, trainer = _trainer(learn_reward=True, num_trials=4, episode_length=100, model_epochs=60)
+    traces = []
+
+    def counted(*a):
+        traces.append(1)
+        return trainer.fit_model(*a)
+
+    fit = jax.jit(counted)
+    full = _noisy_buffer(jax.random.PRNGKey(0), 400, 400)
+    model = pets.Ensemble(jax.random.PRNGKey(1), args.ensemble_size, 5, 5, args.model_width, args.model_depth)
+    opt = optax.adam(args.model_lr).init(pets.eqx.filter(model, pets.eqx.is_array))
+    for size in (100, 400):  # continuing training on more data, as after each trial
+        model, opt, metrics = fit(model, opt, full._replace(size=jnp.int32(size)), jax.random.PRNGKey(size))
+        assert int(metrics["model/sgd_steps"]) == args.model_epochs * math.ceil(size / args.model_batch_size)
+    assert len(traces) == 1
+    x = jnp.array([[0.5, 0.2, 0.0, 0.0, 0.8], [-0.5, -0.3, 0.0, 0.0, -0.8]])
+    mean, logvar = model(jnp.broadcast_to(x, (args.ensemble_size, 2, 5)))
+    np.testing.assert_allclose(mean.mean(0)[:, :4], np.repeat(np.sin([[1.0], [-1.0]]), 4, 1), atol=0.1)
+    np.testing.assert_allclose(mean.mean(0)[:, 4], [1.0, -1.1], atol=0.1)
+    assert float(metrics["model/train_mse"]) < 0.01
+
+
+# --- planning with the true dynamics ---------------------------------------------------------------
+def test_planner_with_the_true_dynamics_balances_inverted_pendulum():
+    """The planner (CEM + particle values with termination) using the real env as its model."""
+    args, trainer = _trainer(population=64, num_elites=8, horizon=12, cem_iterations=3)
+    env, params = pets.envs.make("inverted_pendulum", max_steps_in_episode=1000)
+
+    def true_step(states, actions, t, key):
+        obs, states, reward, terminated, _ = jax.vmap(jax.vmap(env.step_env, (None, 0, 0, None)), (None, 0, 0, None))(
+            key, states, actions, params)
+        return states, reward, terminated
+
+    @jax.jit
+    def episode(key):
+        obs, state = env.reset(key, params)
+
+        def step(carry, key):
+            state, plan_mean = carry
+            plan_key, step_key = jax.random.split(key)
+            value = lambda seqs, k: pets.trajectory_values(true_step, state, seqs, k, num_particles=1)
+            action, plan_mean, stats = trainer.plan(value, plan_mean, plan_key)
+            _, state, reward, terminated, _ = env.step_env(step_key, state, action, params)
+            return (state, plan_mean), (terminated, state.obs[1])
+
+        _, (terminated, angle) = jax.lax.scan(step, (state, jnp.zeros((args.horizon, 1))), jax.random.split(key, 80))
+        return terminated, angle
+
+    terminated, angle = episode(jax.random.PRNGKey(0))
+    assert not np.any(terminated) and np.max(np.abs(angle)) < 0.2
+
+
+# --- the whole loop ----------------------------------------------------------------------------------
+def _run(tmp_path, **overrides):
+    args = dataclasses.replace(tiny_args(**overrides), run_dir=str(tmp_path))
+    run_dir, metrics = pets.run(args)
+    return run_dir, pd.read_csv(run_dir.path / "metrics.csv")
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_run(tmp_root):
+    return _run(Path(tmp_root) / "reference")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return _reference_run(str(tmp_path_factory.mktemp("pets")))
+
+
+def test_run_writes_metrics_summary_and_checkpoint(reference):
+    run_dir, df = reference
+    assert list(df["trial"]) == [0, 1, 2, 3, 4] and list(df["env_steps"]) == [100, 200, 300, 400, 500]
+    assert list(df["charts/env_steps_taken"]) == list(np.cumsum(df["charts/trial_length"]))
+    assert df.loc[0, ["plan/best_value", "plan/mean_value"]].isna().all()  # trial 0 is random
+    assert df.loc[1:, ["plan/best_value", "plan/mean_value", "plan/final_std"]].notna().all().all()
+    assert list(df["model/sgd_steps"]) == [TINY["model_epochs"] * math.ceil(n / 32) for n in df["charts/env_steps_taken"]]
+    assert df["model/train_mse"].notna().all() and df["model/trial_mse"].notna().all()
+    summary = json.loads((run_dir.path / "summary.json").read_text())
+    assert summary["trials"] == 5 and summary["backend"] == "positional"
+    assert (run_dir.path / "checkpoint.eqx").exists()
+
+
+def test_pets_learns_inverted_pendulum(reference):
+    """Random actions keep the pole up for ~10-40 steps; PETS' planned trials must do clearly better."""
+    _, df = reference
+    returns = df["charts/trial_return"].tolist()
+    assert returns[0] < 50 and max(returns[1:]) >= 90 and returns[-1] >= 2 * returns[0], returns
+
+
+def test_vmapped_seed_equals_single_run(tmp_path):
+    """Seed 1 of a 2-seed vmapped run vs seed 1 alone. XLA's kernels at batch 2 and batch 1 round
+    differently (Brax's physics too), and planning amplifies such differences over trials, so we
+    compare where they are still rounding-sized: the random first trial and its model fit."""
+    _, both = _run(tmp_path / "both", num_seeds=2)
+    _, single = _run(tmp_path / "single", seed=1)
+    both = both[both.seed == 1].reset_index(drop=True)
+    assert both.loc[0, "charts/trial_return"] == single.loc[0, "charts/trial_return"]
+    for col in ["model/train_nll", "model/train_mse", "model/trial_mse"]:
+        np.testing.assert_allclose(both.loc[0, col], single.loc[0, col], rtol=1e-3)
+
+
+def test_killed_run_resumes_to_identical_results(reference, tmp_path, monkeypatch):
+    calls = []
+    original = utils.RunDir.write_metrics
+
+    def dying_write(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # killed during the third trial, after two checkpoints
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(utils.RunDir, "write_metrics", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path)
+    monkeypatch.setattr(utils.RunDir, "write_metrics", original)
+    killed_dir = next(tmp_path.iterdir())
+    assert len(pd.read_csv(killed_dir / "metrics.csv")) == 2
+    run_dir, _ = pets.run(pets.Args(resume=str(killed_dir)))
+    df = pd.read_csv(run_dir.path / "metrics.csv")
+    pd.testing.assert_frame_equal(df.drop(columns="charts/steps_per_second"),
+                                  reference[1].drop(columns="charts/steps_per_second"))
+
+
+def test_bad_arguments_fail_before_compiling():
+    for overrides, message in [
+        (dict(env_id="Hopper-v4"), "unknown env"),
+        (dict(env_id="IcyRoad"), "continuous-action Brax task"),
+        (dict(num_particles=7), "--num-particles 7 must be a multiple of --ensemble-size 5 for --propagation ts-inf"),
+        (dict(num_particles=7, propagation="ts1"), "multiple of --ensemble-size"),
+        (dict(num_elites=60), "--num-elites 60 > --population 50"),
+        (dict(propagation="ts-2"), "unknown --propagation"),
+        (dict(optimizer="cma-es"), "unknown --optimizer"),
+        (dict(num_trials=0), "--num-trials must be positive"),
+        (dict(horizon=-1), "--horizon must be positive"),
+        (dict(population=0), "--population must be positive"),
+        (dict(model_epochs=0), "--model-epochs must be positive"),
+        (dict(cem_alpha=1.0), "--cem-alpha"),
+        (dict(model_weight_decay=(1e-5,)), "--model-weight-decay needs 3 values"),
+        (dict(backend="nope"), "unknown backend"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            tiny_args(**overrides)
+    # Expectation propagation needs no particle/member relation.
+    assert tiny_args(num_particles=7, propagation="expectation").num_particles == 7
+
+
+def test_presets_fill_unset_fields_and_the_cli_overrides_them():
+    args = pets.resolve(pets.Args())
+    assert (args.env_id, args.episode_length, args.horizon, args.population, args.num_elites) == (
+        "inverted_pendulum", 200, 25, 400, 40)
+    assert (args.num_particles, args.propagation, args.cem_iterations, args.cem_alpha, args.ensemble_size) == (
+        20, "ts-inf", 5, 0.1, 5)
+    cheetah = pets.resolve(pets.Args(env_id="halfcheetah", horizon=10))
+    assert (cheetah.episode_length, cheetah.horizon, cheetah.population, cheetah.num_elites) == (1000, 10, 500, 50)
+
+
+def test_nonfinite_metrics_are_reported_with_where():
+    with pytest.raises(utils.NonFiniteError, match=r"model/train_nll at trial 3 \(seeds \[1\]\)"):
+        utils.assert_finite({"model/train_nll": np.array([1.0, np.nan])}, "trial 3")
+
+
+def test_cli_from_another_directory_and_evaluate_saved_model(tmp_path):
+    cli = as_cli({**TINY, "run_dir": str(tmp_path)})
+    done = subprocess.run([sys.executable, str(ROOT / "algorithms" / "pets.py"), *cli],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    df = pd.read_csv(Path(summary["run_dir"]) / "metrics.csv")
+    assert len(df) == TINY["num_trials"] and df["charts/trial_return"].notna().all()
+    help_text = subprocess.run([sys.executable, str(ROOT / "algorithms" / "pets.py"), "--help"],
+                               cwd=tmp_path, capture_output=True, text=True).stdout
+    for flag in ["--propagation", "--optimizer", "--num-particles", "--learn-reward", "--horizon", "--population",
+                 "--cem-alpha", "--num-seeds", "--resume"]:
+        assert flag in help_text
+    bad = subprocess.run([sys.executable, str(ROOT / "algorithms" / "pets.py"), "--num-particles", "7"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "multiple of --ensemble-size" in bad.stderr
+    returns = pets.evaluate_saved(summary["run_dir"])
+    assert returns.shape == (1,) and np.isfinite(returns).all()
