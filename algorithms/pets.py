@@ -9,7 +9,7 @@ compiled by XLA as one call and vmapped over seeds.
     python algorithms/pets.py --resume runs/<run-name>           # continue a killed run
     python algorithms/pets.py --evaluate runs/<run-name>         # one planning episode per seed with its model
 
-What the paper (Sec. 4-5, App. A) and its reference configuration fix, and we follow:
+What the paper and its reference code (kchua/handful-of-trials, configs per task) fix, and we follow:
 * Model (PE): B = 5 probabilistic MLPs (swish) predicting a diagonal Gaussian over next_obs - obs
   from normalized (obs, action); log-variance softly bounded by learned max/min bounds (+0.01 *
   their difference as regularizer); per-layer weight decay 0.5 * wd * ||W||^2; each member fit to
@@ -45,9 +45,13 @@ Choices where the paper is silent (and why):
   the last one partial (masked). All shapes are those of the full buffer (num_trials x
   episode_length), the step count a traced value: nothing recompiles as data grows.
 * Same network for every task (4 x 200 swish, the paper's halfcheetah model and weight decays);
-  the reference code uses 3 x 500 for cartpole and 3-4 x 200 with larger decays for reacher/pusher.
+  the reference code uses 3 x 500 for cartpole and 3-4 x 200 with larger decays for reacher/pusher
+  (and Adam 7.5e-4 for reacher).
 * inverted_pendulum (Brax, reward 1 per step until |angle| > 0.2) stands in for the paper's
-  cartpole swing-up: 200-step episodes, 15 trials (the reference runs 50 cartpole iterations).
+  cartpole: 200-step episodes, 15 trials (the reference runs 50 cartpole iterations). Its first
+  trials end after ~10-40 steps, so 5 epochs are only a few SGD steps per fit: the model's
+  variance shrinks slowly and learning takes ~10-15 trials (measured with a 3 x 64 model,
+  population 100, P = 10: returns reached 200 at trial 14; with 50 epochs at trial 5).
   reacher uses Brax's 50-step episodes (the paper's 3D reacher has 150), 100 trials; pusher 150
   steps and 100 trials, halfcheetah 1000 and 300 trials (the reference's counts).
 * A trial ends at the env's termination or time limit (`episode_length`); the episode is a
@@ -56,6 +60,10 @@ Choices where the paper is silent (and why):
 * The `env_steps` column is the step budget through the trial ((trial + 1) x episode_length, the
   same for all seeds, which is what checkpoints and `--resume` count); the real per-seed count of
   env steps is `charts/env_steps_taken` (smaller when episodes terminate).
+* Input normalizer: inputs that are constant over the data (max == min, e.g. reacher's target
+  during the first trial) get std 1, as the reference's std < 1e-12 rule intends; in float32
+  their computed std is rounding noise (~1e-9), and dividing by it made the next trial's
+  predictions explode (new target, inputs ~1e7).
 * `model/trial_mse`: one-step MSE of the ensemble's mean prediction on the trial's transitions,
   measured while collecting them (before the model is fit on them): the model's error on the
   states its plans visit. `model/train_*` average the last epoch's minibatches.
@@ -181,7 +189,8 @@ def resolve(args: Args) -> Args:
               f"--num-particles {args.num_particles} must be a multiple of --ensemble-size {args.ensemble_size} "
               f"for --propagation {args.propagation} (each member propagates P / B particles)")
     check(0.0 <= args.cem_alpha < 1.0, f"--cem-alpha must be in [0, 1), got {args.cem_alpha}")
-    check(args.cem_epsilon >= 0.0, f"--cem-epsilon must be >= 0, got {args.cem_epsilon}")
+    check(0.0 <= args.cem_epsilon < 0.25,  # 0.25 = CEM's initial variance (ub - lb)^2 / 16 for [-1, 1] actions
+          f"--cem-epsilon must be in [0, 0.25) (below CEM's initial variance), got {args.cem_epsilon}")
     check(args.model_lr > 0.0, f"--model-lr must be positive, got {args.model_lr}")
     check(len(args.model_weight_decay) == args.model_depth + 1,
           f"--model-weight-decay needs {args.model_depth + 1} values (hidden layers + output)")
@@ -221,8 +230,8 @@ class Ensemble(eqx.Module):
             if i < len(self.weights) - 1:
                 x = jax.nn.swish(x)
         mean, raw_logvar = jnp.split(x, 2, axis=-1)
-        # Soft bounds (PETS App. A.1): smooth clamp of the log-variance into [min_logvar, max_logvar],
-        # so that it cannot collapse or explode away from the data.
+        # Soft bounds (PETS' reference model): smooth clamp of the log-variance into [min_logvar,
+        # max_logvar], so that it cannot collapse or explode away from the data.
         logvar = self.max_logvar - jax.nn.softplus(self.max_logvar - raw_logvar)
         logvar = self.min_logvar + jax.nn.softplus(logvar - self.min_logvar)
         return mean, logvar
@@ -408,7 +417,10 @@ def make_train(args: Args):
         inputs, targets = model_io(buffer)
         mean = jnp.sum(inputs * valid, 0) / n
         std = jnp.sqrt(jnp.sum((inputs - mean) ** 2 * valid, 0) / n)
-        model = eqx.tree_at(lambda m: (m.input_mean, m.input_std), model, (mean, jnp.where(std < 1e-12, 1.0, std)))
+        # Constant inputs get std 1: in float32 their computed std is rounding noise (~1e-9), not 0.
+        constant = jnp.max(jnp.where(valid > 0, inputs, -jnp.inf), 0) == jnp.min(jnp.where(valid > 0, inputs, jnp.inf), 0)
+        std = jnp.where(constant | (std < 1e-12), 1.0, std)
+        model = eqx.tree_at(lambda m: (m.input_mean, m.input_std), model, (mean, std))
 
         boot_key, key = jax.random.split(key)
         boot = jax.random.randint(boot_key, (B, padded), 0, n)  # member b's resample: boot[b, :n]

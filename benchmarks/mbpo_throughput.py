@@ -147,7 +147,8 @@ def main():
             jax.block_until_ready(metrics)
             seconds = time.perf_counter() - start
             report(f"- full iteration, {num_seeds} seed(s), compile {compile_s:.0f} s; {args.epoch_length} env steps with "
-                   f"one fit ({label}: {int(metrics['model/epochs'][0])} epochs on {step} transitions), one "
+                   f"one fit ({label}: {int(metrics['model/epochs'].max())} epochs (most over seeds; a vmapped "
+                   f"fit runs until every seed stops) on {step} transitions), one "
                    f"{args.rollouts_per_step * args.model_train_freq}-rollout branch and {args.updates_per_step} SAC "
                    f"updates per step: {seconds:.0f} s -> {seconds / args.epoch_length:.3f} s per env step "
                    f"({num_seeds * args.epoch_length / seconds:.2f} env steps/s over {num_seeds} seed(s))")

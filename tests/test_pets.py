@@ -178,9 +178,9 @@ def test_particles_earn_no_reward_after_termination_and_blown_up_particles_count
 
 # --- the model -----------------------------------------------------------------------------------
 def _noisy_buffer(key, n, capacity):
-    """next_obs - obs = sin(2 obs_0) + noise with std 0.05; reward = obs_1 + a (noiseless)."""
+    """next_obs - obs = sin(2 obs_0) + noise with std 0.05; reward = obs_1 + a (noiseless); obs_3 constant."""
     k1, k2, k3 = jax.random.split(key, 3)
-    obs = jax.random.uniform(k1, (n, 4), minval=-1, maxval=1)
+    obs = jax.random.uniform(k1, (n, 4), minval=-1, maxval=1).at[:, 3].set(0.3)  # one constant input
     action = jax.random.uniform(k2, (n, 1), minval=-1, maxval=1)
     next_obs = obs + jnp.sin(2 * obs[:, :1]) + 0.05 * jax.random.normal(k3, (n, 4))
     pad = lambda x: jnp.zeros((capacity, *x.shape[1:]), x.dtype).at[:n].set(x)
@@ -204,7 +204,9 @@ def test_fit_learns_obs_and_reward_and_compiles_once_as_the_buffer_grows():
         model, opt, metrics = fit(model, opt, full._replace(size=jnp.int32(size)), jax.random.PRNGKey(size))
         assert int(metrics["model/sgd_steps"]) == args.model_epochs * math.ceil(size / args.model_batch_size)
     assert len(traces) == 1
-    x = jnp.array([[0.5, 0.2, 0.0, 0.0, 0.8], [-0.5, -0.3, 0.0, 0.0, -0.8]])
+    # The constant input is not divided by its float32 rounding-noise std (that made reacher explode).
+    assert float(model.input_std[3]) == 1.0 and float(model.input_std[0]) < 1.0
+    x = jnp.array([[0.5, 0.2, 0.0, 0.3, 0.8], [-0.5, -0.3, 0.0, 0.3, -0.8]])
     mean, logvar = model(jnp.broadcast_to(x, (args.ensemble_size, 2, 5)))
     np.testing.assert_allclose(mean.mean(0)[:, :4], np.repeat(np.sin([[1.0], [-1.0]]), 4, 1), atol=0.1)
     np.testing.assert_allclose(mean.mean(0)[:, 4], [1.0, -1.1], atol=0.1)
@@ -269,6 +271,10 @@ def test_run_writes_metrics_summary_and_checkpoint(reference):
     summary = json.loads((run_dir.path / "summary.json").read_text())
     assert summary["trials"] == 5 and summary["backend"] == "positional"
     assert (run_dir.path / "checkpoint.eqx").exists()
+    # The whole run is also one pure function (traced here, not compiled).
+    args, trainer = _trainer()
+    _, metrics = jax.eval_shape(trainer.train, jax.random.PRNGKey(0))
+    assert metrics["charts/trial_return"].shape == (args.num_trials,)
 
 
 def test_pets_learns_inverted_pendulum(reference):
@@ -280,14 +286,22 @@ def test_pets_learns_inverted_pendulum(reference):
 
 def test_vmapped_seed_equals_single_run(tmp_path):
     """Seed 1 of a 2-seed vmapped run vs seed 1 alone. XLA's kernels at batch 2 and batch 1 round
-    differently (Brax's physics too), and planning amplifies such differences over trials, so we
-    compare where they are still rounding-sized: the random first trial and its model fit."""
-    _, both = _run(tmp_path / "both", num_seeds=2)
+    differently (Brax's physics too: ~3e-5 after 40 steps), and training amplifies such
+    differences, so we compare where they are still rounding-sized: the random first trial (the
+    same trajectory, and the same error of the initial model on it). Its fit (160 Adam steps on
+    ~40 transitions) is chaotic: the same data fitted in 1, 2 or 4 vmapped copies gave train MSEs
+    5.4e-4, 4.9e-4 and 6.3e-4, so fit metrics are only compared loosely."""
+    _, both_seeds = _run(tmp_path / "both", num_seeds=2)
     _, single = _run(tmp_path / "single", seed=1)
-    both = both[both.seed == 1].reset_index(drop=True)
-    assert both.loc[0, "charts/trial_return"] == single.loc[0, "charts/trial_return"]
-    for col in ["model/train_nll", "model/train_mse", "model/trial_mse"]:
-        np.testing.assert_allclose(both.loc[0, col], single.loc[0, col], rtol=1e-3)
+    both = both_seeds[both_seeds.seed == 1].reset_index(drop=True)
+    for col in ["charts/trial_return", "charts/trial_length", "model/sgd_steps"]:
+        assert both.loc[0, col] == single.loc[0, col], col
+    np.testing.assert_allclose(both.loc[0, "model/trial_mse"], single.loc[0, "model/trial_mse"], rtol=1e-4)
+    for col in ["model/train_nll", "model/train_mse"]:
+        np.testing.assert_allclose(both.loc[0, col], single.loc[0, col], rtol=0.3)
+    # The two vmapped seeds are different seeds (no constant key inside `train`).
+    seed0 = both_seeds[both_seeds.seed == 0].reset_index(drop=True)
+    assert seed0.loc[0, "model/trial_mse"] != both.loc[0, "model/trial_mse"]
 
 
 def test_killed_run_resumes_to_identical_results(reference, tmp_path, monkeypatch):
@@ -326,6 +340,7 @@ def test_bad_arguments_fail_before_compiling():
         (dict(population=0), "--population must be positive"),
         (dict(model_epochs=0), "--model-epochs must be positive"),
         (dict(cem_alpha=1.0), "--cem-alpha"),
+        (dict(cem_epsilon=0.3), "--cem-epsilon"),
         (dict(model_weight_decay=(1e-5,)), "--model-weight-decay needs 3 values"),
         (dict(backend="nope"), "unknown backend"),
     ]:
@@ -350,14 +365,16 @@ def test_nonfinite_metrics_are_reported_with_where():
         utils.assert_finite({"model/train_nll": np.array([1.0, np.nan])}, "trial 3")
 
 
-def test_cli_from_another_directory_and_evaluate_saved_model(tmp_path):
-    cli = as_cli({**TINY, "run_dir": str(tmp_path)})
+def test_cli_with_the_other_options_and_evaluate_saved_model(tmp_path):
+    """The non-default paths end to end (TS1, random shooting, learned reward), from another directory."""
+    cli = as_cli({**TINY, "num_trials": 2, "propagation": "ts1", "optimizer": "random", "learn_reward": True,
+                  "run_dir": str(tmp_path)})
     done = subprocess.run([sys.executable, str(ROOT / "algorithms" / "pets.py"), *cli],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     df = pd.read_csv(Path(summary["run_dir"]) / "metrics.csv")
-    assert len(df) == TINY["num_trials"] and df["charts/trial_return"].notna().all()
+    assert len(df) == 2 and df["charts/trial_return"].notna().all() and df.loc[1, "plan/best_value"] > 0
     help_text = subprocess.run([sys.executable, str(ROOT / "algorithms" / "pets.py"), "--help"],
                                cwd=tmp_path, capture_output=True, text=True).stdout
     for flag in ["--propagation", "--optimizer", "--num-particles", "--learn-reward", "--horizon", "--population",
