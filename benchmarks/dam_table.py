@@ -3,6 +3,7 @@ each cell one vmapped run of `--seeds` seeds with dam.py's defaults (J = 10 roun
 mean +- standard error over seeds of the final round's return, next to the paper's numbers.
 
     python benchmarks/dam_table.py [--seeds 10] [--rounds 10] [--cells IcyRoad/mdn/dam ...]
+    python benchmarks/dam_table.py --particles 1 --cells IcyRoad/gaussian/baseline ...  # Alg. 1's single draw
 
 Resumable: each finished cell is appended to benchmarks/results/dam_table.csv (one row per seed)
 and skipped on the next start; the markdown table (benchmarks/results/dam_table.md) is rebuilt
@@ -20,7 +21,6 @@ import pandas as pd
 from algorithms import dam, utils
 
 RESULTS = Path(__file__).parent / "results"
-CSV, MARKDOWN = RESULTS / "dam_table.csv", RESULTS / "dam_table.md"
 # Paper Table 1: mean +- standard error over 3 seeds.
 PAPER = {
     ("IcyRoad", "gaussian"): {"baseline": "0.71 ± 1.72", "minvar": "0.86 ± 0.79", "disc": "4.88 ± 0.50", "dam": "2.32 ± 1.76"},
@@ -33,9 +33,9 @@ PAPER = {
 CELLS = [(env, model, method) for env in dam.ENV_IDS for model in dam.MODELS for method in dam.METHODS]
 
 
-def run_cell(env_id, model, method, seeds, rounds):
+def run_cell(env_id, model, method, seeds, rounds, particles):
     args = dam.resolve(dam.Args(env_id=env_id, model=model, method=method, num_seeds=seeds, rounds=rounds,
-                                progress=False))
+                                num_particles=particles, progress=False))
     train = jax.jit(jax.vmap(dam.make_train(args).train))
     start = time.perf_counter()
     _, metrics = jax.block_until_ready(train(dam.seed_keys(args)))
@@ -66,18 +66,22 @@ def main():
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--cells", nargs="*", default=None, help="env/model/method, e.g. IcyRoad/mdn/dam")
+    parser.add_argument("--particles", type=int, default=None,
+                        help="model rollouts per sequence (default: dam.py's preset); results go to dam_table_p<N>.*")
     cli = parser.parse_args()
+    suffix = "" if cli.particles is None else f"_p{cli.particles}"
+    csv, markdown = RESULTS / f"dam_table{suffix}.csv", RESULTS / f"dam_table{suffix}.md"
     utils.enable_compilation_cache()
     cells = CELLS if cli.cells is None else [tuple(c.split("/")) for c in cli.cells]
     RESULTS.mkdir(exist_ok=True)
-    done = pd.read_csv(CSV) if CSV.exists() else pd.DataFrame(columns=["env", "model", "method"])
+    done = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["env", "model", "method"])
     for env_id, model, method in cells:
         if ((done.env == env_id) & (done.model == model) & (done.method == method)).any():
             continue
-        cell = run_cell(env_id, model, method, cli.seeds, cli.rounds)
+        cell = run_cell(env_id, model, method, cli.seeds, cli.rounds, cli.particles)
         done = pd.concat([done, cell], ignore_index=True) if len(done) else cell
-        done.to_csv(CSV, index=False)
-        MARKDOWN.write_text(table(done) + "\n")
+        done.to_csv(csv, index=False)
+        markdown.write_text(table(done) + "\n")
         print(f"{env_id}/{model}/{method}: {cell.final_return.mean():.2f} "
               f"({cell.seconds_cell.iloc[0]:.0f} s)", flush=True)
     print(table(done))

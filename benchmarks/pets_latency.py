@@ -1,0 +1,178 @@
+"""PETS planning latency: seconds per MPC step (one full planning call) at halfcheetah settings,
+for 1 seed and for N vmapped seeds, with the FLOP/s it achieves next to this machine's dense matmul.
+
+    python benchmarks/pets_latency.py [--seeds 1 4]
+    python benchmarks/pets_latency.py --seeds 1 2 --population 16 --horizon 5 --particles 5 \\
+        --iterations 1 --out /tmp/pets_latency_smoke.md                        # smoke run
+
+Settings (defaults): CEM with population 400 and 40 elites (10%), horizon 30, P = 20 particles,
+5 iterations, TS-inf, B = 5 members of 4 x 200 swish (`algorithms/pets.py`'s planner and model,
+`Trainer.plan` + `Trainer.model_value`, the function `episode` calls at every env step).
+
+What is measured, all in one process (so the ratios share the machine's state):
+* dense fp32 matmul FLOP/s of this machine, 2048 x 2048 @ 2048 x 2048 chained 20 times;
+* per `--seeds` count: the compile time of the vmapped planning call (`jit(...).lower().compile()`;
+  the persistent compilation cache is not enabled here, so this is a real compile), and its wall
+  time (best of 3 after a warm-up call) -> seconds per MPC step, per seed, and FLOP/s.
+* The model is freshly initialized (`Trainer.init`: random weights, identity input normalizer),
+  not fitted: the planning cost does not depend on the weights. The start observation is a real
+  `env.reset` of halfcheetah. The report says whether every candidate's value came out finite.
+* CEM's early stop (largest variance < epsilon, PETS' 1e-3) is disabled for the timing
+  (`--epsilon 0`, the default here), so every call runs all `--iterations` iterations; the
+  report prints the iterations actually run (`plan/iterations`, per seed).
+
+FLOP count: XLA's cost analysis counts the body of a loop once, whatever its trip count, and the
+planning call has two nested loops (the CEM `while_loop` over iterations and the trajectory
+`scan` over the horizon), so the cost analysis of the plain call undercounts by roughly
+iterations x horizon (it is printed too, for comparison). We count instead one CEM iteration: the
+same planning call built with `cem_iterations = 1` (its while loop runs once, so counting the body
+once is exact) and traced with every `jax.lax.scan` fully unrolled (`unroll=True`, so the horizon's
+H model steps appear as H copies), then multiply by the iterations actually run. This slightly
+overcounts the O(H x A) element-wise work done once per call outside the CEM loop (initial
+variance, warm-start shift), which is negligible next to the model's matmuls.
+
+Reference printed next to it (not re-measured here): mbrl-lib 0.2.0's PETS takes 4.2 s per MPC
+step at these settings on this machine (figure from the issue).
+
+Writes the markdown report to `--out` (default benchmarks/results/pets_latency.md; `--out none`
+only prints).
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import envs
+from algorithms import pets
+
+MBRL_LIB_SECONDS = 4.2  # mbrl-lib 0.2.0 PETS, seconds per MPC step at these settings, this machine (from the issue)
+DEFAULT_OUT = Path(__file__).parent / "results" / "pets_latency.md"
+
+
+def flops(fn, *args):
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+def best_time(fn, *args, repeats=3):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_flops_per_s(n, k, repeats=20):
+    """(n, k) @ (k, k) chained `repeats` times (each product feeds the next, so XLA cannot hoist it)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, k))
+    b = jax.random.normal(jax.random.PRNGKey(1), (k, k)) / np.sqrt(k)
+    f = jax.jit(lambda a, b: jax.lax.fori_loop(0, repeats, lambda i, x: x @ b, a))
+    return repeats * 2 * n * k * k / best_time(f, a, b)
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+    """While tracing inside this block, every `jax.lax.scan` is fully unrolled (same computation,
+    no loop), so that XLA's cost analysis counts each of its steps."""
+    original = jax.lax.scan
+    jax.lax.scan = functools.partial(original, unroll=True)
+    try:
+        yield
+    finally:
+        jax.lax.scan = original
+
+
+def planning_call(trainer):
+    """One MPC step of every seed: (model, obs, warm start, key) -> (action, next warm start, stats)."""
+
+    def plan(model, obs, plan_mean, key):
+        return trainer.plan(functools.partial(trainer.model_value, model, obs), plan_mean, key)
+
+    return jax.vmap(plan)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 4], help="vmapped seed counts to time")
+    parser.add_argument("--population", type=int, default=400)
+    parser.add_argument("--elites", type=int, default=None, help="default: 10%% of the population")
+    parser.add_argument("--horizon", type=int, default=30)
+    parser.add_argument("--particles", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--epsilon", type=float, default=0.0, help="CEM early-stop threshold (0: disabled)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (best is reported)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="markdown report path, or 'none'")
+    cli = parser.parse_args()
+    elites = cli.elites or max(1, cli.population // 10)
+    args = pets.resolve(pets.Args(
+        env_id="halfcheetah", num_trials=2, population=cli.population, num_elites=elites, horizon=cli.horizon,
+        num_particles=cli.particles, cem_iterations=cli.iterations, cem_epsilon=cli.epsilon,
+        propagation="ts-inf", optimizer="cem", progress=False))
+    trainer = pets.make_train(args)
+    count_trainer = pets.make_train(dataclasses.replace(args, cem_iterations=1))  # one CEM iteration
+    env, env_params = envs.make(args.env_id, backend=args.backend)
+
+    lines = [f"PETS planning latency (one MPC step = one full planning call), halfcheetah: CEM population "
+             f"{args.population} / {args.num_elites} elites, horizon {args.horizon}, {args.num_particles} particles, "
+             f"{args.cem_iterations} iterations (early stop {'disabled' if args.cem_epsilon == 0 else f'at var < {args.cem_epsilon}'}), "
+             f"{args.propagation}, B={args.ensemble_size} x {args.model_depth}x{args.model_width} swish "
+             f"(freshly initialized); obs {env.obs_size}, actions {env.action_size}; backend {args.backend}; "
+             f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)", ""]
+
+    def report(line):
+        lines.append(line)
+        print(line, flush=True)
+
+    big = matmul_flops_per_s(2048, 2048)
+    report(f"- dense matmul: {big / 1e9:.0f} GFLOP/s at 2048^3 (same process)")
+
+    for num_seeds in cli.seeds:
+        keys = jnp.stack([jax.random.PRNGKey(i) for i in range(num_seeds)])
+        state = jax.jit(jax.vmap(trainer.init))(keys)
+        obs, _ = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(keys, env_params)
+        space = env.action_space(env_params)
+        middle = (jnp.asarray(space.low, jnp.float32) + jnp.asarray(space.high, jnp.float32)) / 2
+        # The warm start of an episode's first step, as `episode` starts: the bounds' middle.
+        plan_mean = jnp.broadcast_to(middle, (num_seeds, args.horizon, env.action_size))
+        plan_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)
+        inputs = (state.model, obs, plan_mean, plan_keys)
+
+        call = planning_call(trainer)
+        start = time.perf_counter()
+        compiled = jax.jit(call).lower(*inputs).compile()
+        compile_s = time.perf_counter() - start
+        seconds = best_time(compiled, *inputs, repeats=cli.repeats)
+        _, _, stats = compiled(*inputs)
+        iterations = np.asarray(stats["plan/iterations"])
+        finite = bool(np.all(np.isfinite(np.asarray(stats["plan/mean_value"]))))
+
+        with unrolled_scans():
+            iteration_flops = flops(planning_call(count_trainer), *inputs)
+        call_flops = iteration_flops * int(iterations.max())  # a vmapped while loop runs until every seed stops
+        rolled_flops = flops(call, *inputs)
+        achieved = call_flops / seconds
+        report(f"- {num_seeds} seed(s): compile {compile_s:.1f} s; {seconds:.3f} s per MPC step "
+               f"({seconds / num_seeds:.3f} s per seed; mbrl-lib 0.2.0: {MBRL_LIB_SECONDS} s per step, 1 seed, from "
+               f"the issue, not re-measured -> {MBRL_LIB_SECONDS * num_seeds / seconds:.1f}x per seed); "
+               f"CEM iterations run {iterations.tolist()}; all values finite: {finite}; "
+               f"{call_flops / 1e9:.2f} GFLOP per call ({iteration_flops / 1e9:.3f} per CEM iteration, horizon "
+               f"unrolled; the plain call's cost analysis, loops counted once: {rolled_flops / 1e9:.3f}) -> "
+               f"{achieved / 1e9:.0f} GFLOP/s ({achieved / big:.0%} of 2048^3 matmul)")
+    if cli.out.lower() != "none":
+        out = Path(cli.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+        print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
