@@ -73,13 +73,13 @@ class RunDir:
                 values = [f"{float(np.asarray(metrics[n])[i]):.7g}" for n in names]
                 f.write(",".join([str(first_seed + i), *values]) + "\n")
 
-    def truncate_metrics(self, last_step: int):
-        """On resume: drop rows written after the checkpoint (`env_steps` > last_step)."""
+    def truncate_metrics(self, last_step: int, column: str = "env_steps"):
+        """On resume: drop rows written after the checkpoint (`column` > last_step)."""
         file = self.path / "metrics.csv"
         if not file.exists():
             return
         lines = file.read_text().splitlines()
-        column = lines[0].split(",").index("env_steps")
+        column = lines[0].split(",").index(column)
         kept = [lines[0]] + [line for line in lines[1:] if float(line.split(",")[column]) <= last_step]
         file.write_text("\n".join(kept) + "\n")
 

@@ -1,0 +1,763 @@
+"""TDML: Total Discounted Model Loss (Knight, Achiam 2019, "Training dynamics models for accurate
+long-horizon prediction"), in one file: deterministic dynamics models f_theta(s, a) -> s' trained
+on a fixed replay buffer of a deterministic policy, either with the one-step l2 loss (Eq. 1) or
+with the approximate TDML of Algorithm 1 (a TD-learned critic D_psi(s, s_hat), Eq. 5-9), and
+measured by the true TDML (Eq. 3) against the real Brax physics. Training (critic and model
+updates) and evaluation are compiled by XLA in chunks and vmapped over seeds.
+
+    # 1. the data policy: a SAC run of this library (its saved actor, deterministic mean action)
+    python algorithms/sac.py --env-id walker2d --run-name walker2d-sac
+    # 2. models on trajectories of that policy
+    python algorithms/tdml.py --policy-run runs/walker2d-sac --arch metrpo --loss tdml --gamma 0.9
+    python algorithms/tdml.py --policy-run runs/walker2d-sac --arch slbo --loss one-step --num-seeds 4
+    python algorithms/tdml.py --resume runs/<run-name>         # continue a killed run
+    python algorithms/tdml.py --evaluate runs/<run-name>       # true TDML of the saved models
+    python algorithms/tdml.py --env-id hopper --random-policy --num-trajectories 20 --trajectory-length 100 \
+        --total-steps 2000 --eval-every 500 --eval-horizon 100     # smoke run, untrained policy
+
+What the paper (Sec. 3-6, Algorithm 1, App. C) fixes, and we follow:
+* Data: a fixed buffer of trajectories of a trained deterministic policy (paper: TD3 on
+  Walker2d-v2, 1000 trajectories, 10^6 transitions; here our SAC's mean action on Brax walker2d,
+  or hopper; sizes by flag). Trajectories differ only by their random start states.
+* Models f_theta(s, a) -> s', deterministic, Table 1: metrpo = [1024, 1024] ReLU, batch 1000;
+  mpo = [512, 512, 512] ReLU with weight normalization, batch 500; slbo = [500, 500] ReLU,
+  batch 256, L2 1e-5. Adam 1e-3. No observation normalization, no delta prediction. Every
+  prediction is clipped to [-1e6, 1e6] (Sec. 6; `--clip inf` gives App. B's unclipped models).
+* l(x, y) = ||x - y||_2^2. One-step loss (Eq. 1): E_beta l(f_theta(s_t, a_t), s_{t+1}).
+* Approximate TDML (Algorithm 1): the critic D_psi ([1024, 1024] SELU, Adam 2e-4, batch 2048) is
+  trained by TD on pairs (s_{i+k}, f_bar^k(s_i)), k ~ U{1..kappa}, kappa = 5, i ~ U[0, H - k),
+  with target y = l(s_{i+k}, f_bar^k(s_i)) + gamma D_psi'(s_{i+k+1}, f_bar^{k+1}(s_i)) (Eq. 8);
+  every d = 10 critic steps the model takes a step on Eq. 9,
+  l(s_{t+1}, f_bar_theta(s_t)) + gamma D_psi(s_{t+2}, f_bar_theta^2(s_t)), then the targets move:
+  theta' <- tau_f theta + (1 - tau_f) theta' (tau_f = 0.005), psi' <- tau_M psi + ... (tau_M = 1).
+  f_bar(s) = f(s, pi(s)): model rollouts are closed loop, the policy acting on predicted states.
+* Metric: the true TDML (Eq. 3), sum_n gamma^n l(f_bar^n(s), f_bar_theta^n(s)), averaged over 16
+  buffer states, the real env and the model rolled in parallel under the policy for 1000 steps.
+  For reference also the open- and closed-loop n-step losses of Sec. 3.1 (Eq. 2) and Eq. 1.
+
+Choices where the paper is silent (and why):
+* The real transition function f is the physics alone: no termination, no time limit, no reset
+  (`BraxTask.step_env`). Eq. 3 sums over every future step, and the paper rolls the real env
+  1000 steps from any buffer state, past the episode's time limit. Data trajectories are the same
+  process (H physics steps from a fresh reset, never cut at a fall), so every stored transition
+  is a transition of f; `data/terminated_frac` reports how many fell by the task's own rule.
+* The state s is `envs`' observation including its appended reward feature (the torso's
+  x-velocity over the last step), because the SAC policy reads it and closed-loop rollouts feed
+  the policy predicted states. Env states are stored as `env.snapshot` vectors (time-major
+  arrays, (H + 1, N, ...)), so the real env restarts exactly from any buffer state. With the
+  `positional` backend a snapshot is the whole physics state (walker2d 415 floats, hopper 241):
+  the paper-sized walker2d buffer takes 1.7 GB of device memory; `generalized` stores only (q, qd).
+* The data set is shared by all vmapped seeds (one fixed buffer, as the paper); seeds differ in
+  network init and minibatches. The one-step baseline uses the stored action a_t (Eq. 1).
+* The critic's pairs (s_{i+k}, f_bar^k(s_i)) are made by the target model theta' (the model of
+  Eq. 8's target y), so the critic evaluates one fixed model, as Sec. 5 requires, and one
+  rollout of kappa + 1 steps gives input and target. Algorithm 1's gradient line writes the
+  online f_theta for the input: `--critic-rollout-model online`. k is drawn per sample; the
+  rollout is the static kappa + 1 steps and step k, k + 1 are picked out.
+* Critic input: (s, s_hat - s), the same information as (s, s_hat) but centred on the error that
+  D grows with; linear output, LeCun-normal init for the SELU layers (Klambauer et al.).
+* Algorithm 1 draws one batch of n for both updates; the model's Eq. 9 step draws its own batch
+  of Table 1's size (the architecture's batch size, as the one-step baseline), the critic 2048.
+  Eq. 9 uses pi(s_t) (= the stored action up to rounding) and the online critic psi; the
+  gradient flows through both model steps and through the policy's input, not its weights.
+* "if t mod d": the model (and then the targets) update at t = d, 2d, ... (t counted from 1).
+* The unit of progress is the iteration t of Algorithm 1 (`steps`): a critic step for tdml, a
+  model step for one-step (the paper's "SGD steps" does not say which); `charts/model_updates`
+  counts model steps. One-step runs train no critic. T is not given: `--total-steps` defaults
+  to 200_000 iterations, evaluated every 1000.
+* L2 (slbo): lambda * sum ||W||^2 over weight matrices (not biases); weight normalization (mpo):
+  W = g v / ||v|| per output unit on every layer, g initialized to ||v|| (function-preserving,
+  no data-dependent init). Layers otherwise init uniform(+-1/sqrt(fan_in)) (torch's default).
+* Evaluation start states (16 per evaluation, any buffer state) are fresh at every evaluation but
+  drawn from `--data-seed` and the evaluation's index alone: every seed, loss and architecture is
+  measured on the same states, and the real rollouts are computed once for all vmapped seeds.
+  The sum of Eq. 3 runs over n = 0..eval_horizon (0.95^1000 ~ 5e-23: negligible). n-step losses:
+  n = 5 on 256 buffer segments per evaluation.
+* Resume: the policy is copied into the run directory (policy.eqx) and the data set is rebuilt
+  from it and `--data-seed` (deterministic), so a resumed run is identical even if the SAC run
+  changed or moved. metrics.csv counts iterations in `steps` (checkpoint.json's `env_steps`
+  field holds the same count: `utils.RunDir` names it so).
+"""
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from tqdm import tqdm
+
+import envs
+from algorithms import sac, utils
+
+ARCHS = {  # App. C, Table 1
+    "metrpo": dict(model_layers=(1024, 1024), model_batch_size=1000, model_l2=0.0, weight_norm=False),
+    "mpo": dict(model_layers=(512, 512, 512), model_batch_size=500, model_l2=0.0, weight_norm=True),
+    "slbo": dict(model_layers=(500, 500), model_batch_size=256, model_l2=1e-5, weight_norm=False),
+}
+LOSSES = ("one-step", "tdml")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments. `None` means "the preset of --arch" (ARCHS above) or "read from --policy-run".
+@dataclasses.dataclass
+class Args:
+    # experiment
+    env_id: str = "walker2d"
+    """Brax task: walker2d (the paper's), hopper; any Brax task in envs.NAMES works"""
+    seed: int = 0
+    """seed of the first run (model and critic init, minibatches); vmapped seed i uses seed + i"""
+    num_seeds: int = 1
+    """independent seeds trained at once in one vmapped program (same data set)"""
+    total_steps: int = 200_000
+    """T, iterations of Algorithm 1 (tdml: critic steps, a model step every d; one-step: model steps)"""
+    eval_every: int = 1_000
+    """iterations per compiled chunk: true TDML is evaluated, metrics logged and a checkpoint saved after each"""
+    backend: str = envs.DEFAULT_BACKEND
+    """Brax physics backend (recorded with the run; dynamics differ across backends)"""
+    run_dir: str = "runs"
+    """where runs/<run-name>/ is created"""
+    run_name: str | None = None
+    """name of the run directory (default: <env>__tdml-<loss>-<arch>__<seed>__<time>)"""
+    resume: str | None = None
+    """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
+    evaluate: str | None = None
+    """only compute the true TDML of the models saved in this run directory and print it"""
+    progress: bool = True
+    """show a progress bar"""
+
+    # data set: the fixed replay buffer of a deterministic policy
+    policy_run: str | None = None
+    """SAC run directory (algorithms/sac.py) whose saved actor, as its deterministic mean action, is the policy pi"""
+    policy_index: int = 0
+    """which seed of a multi-seed SAC run gives the policy"""
+    random_policy: bool = False
+    """use an untrained, randomly initialized SAC actor as pi: for tests and smoke runs only, NOT the paper's setting"""
+    policy_width: int | None = None
+    """hidden units of pi's network (read from --policy-run; 256 with --random-policy)"""
+    policy_depth: int | None = None
+    """hidden layers of pi's network (read from --policy-run; 2 with --random-policy)"""
+    data_seed: int = 0
+    """seed of the data set's start states, of the evaluation start states and of a --random-policy actor"""
+    num_trajectories: int = 1_000
+    """N, trajectories in the buffer (paper: 1000)"""
+    trajectory_length: int = 1_000
+    """H, physics steps per trajectory (paper: 1000, i.e. 10^6 transitions)"""
+
+    # model f_theta (App. C, Table 1)
+    arch: str = "metrpo"
+    """metrpo ([1024, 1024] ReLU, batch 1000), mpo ([512, 512, 512] ReLU, weight norm, batch 500), slbo ([500, 500] ReLU, batch 256, L2 1e-5)"""
+    model_layers: tuple[int, ...] | None = None
+    """hidden layer widths (preset by --arch)"""
+    model_batch_size: int | None = None
+    """transitions per model step (preset by --arch)"""
+    model_l2: float | None = None
+    """L2 coefficient lambda on the weight matrices (preset by --arch)"""
+    weight_norm: bool | None = None
+    """weight normalization on every layer (preset by --arch)"""
+    model_lr: float = 1e-3
+    """Adam learning rate of the model (0 freezes it: critic probes)"""
+    clip: float = 1e6
+    """model predictions are clipped to [-clip, clip] (Sec. 6); inf disables it (App. B)"""
+
+    # objective
+    loss: str = "tdml"
+    """one-step (Eq. 1) or tdml (approximate TDML, Algorithm 1)"""
+    gamma: float = 0.9
+    """TDML discount (paper: 0.9 and 0.95): of the critic and of the true-TDML metric"""
+
+    # TDML network D_psi (App. C, Table 2; only with --loss tdml)
+    critic_layers: tuple[int, ...] = (1024, 1024)
+    """hidden layer widths (SELU)"""
+    critic_lr: float = 2e-4
+    """Adam learning rate of the critic"""
+    critic_batch_size: int = 2048
+    """n, (s, s_hat) pairs per critic step"""
+    update_delay: int = 10
+    """d, critic steps per model step"""
+    kappa: int = 5
+    """max rollout length: k ~ U{1..kappa}"""
+    tau_model: float = 0.005
+    """tau_f, Polyak rate of the target model (applied at every model step)"""
+    tau_critic: float = 1.0
+    """tau_M, Polyak rate of the target critic (applied at every model step; 1 = copy)"""
+    critic_rollout_model: str = "target"
+    """model that makes the critic's input f_bar^k(s_i): target (theta', as Eq. 8's y) or online (theta, Algorithm 1's gradient line)"""
+
+    # evaluation
+    eval_starts: int = 16
+    """buffer states the true TDML is averaged over"""
+    eval_horizon: int = 1_000
+    """steps the real env and the model are rolled in parallel for the true TDML"""
+    n_step: int = 5
+    """n of the open- and closed-loop n-step losses (Sec. 3.1, Eq. 2), reported for reference"""
+    n_step_batch: int = 256
+    """buffer segments the n-step losses are averaged over"""
+
+
+def resolve(args: Args) -> Args:
+    """Fill `None` fields from --arch and --policy-run and check every argument (one-line errors)."""
+    check = utils.check
+    check(args.env_id in envs.NAMES, f"unknown env {args.env_id!r}; valid: {', '.join(envs.NAMES)}")
+    check(args.env_id in envs.BRAX_TASKS, f"TDML needs a Brax task (snapshots of the physics), not {args.env_id}")
+    check(args.backend in envs.BACKENDS, f"unknown backend {args.backend!r}; valid: {', '.join(envs.BACKENDS)}")
+    check(args.arch in ARCHS, f"unknown --arch {args.arch!r}; valid: {', '.join(ARCHS)}")
+    check(args.loss in LOSSES, f"unknown --loss {args.loss!r}; valid: {', '.join(LOSSES)}")
+    check(args.critic_rollout_model in ("target", "online"),
+          f"unknown --critic-rollout-model {args.critic_rollout_model!r}; valid: target, online")
+    check((args.policy_run is not None) != args.random_policy,
+          "give exactly one of --policy-run runs/<sac-run> (a trained SAC policy, as the paper) or --random-policy (tests only)")
+    filled = {k: (ARCHS[args.arch][k] if v is None and k in ARCHS[args.arch] else v)
+              for k, v in dataclasses.asdict(args).items()}
+    if args.random_policy:
+        sac_defaults = sac.Args()
+        for mine, theirs in [("policy_width", "sac_width"), ("policy_depth", "sac_depth")]:
+            filled[mine] = getattr(sac_defaults, theirs) if filled[mine] is None else filled[mine]
+    else:
+        path = Path(args.policy_run)
+        check((path / "args.json").exists() and (path / "checkpoint.json").exists(),
+              f"no SAC run with a checkpoint at --policy-run {args.policy_run} (train one with algorithms/sac.py)")
+        sac_args = json.loads((path / "args.json").read_text())
+        check(sac_args.get("env_id") == args.env_id,
+              f"--policy-run {args.policy_run} is a {sac_args.get('env_id')} policy, not {args.env_id}")
+        check(0 <= args.policy_index < sac_args.get("num_seeds", 1),
+              f"--policy-index {args.policy_index} out of range: the SAC run has {sac_args.get('num_seeds', 1)} seeds")
+        for mine, theirs in [("policy_width", "sac_width"), ("policy_depth", "sac_depth")]:
+            check(filled[mine] in (None, sac_args[theirs]),
+                  f"--{mine.replace('_', '-')} {filled[mine]} differs from the SAC run's {sac_args[theirs]}")
+            filled[mine] = sac_args[theirs]
+    args = Args(**filled)
+    for name in ["num_seeds", "total_steps", "eval_every", "num_trajectories", "trajectory_length", "model_batch_size",
+                 "critic_batch_size", "update_delay", "kappa", "eval_starts", "eval_horizon", "n_step", "n_step_batch",
+                 "policy_width", "policy_depth"]:
+        check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["model_layers", "critic_layers"]:
+        check(all(w > 0 for w in getattr(args, name)), f"--{name.replace('_', '-')} widths must be positive")
+    check(args.model_lr >= 0 and args.critic_lr > 0, "--model-lr must be >= 0 and --critic-lr positive")
+    check(args.model_l2 >= 0, f"--model-l2 must be >= 0, got {args.model_l2}")
+    check(args.clip > 0, f"--clip must be positive (inf disables clipping), got {args.clip}")
+    check(0.0 < args.gamma < 1.0, f"--gamma must be in (0, 1) (an infinite-horizon sum), got {args.gamma}")
+    check(0.0 < args.tau_model <= 1.0 and 0.0 < args.tau_critic <= 1.0, "--tau-model and --tau-critic must be in (0, 1]")
+    check(args.total_steps % args.eval_every == 0,
+          f"--total-steps {args.total_steps} must be a multiple of --eval-every {args.eval_every}")
+    check(args.loss == "one-step" or args.eval_every % args.update_delay == 0,
+          f"--eval-every {args.eval_every} must be a multiple of --update-delay {args.update_delay} (model steps per chunk)")
+    check(args.loss == "one-step" or args.trajectory_length >= args.kappa + 1,
+          f"--trajectory-length {args.trajectory_length} must be >= --kappa + 1 (the critic needs s_(i+k+1))")
+    check(args.trajectory_length >= args.n_step, f"--trajectory-length must be >= --n-step {args.n_step}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# The real system: f and pi as pure functions, so the TD machinery runs on any dynamics (a Brax
+# task here, a linear system in the tests).
+class System(NamedTuple):
+    obs_size: int
+    action_size: int
+    reset: callable  # key -> state, a random start state
+    step: callable  # (state, action) -> state: f, the physics alone (no termination, reset, time limit)
+    observe: callable  # state -> observation s
+    snapshot: callable  # state -> flat float32 vector (what the buffer stores)
+    restore: callable  # vector -> state
+    policy: callable  # (policy_params, observation) -> action: the deterministic pi
+
+
+def brax_system(env) -> System:
+    params = env.default_params
+    return System(
+        obs_size=env.obs_size, action_size=env.action_size,
+        reset=lambda key: env.reset_env(key, params)[1],
+        step=lambda state, action: env.step_env(jax.random.PRNGKey(0), state, action, params)[1],
+        observe=lambda state: state.obs,
+        snapshot=env.snapshot, restore=env.restore,
+        policy=sac.deterministic_action,  # tanh of the SAC actor's mean
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+class Dense(eqx.Module):
+    weight: jax.Array  # (out, in); under weight normalization the direction v
+    bias: jax.Array
+    scale: jax.Array | None  # g of weight normalization (W = g v / ||v|| per output unit), None without
+
+    def __init__(self, key, n_in, n_out, init="uniform", weight_norm=False):
+        w_key, b_key = jax.random.split(key)
+        if init == "lecun":  # N(0, 1/fan_in), zero bias: the self-normalizing init of SELU nets
+            self.weight = jax.random.normal(w_key, (n_out, n_in)) / np.sqrt(n_in)
+            self.bias = jnp.zeros(n_out)
+        else:  # uniform(+-1/sqrt(fan_in)), torch's default
+            bound = 1.0 / np.sqrt(n_in)
+            self.weight = jax.random.uniform(w_key, (n_out, n_in), minval=-bound, maxval=bound)
+            self.bias = jax.random.uniform(b_key, (n_out,), minval=-bound, maxval=bound)
+        self.scale = jnp.linalg.norm(self.weight, axis=1) if weight_norm else None
+
+    def __call__(self, x):
+        w = self.weight
+        if self.scale is not None:
+            w = self.scale[:, None] * w / jnp.linalg.norm(w, axis=1, keepdims=True)
+        return w @ x + self.bias
+
+
+class MLP(eqx.Module):
+    """MLP with a named activation (a string, so the module is a plain pytree for lax.scan)."""
+
+    layers: list
+    activation: str = eqx.field(static=True)
+
+    def __init__(self, key, in_size, out_size, hidden, activation, init="uniform", weight_norm=False):
+        sizes = [in_size, *hidden, out_size]
+        keys = jax.random.split(key, len(sizes) - 1)
+        self.layers = [Dense(k, i, o, init, weight_norm) for k, i, o in zip(keys, sizes[:-1], sizes[1:])]
+        self.activation = activation
+
+    def __call__(self, x):
+        act = {"relu": jax.nn.relu, "selu": jax.nn.selu}[self.activation]
+        for layer in self.layers[:-1]:
+            x = act(layer(x))
+        return self.layers[-1](x)
+
+
+class Model(eqx.Module):
+    """f_theta(s, a) -> s': the next state itself (no deltas, no normalization), clipped (Sec. 6)."""
+
+    net: MLP
+    clip: float = eqx.field(static=True)
+
+    def __call__(self, obs, action):
+        return jnp.clip(self.net(jnp.concatenate([obs, action])), -self.clip, self.clip)
+
+
+class Critic(eqx.Module):
+    """D_psi(s, s_hat), the TDML approximator, on (s, s_hat - s)."""
+
+    net: MLP
+
+    def __call__(self, obs, obs_hat):
+        return self.net(jnp.concatenate([obs, obs_hat - obs]))[0]
+
+
+def l2(x, y):
+    """The per-timestep loss l(x, y) = ||x - y||_2^2 (over the last axis)."""
+    return jnp.sum((x - y) ** 2, axis=-1)
+
+
+def weight_l2(model):
+    return sum(jnp.sum(layer.weight**2) for layer in model.net.layers)
+
+
+# ---------------------------------------------------------------------------------------------
+class Data(NamedTuple):
+    """The fixed replay buffer: N trajectories of H steps, time-major (as `lax.scan` stacks them)."""
+
+    obs: jax.Array  # (H + 1, N, obs_size): s_0 .. s_H
+    action: jax.Array  # (H, N, action_size): a_t = pi(s_t)
+    snapshot: jax.Array  # (H + 1, N, snapshot_size): the env state of every s_t
+
+
+class EvalBatch(NamedTuple):
+    """What an evaluation needs from the real system (model-independent: shared by all seeds)."""
+
+    start_snapshot: jax.Array  # (eval_starts, snapshot_size)
+    real_obs: jax.Array  # (eval_horizon + 1, eval_starts, obs): f_bar^n(s) for n = 0..eval_horizon
+    segment_obs: jax.Array  # (n_step + 1, n_step_batch, obs): s_t .. s_{t+n}
+    segment_action: jax.Array  # (n_step, n_step_batch, action): a_t .. a_{t+n-1}
+
+
+class RunnerState(NamedTuple):
+    model: Model
+    model_opt: optax.OptState
+    target_model: Model | None  # theta' (tdml only)
+    critic: Critic | None  # psi (tdml only)
+    critic_opt: optax.OptState | None
+    target_critic: Critic | None  # psi' (tdml only)
+    model_updates: jax.Array
+    key: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+def make_train(args: Args, system: System | None = None):
+    """Returns a `Trainer` of pure functions for `system` (default: the Brax task of `args`):
+
+    * `make_data(policy, key) -> Data`: the fixed buffer (one for all seeds).
+    * `init(key) -> RunnerState`
+    * `eval_batch(data, policy, eval_index) -> EvalBatch`: the real rollouts of an evaluation.
+    * `chunk(state, data, policy, eval_batch, start_step) -> (state, metrics)`: `eval_every`
+      iterations of Algorithm 1 (or one-step steps) and an evaluation; `start_step` is unbatched,
+      so "every d steps" is a real branch even under `vmap`.
+    * `train(key, data, policy) -> (state, metrics)`: the whole run as one pure function.
+    """
+    if system is None:
+        system = brax_system(envs.make(args.env_id, backend=args.backend)[0])
+    obs_size, action_size = system.obs_size, system.action_size
+    H, N = args.trajectory_length, args.num_trajectories
+    num_chunks = args.total_steps // args.eval_every
+    model_optimizer = optax.adam(args.model_lr)
+    critic_optimizer = optax.adam(args.critic_lr)
+    tdml = args.loss == "tdml"
+    eval_key = jax.random.fold_in(jax.random.PRNGKey(args.data_seed), 1)  # not a seed's key: shared
+
+    def act(policy, obs):
+        return jax.vmap(system.policy, (None, 0))(policy, obs)
+
+    def closed_loop(model, policy, obs, steps):
+        """s_hat_0 = obs, s_hat_{n+1} = f_theta(s_hat_n, pi(s_hat_n)): (steps + 1, B, obs)."""
+
+        def step(s, _):
+            s = jax.vmap(model)(s, act(policy, s))
+            return s, s
+
+        _, states = jax.lax.scan(step, obs, None, length=steps)
+        return jnp.concatenate([obs[None], states])
+
+    # --- DATA -----------------------------------------------------------------------------------
+    def make_data(policy, key):
+        """N trajectories of H steps of f under pi from random start states."""
+        state = jax.vmap(system.reset)(jax.random.split(jax.random.fold_in(key, 0), N))
+
+        def step(state, _):
+            obs = jax.vmap(system.observe)(state)
+            action = act(policy, obs)
+            return jax.vmap(system.step)(state, action), (obs, action, jax.vmap(system.snapshot)(state))
+
+        # H + 1 steps, the last one's step unused: the stacked outputs are the buffer, without a
+        # concatenation that would copy the (large) snapshots.
+        _, (obs, action, snapshot) = jax.lax.scan(step, state, None, length=H + 1)
+        return Data(obs, action[:H], snapshot)
+
+    # --- init -------------------------------------------------------------------------------
+    def init(key):
+        key, model_key, critic_key = jax.random.split(key, 3)
+        model = Model(MLP(model_key, obs_size + action_size, obs_size, args.model_layers, "relu",
+                          weight_norm=args.weight_norm), args.clip)
+        critic = critic_opt = None
+        if tdml:
+            critic = Critic(MLP(critic_key, 2 * obs_size, 1, args.critic_layers, "selu", init="lecun"))
+            critic_opt = critic_optimizer.init(eqx.filter(critic, eqx.is_array))
+        return RunnerState(model, model_optimizer.init(eqx.filter(model, eqx.is_array)),
+                           model if tdml else None, critic, critic_opt, critic if tdml else None, jnp.int32(0), key)
+
+    # --- UPDATE CRITIC (Eq. 5-8) ------------------------------------------------------------------
+    def sample_critic_batch(data, key):
+        """s_i, s_{i+k}, s_{i+k+1} of random trajectories, k ~ U{1..kappa}, i ~ U[0, H - k)."""
+        j_key, k_key, i_key = jax.random.split(key, 3)
+        j = jax.random.randint(j_key, (args.critic_batch_size,), 0, N)
+        k = jax.random.randint(k_key, (args.critic_batch_size,), 1, args.kappa + 1)
+        i = jax.random.randint(i_key, (args.critic_batch_size,), 0, H - k)
+        return data.obs[i, j], data.obs[i + k, j], data.obs[i + k + 1, j], k
+
+    def critic_update(critic, critic_opt, target_critic, target_model, model, policy, batch):
+        """One Adam step on (D_psi(s_{i+k}, f_bar^k(s_i)) - y)^2 with Eq. 8's target y (target
+        model theta' and target critic psi')."""
+        s_i, s_ik, s_ik1, k = batch
+        rows = jnp.arange(k.shape[0])
+        rollout = closed_loop(target_model, policy, s_i, args.kappa + 1)  # f_bar_theta'^0..kappa+1 (s_i)
+        hat_k, hat_k1 = rollout[k, rows], rollout[k + 1, rows]
+        y = l2(s_ik, hat_k) + args.gamma * jax.vmap(target_critic)(s_ik1, hat_k1)  # Eq. 8
+        if args.critic_rollout_model == "online":
+            hat_k = closed_loop(model, policy, s_i, args.kappa)[k, rows]
+
+        def loss_fn(critic):
+            value = jax.vmap(critic)(s_ik, hat_k)
+            return jnp.mean((value - jax.lax.stop_gradient(y)) ** 2), value
+
+        (loss, value), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(critic)
+        updates, critic_opt = critic_optimizer.update(grads, critic_opt)
+        return eqx.apply_updates(critic, updates), critic_opt, {
+            "losses/critic": loss, "charts/critic_value": jnp.mean(value), "charts/td_target": jnp.mean(y)}
+
+    # --- UPDATE MODEL (Eq. 1 or Eq. 9) ------------------------------------------------------------
+    def sample_model_batch(data, key, span):
+        """s_t .. s_{t+span} and a_t of random trajectories, t ~ U[0, H - span]."""
+        j_key, t_key = jax.random.split(key)
+        j = jax.random.randint(j_key, (args.model_batch_size,), 0, N)
+        t = jax.random.randint(t_key, (args.model_batch_size,), 0, H - span + 1)
+        return [data.obs[t + n, j] for n in range(span + 1)], data.action[t, j]
+
+    def one_step_loss(model, batch, critic, policy):
+        """Eq. 1: l(f_theta(s_t, a_t), s_{t+1}) with the stored action."""
+        (s0, s1), a0 = batch
+        one_step = jnp.mean(l2(jax.vmap(model)(s0, a0), s1))
+        return one_step + args.model_l2 * weight_l2(model), {"losses/model": one_step, "losses/one_step": one_step}
+
+    def tdml_loss(model, batch, critic, policy):
+        """Eq. 9: l(s_{t+1}, f_bar_theta(s_t)) + gamma D_psi(s_{t+2}, f_bar_theta^2(s_t)); the
+        gradient flows through both model steps and the policy's input."""
+        (s0, s1, s2), _ = batch
+        _, hat1, hat2 = closed_loop(model, policy, s0, 2)
+        one_step = l2(s1, hat1)
+        objective = jnp.mean(one_step + args.gamma * jax.vmap(critic)(s2, hat2))
+        return objective + args.model_l2 * weight_l2(model), {"losses/model": objective,
+                                                              "losses/one_step": jnp.mean(one_step)}
+
+    model_loss = tdml_loss if tdml else one_step_loss
+
+    def model_update(model, model_opt, critic, policy, batch):
+        (_, metrics), grads = eqx.filter_value_and_grad(model_loss, has_aux=True)(model, batch, critic, policy)
+        updates, model_opt = model_optimizer.update(grads, model_opt, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), model_opt, metrics
+
+    def polyak(target, online, tau):
+        return jax.tree.map(lambda t, o: (1 - tau) * t + tau * o, target, online)
+
+    # --- one iteration of Algorithm 1 ---------------------------------------------------------------
+    empty_model = {"losses/model": jnp.nan, "losses/one_step": jnp.nan}
+
+    def iteration(data, policy, runner, t):
+        """Iteration t (1-based, unbatched): a critic step, then every d-th time a model step and
+        the target updates (tdml); or one model step on Eq. 1 (one-step)."""
+        key, critic_key, model_key = jax.random.split(runner.key, 3)
+        runner = runner._replace(key=key)
+        if not tdml:
+            model, model_opt, metrics = model_update(runner.model, runner.model_opt, None, policy,
+                                                     sample_model_batch(data, model_key, 1))
+            runner = runner._replace(model=model, model_opt=model_opt, model_updates=runner.model_updates + 1)
+            return runner, (metrics, jnp.isfinite(metrics["losses/model"]))
+
+        critic, critic_opt, critic_metrics = critic_update(
+            runner.critic, runner.critic_opt, runner.target_critic, runner.target_model, runner.model, policy,
+            sample_critic_batch(data, critic_key))
+        runner = runner._replace(critic=critic, critic_opt=critic_opt)
+
+        def update_model_and_targets(runner):
+            model, model_opt, metrics = model_update(runner.model, runner.model_opt, runner.critic, policy,
+                                                     sample_model_batch(data, model_key, 2))
+            return runner._replace(
+                model=model, model_opt=model_opt, model_updates=runner.model_updates + 1,
+                target_model=polyak(runner.target_model, model, args.tau_model),
+                target_critic=polyak(runner.target_critic, runner.critic, args.tau_critic)), metrics
+
+        runner, metrics = jax.lax.cond(t % args.update_delay == 0, update_model_and_targets,
+                                       lambda r: (r, empty_model), runner)
+        model_finite = (t % args.update_delay != 0) | jnp.isfinite(metrics["losses/model"])
+        finite = jnp.isfinite(critic_metrics["losses/critic"]) & model_finite
+        return runner, ({**critic_metrics, **metrics}, finite)
+
+    # --- EVALUATE ---------------------------------------------------------------------------------
+    def eval_batch(data, policy, eval_index):
+        """Start states and the real rollouts of evaluation `eval_index`, from `--data-seed` alone."""
+        key = jax.random.fold_in(eval_key, eval_index)
+        j_key, i_key, seg_j_key, seg_t_key = jax.random.split(key, 4)
+        j = jax.random.randint(j_key, (args.eval_starts,), 0, N)
+        i = jax.random.randint(i_key, (args.eval_starts,), 0, H + 1)  # any stored state
+        start = data.snapshot[i, j]
+
+        def step(state, _):
+            state = jax.vmap(system.step)(state, act(policy, jax.vmap(system.observe)(state)))
+            return state, jax.vmap(system.observe)(state)
+
+        state = jax.vmap(system.restore)(start)
+        _, real = jax.lax.scan(step, state, None, length=args.eval_horizon)
+        real = jnp.concatenate([jax.vmap(system.observe)(state)[None], real])
+        j = jax.random.randint(seg_j_key, (args.n_step_batch,), 0, N)
+        t = jax.random.randint(seg_t_key, (args.n_step_batch,), 0, H - args.n_step + 1)
+        segment_obs = jnp.stack([data.obs[t + n, j] for n in range(args.n_step + 1)])
+        segment_action = jnp.stack([data.action[t + n, j] for n in range(args.n_step)])
+        return EvalBatch(start, real, segment_obs, segment_action)
+
+    def evaluate(model, policy, batch):
+        """True TDML (Eq. 3) from the batch's start states, and the n-step losses (Eq. 2)."""
+        real = batch.real_obs
+        predicted = closed_loop(model, policy, real[0], args.eval_horizon)
+        per_step = l2(real, predicted)  # (eval_horizon + 1, starts)
+        discount = args.gamma ** jnp.arange(args.eval_horizon + 1)
+        true_tdml = jnp.sum(discount[:, None] * per_step, 0)
+
+        def open_step(s, action):
+            s = jax.vmap(model)(s, action)
+            return s, s
+
+        seg = batch.segment_obs
+        _, open_pred = jax.lax.scan(open_step, seg[0], batch.segment_action)
+        open_loss = l2(open_pred, seg[1:])  # (n, batch); the i = 0 term of Eq. 2 is 0
+        closed_loss = l2(closed_loop(model, policy, seg[0], args.n_step)[1:], seg[1:])
+        return {
+            "eval/true_tdml": jnp.mean(true_tdml),
+            "eval/true_tdml_median": jnp.median(true_tdml),
+            "eval/final_step_error": jnp.mean(per_step[-1]),
+            "eval/clipped_frac": jnp.mean(jnp.any(jnp.abs(predicted) >= args.clip, -1)),
+            "eval/one_step": jnp.mean(open_loss[0]),
+            "eval/open_loop_n_step": jnp.mean(jnp.sum(open_loss, 0)),
+            "eval/closed_loop_n_step": jnp.mean(jnp.sum(closed_loss, 0)),
+        }
+
+    # --- one chunk --------------------------------------------------------------------------------
+    def chunk(runner, data, policy, batch, start_step):
+        steps = start_step + 1 + jnp.arange(args.eval_every)
+        runner, (metrics, finite) = jax.lax.scan(lambda r, t: iteration(data, policy, r, t), runner, steps)
+        return runner, {
+            "steps": start_step + args.eval_every,
+            "charts/model_updates": runner.model_updates,
+            # Means over the chunk's iterations (model losses: over its model steps only).
+            **{k: jnp.nanmean(v) for k, v in metrics.items()},
+            # The first iteration with a non-finite loss, -1 if none (the host names it).
+            "debug/first_nonfinite_step": jnp.where(jnp.all(finite), -1, steps[jnp.argmin(finite)]),
+            **evaluate(runner.model, policy, batch),
+        }
+
+    def train(key, data, policy):
+        runner = init(key)
+
+        def one_chunk(runner, c):
+            return chunk(runner, data, policy, eval_batch(data, policy, c), c * args.eval_every)
+
+        return jax.lax.scan(one_chunk, runner, jnp.arange(num_chunks))
+
+    return Trainer(make_data, init, eval_batch, chunk, evaluate, train, num_chunks, system, closed_loop,
+                   critic_update, model_update, sample_critic_batch, sample_model_batch)
+
+
+class Trainer(NamedTuple):
+    make_data: callable
+    init: callable
+    eval_batch: callable
+    chunk: callable
+    evaluate: callable  # (model, policy, eval_batch) -> metrics
+    train: callable
+    num_chunks: int
+    system: System
+    # the pieces, exposed for tests and for reuse
+    closed_loop: callable  # (model, policy, obs, steps) -> (steps + 1, B, obs)
+    critic_update: callable  # (critic, critic_opt, target_critic, target_model, model, policy, batch)
+    model_update: callable  # (model, model_opt, critic, policy, batch) -> (model, model_opt, metrics)
+    sample_critic_batch: callable
+    sample_model_batch: callable
+
+
+# ---------------------------------------------------------------------------------------------
+def seed_keys(args):
+    return jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+
+
+def policy_like(args, system):
+    """A SAC actor of pi's shape (random weights from --data-seed): --random-policy's actor and
+    the template to load a saved one into."""
+    key = jax.random.fold_in(jax.random.PRNGKey(args.data_seed), 2)
+    return sac.Actor(sac.MLP(key, system.obs_size, 2 * system.action_size, args.policy_width, args.policy_depth))
+
+
+def load_policy(args, system):
+    """pi: a random actor (--random-policy) or the actor of seed `policy_index` in the SAC run's
+    checkpoint, loaded as `algorithms/sac.py --evaluate` loads it."""
+    if args.random_policy:
+        return policy_like(args, system)
+    sac_dir = utils.RunDir(args.policy_run)
+    sac_args = sac_dir.load_args(sac.Args)
+    like = jax.eval_shape(jax.vmap(sac.make_train(sac_args).init), sac.seed_keys(sac_args))
+    state, _ = sac_dir.load_checkpoint(like)
+    return jax.tree.map(lambda x: x[args.policy_index], state.sac.actor)
+
+
+def data_stats(env, data):
+    """How good pi is on the data set: return until the first fall (as SAC's eval/return), and
+    the share of trajectories that fell by the task's rule."""
+    obs, action = data.obs, data.action
+    reward = env.reward_fn(obs[:-1], action, obs[1:])
+    fell = env.termination_fn(obs[:-1], action, obs[1:])
+    alive = (jnp.cumsum(fell, 0) - fell) == 0  # no fall before this transition
+    return {"data/return_mean": float(jnp.mean(jnp.sum(reward * alive, 0))),
+            "data/terminated_frac": float(jnp.mean(jnp.any(fell, 0))),
+            "data/transitions": int(action.shape[0] * action.shape[1])}
+
+
+def _setup(args, run_dir, fresh):
+    """Trainer, policy and data set of a run (the policy copied into / read from the run dir)."""
+    env, _ = envs.make(args.env_id, backend=args.backend)
+    trainer = make_train(args, brax_system(env))
+    policy_file = run_dir.path / "policy.eqx"
+    if fresh:
+        policy = load_policy(args, trainer.system)
+        eqx.tree_serialise_leaves(policy_file, policy)
+    else:
+        policy = eqx.tree_deserialise_leaves(policy_file, policy_like(args, trainer.system))
+    data = jax.jit(trainer.make_data)(policy, jax.random.PRNGKey(args.data_seed))
+    return env, trainer, policy, data
+
+
+def run(args: Args):
+    """Train with a thin host loop over compiled chunks: log, check, checkpoint, resume."""
+    resuming = args.resume is not None
+    if resuming:
+        run_dir = utils.RunDir(args.resume)
+        args = run_dir.load_args(Args)
+    else:
+        args = resolve(args)
+        name = args.run_name or utils.RunDir.new_name(args.env_id, f"tdml-{args.loss}-{args.arch}", args.seed)
+        run_dir = utils.RunDir(Path(args.run_dir) / name, args)
+    # The saved policy, on resume (unless the run died before saving it).
+    fresh = not (resuming and (run_dir.path / "policy.eqx").exists())
+    env, trainer, policy, data = _setup(args, run_dir, fresh)
+    stats = data_stats(env, data)
+    eval_batch = jax.jit(trainer.eval_batch)
+    chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None, None, None, None)), donate_argnums=0)
+    state = jax.jit(jax.vmap(trainer.init))(seed_keys(args))
+    loaded, done_steps = run_dir.load_checkpoint(state)
+    if loaded is not None:
+        state = loaded
+    run_dir.truncate_metrics(done_steps, column="steps")
+    bar = tqdm(total=args.total_steps, initial=done_steps, unit="step", disable=not args.progress)
+    bar.set_postfix(data_return=f"{stats['data/return_mean']:.1f}")
+    metrics = {}
+    while done_steps < args.total_steps:
+        start = time.perf_counter()
+        batch = eval_batch(data, policy, jnp.int32(done_steps // args.eval_every))
+        state, metrics = chunk(state, data, policy, batch, jnp.int32(done_steps))
+        metrics = jax.tree.map(np.asarray, metrics)
+        done_steps += args.eval_every
+        metrics["charts/steps_per_second"] = np.full(args.num_seeds, args.eval_every / (time.perf_counter() - start))
+        where = f"step {done_steps} (chunk {done_steps // args.eval_every})"
+        first_bad = metrics.pop("debug/first_nonfinite_step")
+        if (first_bad >= 0).any():
+            raise utils.NonFiniteError(f"non-finite training loss first at step {first_bad[first_bad >= 0].min()}, "
+                                       f"in {where} (seeds {np.nonzero(first_bad >= 0)[0].tolist()})")
+        utils.assert_finite(metrics, where)
+        run_dir.write_metrics(metrics, args.seed)
+        run_dir.save_checkpoint(state, done_steps)
+        bar.update(args.eval_every)
+        bar.set_postfix(true_tdml=f"{metrics['eval/true_tdml'].mean():.4g}",
+                        sps=f"{metrics['charts/steps_per_second'][0]:.0f}")
+    bar.close()
+    final = metrics.get("eval/true_tdml", np.full(args.num_seeds, np.nan))
+    summary = {"run_dir": str(run_dir.path), "env_id": args.env_id, "backend": args.backend, "arch": args.arch,
+               "loss": args.loss, "gamma": args.gamma, "steps": done_steps,
+               "policy": "random (untrained)" if args.random_policy else f"{args.policy_run} (seed index {args.policy_index})",
+               **stats, "final_true_tdml_mean": float(np.mean(final)),
+               "final_true_tdml_per_seed": [float(x) for x in final]}
+    run_dir.write_summary(summary)
+    print(json.dumps(summary))
+    return run_dir, metrics
+
+
+def evaluate_saved(path):
+    """The true TDML (and n-step losses) of the saved models on evaluation start states no
+    training evaluation used (index 10^6)."""
+    run_dir = utils.RunDir(path)
+    args = run_dir.load_args(Args)
+    utils.check((run_dir.path / "checkpoint.json").exists(), f"no checkpoint in {path}")
+    _, trainer, policy, data = _setup(args, run_dir, fresh=False)
+    like = jax.eval_shape(jax.vmap(trainer.init), seed_keys(args))
+    state, steps = run_dir.load_checkpoint(like)
+    batch = jax.jit(trainer.eval_batch)(data, policy, jnp.int32(10**6))
+    metrics = jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, None, None)))(state.model, policy, batch)
+    out = {"run_dir": path, "steps": steps, **{k: [float(x) for x in v] for k, v in metrics.items()}}
+    print(json.dumps(out))
+    return out
+
+
+def main():
+    utils.enable_compilation_cache()
+    args = tyro.cli(Args)
+    if args.evaluate:
+        evaluate_saved(args.evaluate)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
