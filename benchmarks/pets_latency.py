@@ -51,32 +51,10 @@ import numpy as np
 
 import envs
 from algorithms import pets
+from mbpo_throughput import best_time, flops, matmul_flops_per_s  # same timing helpers, one place
 
 MBRL_LIB_SECONDS = 4.2  # mbrl-lib 0.2.0 PETS, seconds per MPC step at these settings, this machine (from the issue)
 DEFAULT_OUT = Path(__file__).parent / "results" / "pets_latency.md"
-
-
-def flops(fn, *args):
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-    return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
-
-
-def best_time(fn, *args, repeats=3):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def matmul_flops_per_s(n, k, repeats=20):
-    """(n, k) @ (k, k) chained `repeats` times (each product feeds the next, so XLA cannot hoist it)."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, k))
-    b = jax.random.normal(jax.random.PRNGKey(1), (k, k)) / np.sqrt(k)
-    f = jax.jit(lambda a, b: jax.lax.fori_loop(0, repeats, lambda i, x: x @ b, a))
-    return repeats * 2 * n * k * k / best_time(f, a, b)
 
 
 @contextlib.contextmanager

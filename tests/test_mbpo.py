@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from algorithms import mbpo, utils
+from helpers import as_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -29,19 +30,6 @@ TINY = dict(
 
 def tiny_args(**overrides):
     return mbpo.resolve(mbpo.Args(**{**TINY, **overrides}))
-
-
-def as_cli(args_dict):
-    out = []
-    for key, value in args_dict.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, tuple):
-            out += [flag, *map(str, value)]
-        else:
-            out += [flag, str(value)]
-    return out
 
 
 # --- the model ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from algorithms import pets, utils
+from helpers import as_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -38,19 +39,6 @@ def tiny_args(**overrides):
 def _trainer(**overrides):
     args = tiny_args(**overrides)
     return args, pets.make_train(args)
-
-
-def as_cli(args_dict):
-    out = []
-    for key, value in args_dict.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, tuple):
-            out += [flag, *map(str, value)]
-        else:
-            out += [flag, str(value)]
-    return out
 
 
 # --- optimizers ----------------------------------------------------------------------------------

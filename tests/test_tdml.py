@@ -23,6 +23,7 @@ import tyro
 
 import envs
 from algorithms import sac, tdml, utils
+from helpers import as_cli
 
 SCRIPT = Path(tdml.__file__).resolve()
 TINY = dict(env_id="hopper", random_policy=True, num_trajectories=8, trajectory_length=40, total_steps=60,
@@ -33,19 +34,6 @@ TIMING = ["charts/steps_per_second"]
 
 def tiny_args(**overrides):
     return tdml.resolve(tdml.Args(**{**TINY, **overrides}))
-
-
-def as_cli(config):
-    out = []
-    for key, value in config.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, tuple):
-            out += [flag, *map(str, value)]
-        else:
-            out += [flag, str(value)]
-    return out
 
 
 # --- a linear system with a linear policy: TDML in closed form ---------------------------------------
