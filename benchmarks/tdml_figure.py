@@ -1,0 +1,171 @@
+"""The paper's Figure 2 (Knight & Achiam): true TDML vs SGD steps, one-step vs TDML-trained models,
+for the three architectures of App. C (columns) and the two discounts 0.9 / 0.95 (rows).
+
+    # 1. the data policy (the paper: a trained TD3 policy; here our SAC, its deterministic mean action)
+    python algorithms/sac.py --env-id hopper --total-timesteps 60000 --run-name hopper-sac-tdml
+    # 2. the grid: every (arch, gamma, loss) is one algorithms/tdml.py run with --num-seeds seeds vmapped
+    python benchmarks/tdml_figure.py --policy-run runs/hopper-sac-tdml --env-id hopper
+
+Resumable: run k of the grid lives in benchmarks/results/tdml/runs/<env>-<arch>-<loss>-g<gamma>/;
+started again, finished runs are skipped and a killed one continues from its last checkpoint
+(`tdml.py --resume`, identical results). Started with other arguments than a stored run's, it
+stops and lists the differences. After every run it rewrites tdml_<env>.csv (one row per
+evaluation and seed), tdml_<env>.png (the figure: mean over seeds, shaded min..max as the paper's)
+and tdml_<env>.md (the final evaluation of every cell).
+
+CPU scale (defaults; the paper's values in brackets, all flags): 3 seeds; 100 trajectories
+x 1000 steps of data [1000 x 1000]; critic batch 256 [2048]; --total-steps iterations [the
+paper's axis runs to ~10^5-10^6]; true TDML over 16 start states x 1000 steps as the paper.
+The architectures, learning rates, kappa, d, tau and the critic's width are the paper's.
+One iteration is one critic step (a model step every d = 10) for TDML and one model step for the
+one-step loss (see tdml.py's docstring), so at the same x a one-step model has taken 10x more
+model steps; `model_updates` is in the CSV to compare at equal model steps too.
+"""
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from algorithms import tdml, utils  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "tdml"
+COLUMNS = {"charts/model_updates": "model_updates", "eval/true_tdml": "true_tdml",
+           "eval/true_tdml_median": "true_tdml_median", "eval/final_step_error": "final_step_error",
+           "eval/clipped_frac": "clipped_frac", "eval/one_step": "one_step",
+           "eval/open_loop_n_step": "open_loop_n_step", "eval/closed_loop_n_step": "closed_loop_n_step",
+           "charts/steps_per_second": "steps_per_second"}
+
+
+def grid_args(cli):
+    """tdml.Args of every cell of the grid, in the order they run (cheapest architecture first)."""
+    for arch in cli.archs:
+        for gamma in cli.gammas:
+            for loss in cli.losses:
+                yield tdml.Args(
+                    env_id=cli.env_id, seed=cli.seed, num_seeds=cli.num_seeds, total_steps=cli.total_steps,
+                    eval_every=cli.eval_every, run_dir=str(Path(cli.out_dir) / "runs"),
+                    run_name=f"{cli.env_id}-{arch}-{loss}-g{gamma}", progress=cli.progress,
+                    policy_run=cli.policy_run, num_trajectories=cli.num_trajectories,
+                    trajectory_length=cli.trajectory_length, arch=arch, loss=loss, gamma=gamma,
+                    critic_batch_size=cli.critic_batch_size, eval_horizon=cli.eval_horizon)
+
+
+def run_cell(args):
+    """Run (or resume, or skip) one cell; returns its run directory."""
+    path = Path(args.run_dir) / args.run_name
+    wanted = json.loads(json.dumps(dataclasses.asdict(tdml.resolve(args))))
+    if (path / "args.json").exists():
+        stored = json.loads((path / "args.json").read_text())
+        diff = {k: (stored.get(k), v) for k, v in wanted.items() if k != "progress" and stored.get(k) != v}
+        utils.check(not diff, f"{path} was started with other arguments (stored -> requested): "
+                    + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
+                    + "; use another --out-dir or delete the directory")
+        done = json.loads((path / "checkpoint.json").read_text())["env_steps"] if (path / "checkpoint.json").exists() else 0
+        if done >= args.total_steps:
+            return path
+        if done > 0:
+            tdml.run(tdml.Args(resume=str(path)))
+            return path
+    tdml.run(args)
+    return path
+
+
+def collect(paths):
+    frames = []
+    for path in paths:
+        file = path / "metrics.csv"
+        if not file.exists():
+            continue
+        args = json.loads((path / "args.json").read_text())
+        df = pd.read_csv(file)[["steps", "seed", *COLUMNS]].rename(columns=COLUMNS)
+        frames.append(df.assign(arch=args["arch"], gamma=args["gamma"], loss=args["loss"]))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def write_outputs(data, cli):
+    stem = Path(cli.out_dir) / f"tdml_{cli.env_id}"
+    data = data[["arch", "gamma", "loss", "seed", "steps", *COLUMNS.values()]]
+    data.to_csv(stem.with_suffix(".csv"), index=False)
+
+    fig, axes = plt.subplots(len(cli.gammas), len(cli.archs), figsize=(4 * len(cli.archs), 3.2 * len(cli.gammas)),
+                             squeeze=False)
+    for row, gamma in enumerate(cli.gammas):
+        for col, arch in enumerate(cli.archs):
+            ax = axes[row][col]
+            for loss, color in zip(tdml.LOSSES, ["tab:blue", "tab:red"]):
+                cell = data[(data.arch == arch) & (data.gamma == gamma) & (data.loss == loss)]
+                if cell.empty:
+                    continue
+                stats = cell.groupby("steps")["true_tdml"].agg(["mean", "min", "max", "count"])
+                label = f"{'One-Step' if loss == 'one-step' else 'TDML'} model ({int(stats['count'].max())} seeds)"
+                ax.plot(stats.index, stats["mean"], color=color, label=label)
+                ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.2)
+            ax.set_yscale("log")
+            ax.set_title(f"{arch}, gamma = {gamma}", fontsize=10)
+            ax.set_xlabel("iterations (critic steps for TDML, model steps for one-step)", fontsize=7)
+            ax.set_ylabel("true TDML (Eq. 3)")
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{cli.env_id}: true TDML from 16 buffer states, 1000-step closed-loop rollouts", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+
+    last = data[data.steps == data.groupby(["arch", "gamma", "loss"])["steps"].transform("max")]
+    table = last.groupby(["arch", "gamma", "loss"]).agg(
+        steps=("steps", "first"), model_updates=("model_updates", "first"), seeds=("seed", "count"),
+        true_tdml=("true_tdml", "mean"), true_tdml_std=("true_tdml", "std"),
+        final_step_error=("final_step_error", "mean"), clipped_frac=("clipped_frac", "mean"),
+        one_step=("one_step", "mean"), closed_loop_n_step=("closed_loop_n_step", "mean"))
+    lines = ["| arch | gamma | loss | iterations | model steps | seeds | true TDML (mean ± std) | error at step 1000 "
+             "| clipped rollouts | one-step loss | closed-loop 5-step loss |", "|" + "---|" * 11]
+    for (arch, gamma, loss), r in table.iterrows():
+        lines.append(f"| {arch} | {gamma} | {loss} | {r.steps} | {r.model_updates:.0f} | {r.seeds} "
+                     f"| {r.true_tdml:.4g} ± {r.true_tdml_std:.2g} | {r.final_step_error:.4g} | {r.clipped_frac:.0%} "
+                     f"| {r.one_step:.4g} | {r.closed_loop_n_step:.4g} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy-run", required=True, help="SAC run directory of the data policy")
+    parser.add_argument("--env-id", default="hopper")
+    parser.add_argument("--archs", nargs="+", default=["slbo", "mpo", "metrpo"], choices=list(tdml.ARCHS))
+    parser.add_argument("--gammas", nargs="+", type=float, default=[0.9, 0.95])
+    parser.add_argument("--losses", nargs="+", default=list(tdml.LOSSES), choices=list(tdml.LOSSES))
+    parser.add_argument("--num-seeds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--total-steps", type=int, default=3000)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--num-trajectories", type=int, default=100)
+    parser.add_argument("--trajectory-length", type=int, default=1000)
+    parser.add_argument("--critic-batch-size", type=int, default=256)
+    parser.add_argument("--eval-horizon", type=int, default=1000)
+    parser.add_argument("--progress", action="store_true", help="progress bar per run")
+    parser.add_argument("--out-dir", default=str(RESULTS))
+    cli = parser.parse_args()
+    utils.enable_compilation_cache()
+    Path(cli.out_dir).mkdir(parents=True, exist_ok=True)
+    cells = list(grid_args(cli))
+    for args in cells:
+        tdml.resolve(args)  # every cell's arguments are checked before anything compiles
+    paths = []
+    for i, args in enumerate(cells):
+        start = time.perf_counter()
+        paths.append(run_cell(args))
+        print(f"[{i + 1}/{len(cells)}] {args.run_name}: {time.perf_counter() - start:.0f} s", flush=True)
+        data = collect(paths)
+        if data is not None:
+            write_outputs(data, cli)
+
+
+if __name__ == "__main__":
+    main()
