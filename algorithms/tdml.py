@@ -199,6 +199,8 @@ class Args:
     """n of the open- and closed-loop n-step losses (Sec. 3.1, Eq. 2), reported for reference"""
     n_step_batch: int = 256
     """buffer segments the n-step losses are averaged over"""
+    eval_gammas: tuple[float, ...] = ()
+    """more discounts to report the true TDML at (eval/true_tdml_gamma<g>): a one-step model, which does not depend on gamma, is measured at both of the paper's from one run"""
 
 
 def resolve(args: Args) -> Args:
@@ -243,6 +245,7 @@ def resolve(args: Args) -> Args:
     check(args.model_l2 >= 0, f"--model-l2 must be >= 0, got {args.model_l2}")
     check(args.clip > 0, f"--clip must be positive (inf disables clipping), got {args.clip}")
     check(0.0 < args.gamma < 1.0, f"--gamma must be in (0, 1) (an infinite-horizon sum), got {args.gamma}")
+    check(all(0.0 < g < 1.0 for g in args.eval_gammas), f"--eval-gammas must be in (0, 1), got {args.eval_gammas}")
     check(0.0 < args.tau_model <= 1.0 and 0.0 < args.tau_critic <= 1.0, "--tau-model and --tau-critic must be in (0, 1]")
     check(args.total_steps % args.eval_every == 0,
           f"--total-steps {args.total_steps} must be a multiple of --eval-every {args.eval_every}")
@@ -566,8 +569,11 @@ def make_train(args: Args, system: System | None = None):
         real = batch.real_obs
         predicted = closed_loop(model, policy, real[0], args.eval_horizon)
         per_step = l2(real, predicted)  # (eval_horizon + 1, starts)
-        discount = args.gamma ** jnp.arange(args.eval_horizon + 1)
-        true_tdml = jnp.sum(discount[:, None] * per_step, 0)
+
+        def true_tdml_at(gamma):  # Eq. 3, per start state
+            return jnp.sum(gamma ** jnp.arange(args.eval_horizon + 1)[:, None] * per_step, 0)
+
+        true_tdml = true_tdml_at(args.gamma)
 
         def open_step(s, action):
             s = jax.vmap(model)(s, action)
@@ -585,6 +591,7 @@ def make_train(args: Args, system: System | None = None):
             "eval/one_step": jnp.mean(open_loss[0]),
             "eval/open_loop_n_step": jnp.mean(jnp.sum(open_loss, 0)),
             "eval/closed_loop_n_step": jnp.mean(jnp.sum(closed_loss, 0)),
+            **{f"eval/true_tdml_gamma{g}": jnp.mean(true_tdml_at(g)) for g in args.eval_gammas},
         }
 
     # --- one chunk --------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ for the three architectures of App. C (columns) and the two discounts 0.9 / 0.95
     # 2. the grid: every (arch, gamma, loss) is one algorithms/tdml.py run with --num-seeds seeds vmapped
     python benchmarks/tdml_figure.py --policy-run runs/hopper-sac-tdml --env-id hopper
 
-Resumable: run k of the grid lives in benchmarks/results/tdml/runs/<env>-<arch>-<loss>-g<gamma>/;
+Runs: per architecture one one-step run (gamma does not enter its training; its true TDML is
+reported at every gamma via --eval-gammas) and one TDML run per gamma. Resumable: each run lives in
+benchmarks/results/tdml/runs/<env>-<arch>-one-step/ or <env>-<arch>-tdml-g<gamma>/;
 started again, finished runs are skipped and a killed one continues from its last checkpoint
 (`tdml.py --resume`, identical results). Started with other arguments than a stored run's, it
 stops and lists the differences. After every run it rewrites tdml_<env>.csv (one row per
@@ -38,24 +40,27 @@ from algorithms import tdml, utils  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "tdml"
 COLUMNS = {"charts/model_updates": "model_updates", "eval/true_tdml": "true_tdml",
-           "eval/true_tdml_median": "true_tdml_median", "eval/final_step_error": "final_step_error",
+           "eval/final_step_error": "final_step_error",
            "eval/clipped_frac": "clipped_frac", "eval/one_step": "one_step",
            "eval/open_loop_n_step": "open_loop_n_step", "eval/closed_loop_n_step": "closed_loop_n_step",
            "charts/steps_per_second": "steps_per_second"}
 
 
 def grid_args(cli):
-    """tdml.Args of every cell of the grid, in the order they run (cheapest architecture first)."""
+    """tdml.Args of every run of the grid, in the order they run (cheapest architecture first). A
+    one-step model does not depend on gamma: one run per architecture, measured at every gamma."""
     for arch in cli.archs:
-        for gamma in cli.gammas:
-            for loss in cli.losses:
-                yield tdml.Args(
-                    env_id=cli.env_id, seed=cli.seed, num_seeds=cli.num_seeds, total_steps=cli.total_steps,
-                    eval_every=cli.eval_every, run_dir=str(Path(cli.out_dir) / "runs"),
-                    run_name=f"{cli.env_id}-{arch}-{loss}-g{gamma}", progress=cli.progress,
-                    policy_run=cli.policy_run, num_trajectories=cli.num_trajectories,
-                    trajectory_length=cli.trajectory_length, arch=arch, loss=loss, gamma=gamma,
-                    critic_batch_size=cli.critic_batch_size, eval_horizon=cli.eval_horizon)
+        runs = [("tdml", gamma, ()) for gamma in cli.gammas] if "tdml" in cli.losses else []
+        if "one-step" in cli.losses:
+            runs.insert(0, ("one-step", cli.gammas[0], tuple(cli.gammas[1:])))
+        for loss, gamma, eval_gammas in runs:
+            name = f"{cli.env_id}-{arch}-one-step" if loss == "one-step" else f"{cli.env_id}-{arch}-tdml-g{gamma}"
+            yield tdml.Args(
+                env_id=cli.env_id, seed=cli.seed, num_seeds=cli.num_seeds, total_steps=cli.total_steps,
+                eval_every=cli.eval_every, run_dir=str(Path(cli.out_dir) / "runs"), run_name=name,
+                progress=cli.progress, policy_run=cli.policy_run, num_trajectories=cli.num_trajectories,
+                trajectory_length=cli.trajectory_length, arch=arch, loss=loss, gamma=gamma, eval_gammas=eval_gammas,
+                critic_batch_size=cli.critic_batch_size, eval_horizon=cli.eval_horizon)
 
 
 def run_cell(args):
@@ -85,8 +90,12 @@ def collect(paths):
         if not file.exists():
             continue
         args = json.loads((path / "args.json").read_text())
-        df = pd.read_csv(file)[["steps", "seed", *COLUMNS]].rename(columns=COLUMNS)
-        frames.append(df.assign(arch=args["arch"], gamma=args["gamma"], loss=args["loss"]))
+        df = pd.read_csv(file)
+        for gamma in [args["gamma"], *args["eval_gammas"]]:  # a one-step run gives a row per gamma
+            tdml_at = {} if gamma == args["gamma"] else {f"eval/true_tdml_gamma{gamma}": "eval/true_tdml",
+                                                          "eval/true_tdml": "unused"}
+            cell = df.rename(columns=tdml_at)[["steps", "seed", *COLUMNS]].rename(columns=COLUMNS)
+            frames.append(cell.assign(arch=args["arch"], gamma=gamma, loss=args["loss"]))
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
@@ -124,10 +133,10 @@ def write_outputs(data, cli):
         true_tdml=("true_tdml", "mean"), true_tdml_std=("true_tdml", "std"),
         final_step_error=("final_step_error", "mean"), clipped_frac=("clipped_frac", "mean"),
         one_step=("one_step", "mean"), closed_loop_n_step=("closed_loop_n_step", "mean"))
-    lines = ["| arch | gamma | loss | iterations | model steps | seeds | true TDML (mean ± std) | error at step 1000 "
+    lines = [f"| arch | gamma | loss | iterations | model steps | seeds | true TDML (mean ± std) | error at step {cli.eval_horizon} "
              "| clipped rollouts | one-step loss | closed-loop 5-step loss |", "|" + "---|" * 11]
     for (arch, gamma, loss), r in table.iterrows():
-        lines.append(f"| {arch} | {gamma} | {loss} | {r.steps} | {r.model_updates:.0f} | {r.seeds} "
+        lines.append(f"| {arch} | {gamma} | {loss} | {r.steps:.0f} | {r.model_updates:.0f} | {r.seeds:.0f} "
                      f"| {r.true_tdml:.4g} ± {r.true_tdml_std:.2g} | {r.final_step_error:.4g} | {r.clipped_frac:.0%} "
                      f"| {r.one_step:.4g} | {r.closed_loop_n_step:.4g} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

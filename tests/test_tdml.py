@@ -112,7 +112,7 @@ def test_td_critic_converges_to_the_closed_form_tdml_of_a_linear_system():
 
 
 def test_true_tdml_and_n_step_losses_match_closed_form_and_plain_loops():
-    args, trainer, data = linear_trainer()
+    args, trainer, data = linear_trainer(eval_gammas=(0.8, 0.95))
     gain = jnp.asarray(K)
     runner = with_linear_model(trainer.init(jax.random.PRNGKey(0)))
     batch = trainer.eval_batch(data, gain, 3)
@@ -131,6 +131,9 @@ def test_true_tdml_and_n_step_losses_match_closed_form_and_plain_loops():
     np.testing.assert_allclose(metrics["eval/true_tdml"], np.mean(total), rtol=1e-4)
     # 0.9^300 ~ 2e-14: the truncated sum is the infinite one.
     np.testing.assert_allclose(metrics["eval/true_tdml"], np.mean(closed_form_tdml(starts, starts, args.gamma)), rtol=1e-4)
+    for gamma in args.eval_gammas:  # the same rollouts summed with other discounts
+        np.testing.assert_allclose(metrics[f"eval/true_tdml_gamma{gamma}"],
+                                   np.mean(closed_form_tdml(starts, starts, gamma)), rtol=1e-4)
 
     # n-step losses (Eq. 2): open loop with the stored actions, closed loop with pi(s_hat).
     seg, seg_action = np.asarray(batch.segment_obs), np.asarray(batch.segment_action)
@@ -426,6 +429,7 @@ def test_bad_arguments_fail_before_compiling(tmp_path, capsys):
         (dict(loss="two-step"), "unknown --loss"),
         (dict(random_policy=False), "exactly one of --policy-run"),
         (dict(gamma=1.0), "--gamma must be in"),
+        (dict(eval_gammas=(0.9, 1.5)), "--eval-gammas must be in"),
         (dict(total_steps=50), "multiple of --eval-every"),
         (dict(eval_every=25, total_steps=75), "multiple of --update-delay"),
         (dict(trajectory_length=5), "must be >= --kappa \\+ 1"),
