@@ -60,10 +60,13 @@ Choices where the paper is silent (and why):
 * The `env_steps` column is the step budget through the trial ((trial + 1) x episode_length, the
   same for all seeds, which is what checkpoints and `--resume` count); the real per-seed count of
   env steps is `charts/env_steps_taken` (smaller when episodes terminate).
-* Input normalizer: inputs that are constant over the data (max == min, e.g. reacher's target
-  during the first trial) get std 1, as the reference's std < 1e-12 rule intends; in float32
-  their computed std is rounding noise (~1e-9), and dividing by it made the next trial's
-  predictions explode (new target, inputs ~1e7).
+* Input normalizer: inputs whose std over the data is below `min_input_std` (1e-2) get std 1,
+  where the reference's rule is std < 1e-12. Brax reacher showed why: in the first trials its
+  tip-to-target z coordinate spreads by 2e-4 and the target's x, y by ~4e-3 (rounding noise
+  and contact jitter), while a sampled prediction has noise std >= exp(-10 / 2) = 7e-3 (the
+  log-variance floor). Divided by such a spread, one step of the model's own noise put the input
+  ~400 std out of the data and every particle blew up within 5 steps (all plans NaN, planning
+  random); a new target in the next trial did the same. Unscaled, these inputs stay O(0.1).
 * `model/trial_mse`: one-step MSE of the ensemble's mean prediction on the trial's transitions,
   measured while collecting them (before the model is fit on them): the model's error on the
   states its plans visit. `model/train_*` average the last epoch's minibatches.
@@ -135,6 +138,8 @@ class Args:
     """minibatch size per member"""
     model_epochs: int = 5
     """epochs over all data after every trial (continuing from the previous weights)"""
+    min_input_std: float = 1e-2
+    """inputs whose std over the data is below this are not scaled (std 1); see the docstring's input normalizer"""
     learn_reward: bool = False
     """learn the reward as an extra model output and plan with it instead of the env's reward_fn"""
 
@@ -192,6 +197,7 @@ def resolve(args: Args) -> Args:
     check(0.0 <= args.cem_epsilon < 0.25,  # 0.25 = CEM's initial variance (ub - lb)^2 / 16 for [-1, 1] actions
           f"--cem-epsilon must be in [0, 0.25) (below CEM's initial variance), got {args.cem_epsilon}")
     check(args.model_lr > 0.0, f"--model-lr must be positive, got {args.model_lr}")
+    check(args.min_input_std >= 0.0, f"--min-input-std must be >= 0, got {args.min_input_std}")
     check(len(args.model_weight_decay) == args.model_depth + 1,
           f"--model-weight-decay needs {args.model_depth + 1} values (hidden layers + output)")
     return args
@@ -417,9 +423,9 @@ def make_train(args: Args):
         inputs, targets = model_io(buffer)
         mean = jnp.sum(inputs * valid, 0) / n
         std = jnp.sqrt(jnp.sum((inputs - mean) ** 2 * valid, 0) / n)
-        # Constant inputs get std 1: in float32 their computed std is rounding noise (~1e-9), not 0.
-        constant = jnp.max(jnp.where(valid > 0, inputs, -jnp.inf), 0) == jnp.min(jnp.where(valid > 0, inputs, jnp.inf), 0)
-        std = jnp.where(constant | (std < 1e-12), 1.0, std)
+        # Near-constant inputs are not scaled (std 1): dividing by a tiny spread turns the model's
+        # own sampling noise into inputs hundreds of std out of the data (see the docstring).
+        std = jnp.where(std < args.min_input_std, 1.0, std)
         model = eqx.tree_at(lambda m: (m.input_mean, m.input_std), model, (mean, std))
 
         boot_key, key = jax.random.split(key)
