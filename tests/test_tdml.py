@@ -178,12 +178,12 @@ def test_critic_target_and_model_losses_are_eq8_and_eq9():
         critic_input = np.stack([power(input_matrix, n) @ s for n, s in zip(k, s_i)])
         return np.mean((np.asarray(jax.vmap(runner.critic)(s_ik, critic_input)) - y) ** 2)
 
-    np.testing.assert_allclose(metrics["losses/critic"], by_hand(0.9 * m_hat), rtol=1e-4)
-    # Algorithm 1's literal variant: the critic's input from the online model, y unchanged.
-    _, online, _ = linear_trainer(critic_rollout_model="online")
-    _, _, metrics = online.critic_update(runner.critic, runner.critic_opt, target_critic, target_model,
+    np.testing.assert_allclose(metrics["losses/critic"], by_hand(m_hat), rtol=1e-4)  # input by the online model
+    # The variant: the critic's input from the target model too, y unchanged.
+    _, target, _ = linear_trainer(critic_rollout_model="target")
+    _, _, metrics = target.critic_update(runner.critic, runner.critic_opt, target_critic, target_model,
                                          runner.model, gain, batch)
-    np.testing.assert_allclose(metrics["losses/critic"], by_hand(m_hat), rtol=1e-4)
+    np.testing.assert_allclose(metrics["losses/critic"], by_hand(0.9 * m_hat), rtol=1e-4)
 
     model_batch = trainer.sample_model_batch(data, jax.random.PRNGKey(4), 2)
     _, _, metrics = trainer.model_update(runner.model, runner.model_opt, runner.critic, gain, model_batch)
