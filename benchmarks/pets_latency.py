@@ -11,6 +11,7 @@ Settings (defaults): CEM with population 400 and 40 elites (10%), horizon 30, P 
 
 What is measured, all in one process (so the ratios share the machine's state):
 * dense fp32 matmul FLOP/s of this machine, 2048 x 2048 @ 2048 x 2048 chained 20 times;
+* with `--breakdown`: the model alone at the planner's shapes (see `model_chain_seconds`);
 * per `--seeds` count: the compile time of the vmapped planning call (`jit(...).lower().compile()`;
   the persistent compilation cache is not enabled here, so this is a real compile), and its wall
   time (best of 3 after a warm-up call) -> seconds per MPC step, per seed, and FLOP/s.
@@ -31,8 +32,12 @@ H model steps appear as H copies), then multiply by the iterations actually run.
 overcounts the O(H x A) element-wise work done once per call outside the CEM loop (initial
 variance, warm-start shift), which is negligible next to the model's matmuls.
 
-Reference printed next to it (not re-measured here): mbrl-lib 0.2.0's PETS takes 4.2 s per MPC
-step at these settings on this machine (figure from the issue).
+Reference: mbrl-lib 0.2.0's PETS took 4.2 s per MPC step at these settings on the machine the
+issue was measured on (printed as "from the issue"). Machines differ between sessions (the
+2048^3 matmul rate here has been 188 and 410 GFLOP/s), so `--mbrl-lib-python PY` also times
+mbrl-lib itself in the same run: `benchmarks/mbrl_lib_pets_latency.py` under the interpreter PY
+of a virtualenv with PyTorch and mbrl-lib (its docstring says how to make one), at the same
+settings, and reports our 1-seed time against it.
 
 Writes the markdown report to `--out` (default benchmarks/results/pets_latency.md; `--out none`
 only prints).
@@ -42,6 +47,9 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -69,6 +77,46 @@ def unrolled_scans():
         jax.lax.scan = original
 
 
+def cpu_name():
+    """The CPU's model name (machines differ between sessions; the figures depend on it)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def model_chain_seconds(args, obs_size, action_size, repeats):
+    """Time the model alone at the planner's shapes: `iterations x horizon` chained steps of B
+    members on (population x particles / B) rows each, as (1) bare matmuls, (2) + swish (the
+    network), (3) + Gaussian sampling of the next state. What the planner adds beyond (3) is
+    its own work (member grouping, rewards, CEM)."""
+    b = args.ensemble_size
+    rows = args.population * args.num_particles // b
+    model = pets.Ensemble(jax.random.PRNGKey(0), b, obs_size + action_size, obs_size, args.model_width,
+                          args.model_depth)
+
+    def chain(activation, sample):
+        def step(t, carry):
+            x, key = carry
+            for i, (w, bias) in enumerate(zip(model.weights, model.biases)):
+                x = jnp.einsum("bni,bio->bno", x, w) + bias[:, None]
+                x = activation(x) if i < len(model.weights) - 1 else x
+            mean, logvar = jnp.split(x, 2, axis=-1)
+            key, noise_key = jax.random.split(key)
+            if sample:
+                mean = mean + jnp.exp(0.5 * logvar) * jax.random.normal(noise_key, mean.shape)
+            return jnp.concatenate([mean, carry[0][..., obs_size:]], -1), key
+
+        steps = args.cem_iterations * args.horizon
+        return jax.jit(lambda x, key: jax.lax.fori_loop(0, steps, step, (x, key))[0])
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (b, rows, obs_size + action_size))
+    key = jax.random.PRNGKey(2)
+    return {name: best_time(chain(activation, sample), x, key, repeats=repeats) for name, activation, sample in [
+        ("bare matmuls", lambda x: x, False), ("+ swish", jax.nn.swish, False), ("+ sampling", jax.nn.swish, True)]}
+
+
 def planning_call(trainer):
     """One MPC step of every seed: (model, obs, warm start, key) -> (action, next warm start, stats)."""
 
@@ -89,6 +137,10 @@ def main():
     parser.add_argument("--epsilon", type=float, default=0.0, help="CEM early-stop threshold (0: disabled)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (best is reported)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="markdown report path, or 'none'")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the model alone at the planner's shapes (bare matmuls, + swish, + sampling)")
+    parser.add_argument("--mbrl-lib-python", default=None,
+                        help="python of a venv with torch + mbrl 0.2.0: also time mbrl-lib's planner in this run")
     cli = parser.parse_args()
     elites = cli.elites or max(1, cli.population // 10)
     args = pets.resolve(pets.Args(
@@ -104,13 +156,24 @@ def main():
              f"{args.cem_iterations} iterations (early stop {'disabled' if args.cem_epsilon == 0 else f'at var < {args.cem_epsilon}'}), "
              f"{args.propagation}, B={args.ensemble_size} x {args.model_depth}x{args.model_width} swish "
              f"(freshly initialized); obs {env.obs_size}, actions {env.action_size}; backend {args.backend}; "
-             f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)", ""]
+             f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s), {cpu_name()}", ""]
 
     def report(line):
         lines.append(line)
         print(line, flush=True)
 
+    if cli.mbrl_lib_python and 1 not in cli.seeds:
+        sys.exit("error: --mbrl-lib-python compares against our 1-seed time: include 1 in --seeds")
+    theirs = None
+    if cli.mbrl_lib_python:  # first: run after our timings, it measured 3.9 s per step against 2.7 s alone
+        script = Path(__file__).parent / "mbrl_lib_pets_latency.py"
+        command = [cli.mbrl_lib_python, str(script), "--population", str(args.population), "--elite-ratio",
+                   str(args.num_elites / args.population), "--horizon", str(args.horizon), "--particles",
+                   str(args.num_particles), "--iterations", str(args.cem_iterations), "--repeats", str(cli.repeats)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        theirs = json.loads(output.strip().splitlines()[-1])
     big = matmul_flops_per_s(2048, 2048)
+    seconds_per_seeds = {}
     report(f"- dense matmul: {big / 1e9:.0f} GFLOP/s at 2048^3 (same process)")
 
     for num_seeds in cli.seeds:
@@ -138,6 +201,7 @@ def main():
         call_flops = iteration_flops * int(iterations.max())  # a vmapped while loop runs until every seed stops
         rolled_flops = flops(call, *inputs)
         achieved = call_flops / seconds
+        seconds_per_seeds[num_seeds] = seconds
         report(f"- {num_seeds} seed(s): compile {compile_s:.1f} s; {seconds:.3f} s per MPC step "
                f"({seconds / num_seeds:.3f} s per seed; mbrl-lib 0.2.0: {MBRL_LIB_SECONDS} s per step, 1 seed, from "
                f"the issue, not re-measured -> {MBRL_LIB_SECONDS * num_seeds / seconds:.1f}x per seed); "
@@ -145,6 +209,16 @@ def main():
                f"{call_flops / 1e9:.2f} GFLOP per call ({iteration_flops / 1e9:.3f} per CEM iteration, horizon "
                f"unrolled; the plain call's cost analysis, loops counted once: {rolled_flops / 1e9:.3f}) -> "
                f"{achieved / 1e9:.0f} GFLOP/s ({achieved / big:.0%} of 2048^3 matmul)")
+    if cli.breakdown:
+        parts = model_chain_seconds(args, env.obs_size, env.action_size, cli.repeats)
+        report(f"- the model alone, {args.cem_iterations * args.horizon} chained steps at the planner's shapes "
+               f"(1 seed): " + "; ".join(f"{name} {seconds:.3f} s" for name, seconds in parts.items()))
+    if theirs is not None:
+        report(f"- mbrl-lib {theirs['mbrl_version']} (torch {theirs['torch_version']}, {theirs['torch_threads']} threads), "
+               f"same settings, measured in this run: {theirs['seconds_per_step']:.3f} s per MPC step (all calls: "
+               f"{', '.join(f'{t:.3f}' for t in theirs['all_seconds'])}); PyTorch's 2048^3 matmul "
+               f"{theirs['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s -> ours (1 seed) is "
+               f"{theirs['seconds_per_step'] / seconds_per_seeds[1]:.2f}x faster")
     if cli.out.lower() != "none":
         out = Path(cli.out)
         out.parent.mkdir(parents=True, exist_ok=True)
