@@ -14,10 +14,16 @@ Measures, in one process (so the ratios share the machine's state):
    env steps, one fit, one rollout branch, G updates per step), for each `--seeds` count,
    vmapped: the first learning period (fit from scratch on 5000 random-policy transitions, the
    most epochs) and the next one (fit warm-started from the previous weights, as in training).
+With `--mbrl-lib-python PY` (the interpreter of a virtualenv with PyTorch and mbrl-lib 0.2.0,
+see `mbrl_lib_pets_latency.py`), `mbrl_lib_mbpo_phases.py` first times mbrl-lib's SAC update and
+ensemble SGD step at the same settings, and the report compares them with our 1-seed phases.
 Prints a markdown report and writes it to benchmarks/results/mbpo_throughput.md.
 """
 
 import argparse
+import contextlib
+import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -28,6 +34,24 @@ import optax
 
 import envs
 from algorithms import mbpo
+
+
+def cpu_name():
+    """The CPU's model name (machines differ between sessions; the figures depend on it)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def run_mbrl_lib(python, script, *flags):
+    """Run one of the mbrl-lib timing scripts (their own venv) and parse the JSON line it prints.
+    Called before this process computes anything: run after our timings, mbrl-lib's planner
+    measured 3.9 s per step against 2.7 s alone."""
+    command = [python, str(Path(__file__).parent / script), *map(str, flags)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def flops(fn, *args):
@@ -67,6 +91,7 @@ def phase_flops(trainer, args, num_seeds, big, small, report):
         lambda s, k: (update(s, batch, jax.random.split(k, num_seeds))[0], None), sac,
         jax.random.split(key, args.updates_per_step))[0])
     seconds = best_time(g_updates, runner.sac, jax.random.PRNGKey(0)) / args.updates_per_step
+    sac_seconds = seconds
     report(f"- SAC update, {num_seeds} seed(s): {update_flops / 1e6:.1f} MFLOP, {seconds * 1e3:.2f} ms -> "
            f"{update_flops / seconds / 1e9:.0f} GFLOP/s ({update_flops / seconds / small:.0%} of 256^3 matmul, "
            f"{update_flops / seconds / big:.0%} of 2048^3)")
@@ -82,6 +107,7 @@ def phase_flops(trainer, args, num_seeds, big, small, report):
     report(f"- ensemble SGD step, {num_seeds} seed(s): {step_flops / 1e6:.1f} MFLOP, {seconds * 1e3:.2f} ms -> "
            f"{step_flops / seconds / 1e9:.0f} GFLOP/s ({step_flops / seconds / small:.0%} of 256^3 matmul, "
            f"{step_flops / seconds / big:.0%} of 2048^3)")
+    return sac_seconds, seconds
 
 
 def model_shape_ceiling(args, big, report):
@@ -111,13 +137,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=250, help="env steps timed (one model period)")
+    parser.add_argument("--mbrl-lib-python", default=None,
+                        help="python of a venv with torch + mbrl 0.2.0: also time mbrl-lib's phases in this run")
+    parser.add_argument("--phases-only", action="store_true", help="skip the full-iteration timing")
     cli = parser.parse_args()
+    if cli.mbrl_lib_python and 1 not in cli.seeds:
+        parser.error("--mbrl-lib-python compares against our 1-seed phases: include 1 in --seeds")
+    theirs = run_mbrl_lib(cli.mbrl_lib_python, "mbrl_lib_mbpo_phases.py") if cli.mbrl_lib_python else None
     args = mbpo.resolve(mbpo.Args(env_id="hopper", epoch_length=cli.steps, model_train_freq=cli.steps,
                                   init_steps=5000, total_timesteps=5000 + 2 * cli.steps, progress=False))
     trainer = mbpo.make_train(args)
     lines = [f"MBPO throughput, hopper paper settings (G={args.updates_per_step}, SAC {args.sac_depth}x{args.sac_width}, "
              f"B={args.ensemble_size} x {args.model_depth}x{args.model_width}, M={args.rollouts_per_step}), "
-             f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)", ""]
+             f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s), {cpu_name()}", ""]
 
     def report(line):
         lines.append(line)
@@ -126,9 +158,16 @@ def main():
     big, small = matmul_flops_per_s(2048, 2048), matmul_flops_per_s(256, 256)
     report(f"- dense matmul: {big / 1e9:.0f} GFLOP/s at 2048^3, {small / 1e9:.0f} GFLOP/s at 256^3")
 
-    for num_seeds in cli.seeds:
-        phase_flops(trainer, args, num_seeds, big, small, report)
+    phase_seconds = {num_seeds: phase_flops(trainer, args, num_seeds, big, small, report) for num_seeds in cli.seeds}
     model_shape_ceiling(args, big, report)
+    if theirs is not None:
+        sac_s, model_s = phase_seconds[1]
+        report(f"- mbrl-lib {theirs['mbrl_version']} (torch {theirs['torch_version']}, {theirs['torch_threads']} threads), "
+               f"same settings, measured in this run: SAC update {theirs['sac_update_ms']:.2f} ms (ours, 1 seed, "
+               f"{theirs['sac_update_ms'] / (1e3 * sac_s):.2f}x faster), ensemble SGD step {theirs['ensemble_step_ms']:.2f} "
+               f"ms (ours {theirs['ensemble_step_ms'] / (1e3 * model_s):.2f}x faster)")
+    if cli.phases_only:
+        cli.seeds = []
 
     for num_seeds in cli.seeds:
         keys = jnp.stack([jax.random.PRNGKey(i) for i in range(num_seeds)])

@@ -47,9 +47,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -59,7 +56,7 @@ import numpy as np
 
 import envs
 from algorithms import pets
-from mbpo_throughput import best_time, flops, matmul_flops_per_s  # same timing helpers, one place
+from mbpo_throughput import best_time, cpu_name, flops, matmul_flops_per_s, run_mbrl_lib  # same timing helpers, one place
 
 MBRL_LIB_SECONDS = 4.2  # mbrl-lib 0.2.0 PETS, seconds per MPC step at these settings, this machine (from the issue)
 DEFAULT_OUT = Path(__file__).parent / "results" / "pets_latency.md"
@@ -75,15 +72,6 @@ def unrolled_scans():
         yield
     finally:
         jax.lax.scan = original
-
-
-def cpu_name():
-    """The CPU's model name (machines differ between sessions; the figures depend on it)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def model_chain_seconds(args, obs_size, action_size, repeats):
@@ -163,15 +151,13 @@ def main():
         print(line, flush=True)
 
     if cli.mbrl_lib_python and 1 not in cli.seeds:
-        sys.exit("error: --mbrl-lib-python compares against our 1-seed time: include 1 in --seeds")
+        parser.error("--mbrl-lib-python compares against our 1-seed time: include 1 in --seeds")
     theirs = None
-    if cli.mbrl_lib_python:  # first: run after our timings, it measured 3.9 s per step against 2.7 s alone
-        script = Path(__file__).parent / "mbrl_lib_pets_latency.py"
-        command = [cli.mbrl_lib_python, str(script), "--population", str(args.population), "--elite-ratio",
-                   str(args.num_elites / args.population), "--horizon", str(args.horizon), "--particles",
-                   str(args.num_particles), "--iterations", str(args.cem_iterations), "--repeats", str(cli.repeats)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        theirs = json.loads(output.strip().splitlines()[-1])
+    if cli.mbrl_lib_python:  # first, before this process computes anything (see run_mbrl_lib)
+        theirs = run_mbrl_lib(cli.mbrl_lib_python, "mbrl_lib_pets_latency.py", "--population", args.population,
+                              "--elite-ratio", args.num_elites / args.population, "--horizon", args.horizon,
+                              "--particles", args.num_particles, "--iterations", args.cem_iterations,
+                              "--repeats", cli.repeats)
     big = matmul_flops_per_s(2048, 2048)
     seconds_per_seeds = {}
     report(f"- dense matmul: {big / 1e9:.0f} GFLOP/s at 2048^3 (same process)")
