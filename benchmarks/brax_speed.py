@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 import envs
 

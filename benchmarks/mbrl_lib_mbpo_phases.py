@@ -25,11 +25,10 @@ import mbrl
 import mbrl.models
 import mbrl.types
 import mbrl.util
-import mbrl.util.common
 import numpy as np
-import omegaconf
 import torch
 from mbrl.third_party.pytorch_sac_pranz24.sac import SAC
+from mbrl_lib_pets_latency import gaussian_mlp_ensemble  # the same ensemble construction, one place
 
 OBS_SIZE, ACTION_SIZE, BATCH, MEMBERS = 12, 3, 256, 7  # hopper, as envs.make("hopper")
 
@@ -67,17 +66,8 @@ def main():
     updates = iter(range(10**9))
     sac_ms = best_ms(lambda: agent.update_parameters(buffer, BATCH, next(updates)), cli.calls, cli.repeats)
 
-    cfg = omegaconf.OmegaConf.create({
-        "dynamics_model": {
-            "_target_": "mbrl.models.GaussianMLP", "device": "cpu", "num_layers": 4, "ensemble_size": MEMBERS,
-            "hid_size": 200, "in_size": "???", "out_size": "???", "deterministic": False,
-            "propagation_method": "random_model", "learn_logvar_bounds": False,
-            "activation_fn_cfg": {"_target_": "torch.nn.SiLU"},
-            "_recursive_": False},  # hydra 1.3 would build the activation too early (1.0.3 did not)
-        "algorithm": {"learned_rewards": True, "target_is_delta": True, "normalize": True,
-                      "normalize_double_precision": True},
-        "overrides": {}})
-    model = mbrl.util.common.create_one_dim_tr_model(cfg, (OBS_SIZE,), (ACTION_SIZE,))
+    model = gaussian_mlp_ensemble(OBS_SIZE, ACTION_SIZE, members=MEMBERS, propagation="random_model",
+                                  learned_rewards=True)
     model.update_normalizer(buffer.get_all())
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
     member_batches = [buffer.sample(BATCH) for _ in range(MEMBERS)]

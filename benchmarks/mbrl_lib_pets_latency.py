@@ -50,6 +50,22 @@ class BoxSpacesEnv(gym.Env):
     action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_SIZE,), np.float32)
 
 
+def gaussian_mlp_ensemble(obs_size, action_size, members, propagation, learned_rewards):
+    """mbrl-lib's probabilistic ensemble (4 x 200 SiLU GaussianMLP, delta targets, normalized inputs)
+    built through its own `create_one_dim_tr_model`, as its PETS and MBPO examples build it."""
+    cfg = omegaconf.OmegaConf.create({
+        "dynamics_model": {
+            "_target_": "mbrl.models.GaussianMLP", "device": "cpu", "num_layers": 4, "ensemble_size": members,
+            "hid_size": 200, "in_size": "???", "out_size": "???", "deterministic": False,
+            "propagation_method": propagation, "learn_logvar_bounds": False,
+            "activation_fn_cfg": {"_target_": "torch.nn.SiLU"},
+            "_recursive_": False},  # hydra 1.3 would build the activation too early (1.0.3 did not)
+        "algorithm": {"learned_rewards": learned_rewards, "target_is_delta": True, "normalize": True,
+                      "normalize_double_precision": True},
+        "overrides": {}})
+    return mbrl.util.common.create_one_dim_tr_model(cfg, (obs_size,), (action_size,))
+
+
 def matmul_flops_per_s(n=2048, chain=20):
     a = torch.randn(n, n)
     x = a
@@ -73,17 +89,7 @@ def main():
     cli = parser.parse_args()
     torch.manual_seed(0)
     env = BoxSpacesEnv()
-    cfg = omegaconf.OmegaConf.create({
-        "dynamics_model": {
-            "_target_": "mbrl.models.GaussianMLP", "device": "cpu", "num_layers": 4, "ensemble_size": 5,
-            "hid_size": 200, "in_size": "???", "out_size": "???", "deterministic": False,
-            "propagation_method": "fixed_model", "learn_logvar_bounds": False,
-            "activation_fn_cfg": {"_target_": "torch.nn.SiLU"},
-            "_recursive_": False},  # hydra 1.3 would build the activation too early (1.0.3 did not)
-        "algorithm": {"learned_rewards": False, "target_is_delta": True, "normalize": True,
-                      "normalize_double_precision": True},
-        "overrides": {}})
-    model = mbrl.util.common.create_one_dim_tr_model(cfg, env.observation_space.shape, env.action_space.shape)
+    model = gaussian_mlp_ensemble(OBS_SIZE, ACTION_SIZE, members=5, propagation="fixed_model", learned_rewards=False)
     rng = np.random.default_rng(0)
     model.update_normalizer(mbrl.types.TransitionBatch(
         rng.normal(size=(1000, OBS_SIZE)).astype(np.float32), rng.uniform(-1, 1, (1000, ACTION_SIZE)).astype(np.float32),
