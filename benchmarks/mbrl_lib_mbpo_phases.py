@@ -22,7 +22,6 @@ import types
 
 import gymnasium as gym
 import mbrl
-import mbrl.models
 import mbrl.types
 import mbrl.util
 import numpy as np

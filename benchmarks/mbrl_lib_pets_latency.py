@@ -1,7 +1,7 @@
 """mbrl-lib 0.2.0's PETS planner timed at the same settings as `pets_latency.py`, on this machine.
 
 Not part of this library and not in requirements.txt: it runs in its own virtualenv with PyTorch
-and mbrl-lib, and `pets_latency.py --mbrl-lib-python <that venv's python>` runs it right after
+and mbrl-lib, and `pets_latency.py --mbrl-lib-python <that venv's python>` runs it just before
 timing our planner, so both figures come from one run. To set that virtualenv up (Python 3.11):
 
     python3 -m venv /tmp/torchenv
@@ -67,14 +67,15 @@ def gaussian_mlp_ensemble(obs_size, action_size, members, propagation, learned_r
 
 
 def matmul_flops_per_s(n=2048, chain=20):
+    """PyTorch's dense fp32 matmul rate: best of 3 chains of `chain` (n, n) products."""
     a = torch.randn(n, n)
-    x = a
+    best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
         x = a
         for _ in range(chain):
             x = (x @ a) * (1.0 / n)
-        best = time.perf_counter() - start
+        best = min(best, time.perf_counter() - start)
     return 2 * n**3 * chain / best
 
 
