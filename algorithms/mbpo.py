@@ -7,26 +7,38 @@ update iteration compiled by XLA and vmapped over seeds.
     python algorithms/mbpo.py --resume runs/<run-name>         # continue a killed run
     python algorithms/mbpo.py --evaluate runs/<run-name>       # evaluate its saved policy
 
-What the paper (Sec. 5, App. C) and its reference configuration fix, and we follow:
+What the paper (Sec. 5, App. C) and its reference code (jannerm/mbpo) fix, and we follow:
 * Model: bootstrapped ensemble of B = 7 probabilistic MLPs (4 x 200 swish) predicting a diagonal
   Gaussian over (next_obs - obs, reward) from normalized (obs, action); log-variance softly
   bounded by learned max/min bounds (+0.01 * their difference as regularizer); per-layer weight
-  decay; Adam 1e-3, batch 256; 20% holdout (at most 5000); early stopping after 5 epochs
-  without a >1% holdout improvement, keeping each member's best weights; 5 elites.
-* Every `model_train_freq` (250) env steps: fit the model, then branch M x 250 rollouts of length
-  k from real-buffer states with the current policy, a random elite per sample and step, and
-  termination from `envs`' `termination_fn` on predicted observations.
-* SAC with G updates per env step on batches of `real_ratio` real and the rest model data.
+  decay; Adam 1e-3, batch 256; 20% holdout (at most 5000); 5 elites.
+* The bootstrap as in the reference's `bnn.py`: at every fit each member draws one resample of
+  the training rows with replacement (~63% distinct rows), and every epoch is one pass over it
+  in a new order. Early stopping as its `_save_best`: stop once *more than* 5 epochs passed
+  without any member improving its holdout loss by > 1%; each member keeps its best weights.
+* Every `model_train_freq` (250) env steps: fit the model, then branch `rollout_batch_size`
+  (100k) rollouts of length k from real-buffer states with the current policy, a random elite
+  per sample and step, and termination from `envs`' `termination_fn` on predicted observations.
+* k follows `rollout_schedule` over epochs counted, as in the reference, from the end of the
+  `init_steps` random-action steps (epoch 0 = env steps 5000-6000 on hopper). Metrics and curves
+  count all env steps, random ones included.
+* The model buffer holds `retain_epochs` epochs of rollouts at the current k; when k changes it
+  is reallocated as the reference's `_reallocate_model_pool` does (old rows kept, in place), so
+  SAC never samples a row that was never written.
+* SAC with G updates per env step on batches of int(real_ratio x 256) = 12 real rows and the rest
+  model data.
 
 Choices where the paper is silent (and why):
 * Holdout loss is the MSE of the mean prediction, as in the reference code, which ranks the
   elites by it; the training loss is the Gaussian NLL.
-* Minibatches are drawn with replacement, independently for each member: each member sees its
-  own resample of the training data (the bootstrap) without storing per-member index sets.
-  One epoch = ceil(n_train / batch) minibatches. `model_max_epochs` bounds a fit (the reference
-  has no bound; we need a finite `while_loop` when the holdout loss keeps improving slowly).
-* The model buffer's capacity follows k (retain_epochs x k x rollouts per epoch, as the
-  reference resizes it) inside a preallocated buffer of the largest k: no recompile as k grows.
+* The members share one reshuffle order per epoch (each still walks its own resample in a random
+  order): one sort of the positions instead of B, which is most of an epoch's overhead on CPU.
+  `model_max_epochs` bounds a fit (the reference has no bound; a `while_loop` needs one).
+* The buffers are preallocated for the largest k (no recompile as k grows); their memory is
+  estimated and printed before anything is allocated, and a run that cannot fit stops.
+* A non-finite model prediction ends its rollout and is not stored (the reference's termination
+  functions end it too, but store the NaNs); the count is logged. The run stops only if every
+  rollout of a branch is non-finite at its first step, or a loss of SAC or the model is.
 * Bootstrapping: the critic target uses (1 - terminated), never truncated (time limits).
 * The observation includes the reward features `envs` appends to Brax observations; the model
   predicts them like any other observation entry.
@@ -61,7 +73,9 @@ class Args:
     seed: int = 0
     """seed of the first run; vmapped seed i uses seed + i"""
     num_seeds: int = 1
-    """independent seeds trained at once in one vmapped program"""
+    """independent seeds trained at once in one compiled program"""
+    seed_batch: int | None = None
+    """seeds vmapped together; more seeds run batch after batch in the same program (lax.map). Default: all seeds on an accelerator; 1 on CPU, where a vmapped fit runs every seed until the slowest seed's early stopping fires"""
     total_timesteps: int | None = None
     """env steps (preset: 125_000 hopper, 300_000 walker2d/ant/humanoid, 400_000 halfcheetah, 20_000 inverted_pendulum)"""
     backend: str = envs.DEFAULT_BACKEND
@@ -99,15 +113,15 @@ class Args:
     holdout_ratio: float = 0.2
     max_holdout: int = 5000
     model_patience: int = 5
-    """stop fitting after this many epochs without a >1% holdout improvement of any member"""
+    """stop fitting after more than this many epochs without a >1% holdout improvement of any member (the reference's `> 5`)"""
     model_max_epochs: int = 1000
     """upper bound on epochs per fit"""
     model_train_freq: int | None = None
     """env steps between model fits (and rollout branches) (preset 250; 1000 humanoid)"""
 
     # model rollouts
-    rollouts_per_step: int = 400
-    """M: model rollouts branched per env step, M x model_train_freq at every fit"""
+    rollout_batch_size: int = 100_000
+    """model rollouts branched at every fit (the reference's rollout_batch_size): M = this / model_train_freq per env step (400; humanoid 100)"""
     rollout_schedule: tuple[int, int, int, int] | None = None
     """[epoch_start, epoch_end, k_start, k_end]: k linear in epoch, clipped (preset per task)"""
     retain_epochs: int | None = None
@@ -135,6 +149,7 @@ PRESETS = {  # MBPO App. C / reference configuration; epoch = 1000 env steps unl
     "walker2d": dict(total_timesteps=300_000, updates_per_step=20, rollout_schedule=(20, 150, 1, 1), target_entropy=-3.0),
     "halfcheetah": dict(total_timesteps=400_000, updates_per_step=40, rollout_schedule=(20, 150, 1, 1), target_entropy=-3.0),
     "ant": dict(total_timesteps=300_000, updates_per_step=20, rollout_schedule=(20, 100, 1, 25), target_entropy=-4.0),
+    # Humanoid fits every 1000 steps, so its 100k rollouts per fit are M = 100 per env step.
     "humanoid": dict(total_timesteps=300_000, updates_per_step=20, rollout_schedule=(20, 300, 1, 25), target_entropy=-2.0,
                      model_width=400, model_train_freq=1000, retain_epochs=5),
 }
@@ -149,16 +164,19 @@ def resolve(args: Args) -> Args:
     check(args.env_id in envs.BRAX_TASKS, f"MBPO needs a continuous-action Brax task, not {args.env_id}")
     preset = {**DEFAULTS, **PRESETS.get(args.env_id, {})}
     filled = {k: (preset[k] if v is None and k in preset else v) for k, v in dataclasses.asdict(args).items()}
+    if filled["seed_batch"] is None:
+        filled["seed_batch"] = filled["num_seeds"] if jax.default_backend() != "cpu" else 1
     if filled["target_entropy"] is None:  # the usual SAC heuristic: -|A|
         filled["target_entropy"] = -float(envs.make(args.env_id, backend=args.backend)[0].action_size)
     args = Args(**filled)
-    for name in ["num_seeds", "total_timesteps", "epoch_length", "eval_episodes", "ensemble_size", "num_elites",
+    for name in ["num_seeds", "seed_batch", "total_timesteps", "epoch_length", "eval_episodes", "ensemble_size", "num_elites",
                  "model_width", "model_depth", "model_batch_size", "max_holdout", "model_patience",
-                 "model_max_epochs", "model_train_freq", "rollouts_per_step", "retain_epochs",
+                 "model_max_epochs", "model_train_freq", "rollout_batch_size", "retain_epochs",
                  "updates_per_step", "sac_batch_size", "sac_width", "sac_depth"]:
         check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check(args.init_steps >= args.model_train_freq, "--init-steps must be >= --model-train-freq (data for the first fit)")
     check(args.backend in envs.BACKENDS, f"unknown backend {args.backend!r}; valid: {', '.join(envs.BACKENDS)}")
+    check(args.seed_batch <= args.num_seeds, f"--seed-batch {args.seed_batch} > --num-seeds {args.num_seeds}")
     check(args.num_elites <= args.ensemble_size, f"--num-elites {args.num_elites} > --ensemble-size {args.ensemble_size}")
     check(0.0 <= args.real_ratio <= 1.0, f"--real-ratio must be in [0, 1], got {args.real_ratio}")
     check(0.0 < args.holdout_ratio < 1.0, f"--holdout-ratio must be in (0, 1), got {args.holdout_ratio}")
@@ -175,6 +193,22 @@ def resolve(args: Args) -> Args:
     check(int(args.init_steps * args.holdout_ratio) >= 1,
           "too few steps before the first model fit for a train/holdout split")
     return args
+
+
+def check_memory(args: Args):
+    """Estimate the preallocated buffers (real + model, all seeds) before anything is allocated;
+    print it, and stop with a one-line error if it exceeds the memory there is."""
+    env = envs.make(args.env_id, backend=args.backend)[0]
+    row = 4 * (2 * env.obs_size + env.action_size + 1) + 1  # obs, action, reward, next_obs (f32), terminated
+    model_rows = (args.retain_epochs * max(args.rollout_schedule[2:]) * args.rollout_batch_size
+                  * (args.epoch_length // args.model_train_freq))
+    real, model = args.num_seeds * args.total_timesteps * row, args.num_seeds * model_rows * row
+    have, where = utils.available_memory()
+    line = (f"buffers: {(real + model) / 2**30:.2f} GiB for {args.num_seeds} seed(s) = {real / 2**30:.2f} real + "
+            f"{model / 2**30:.2f} model ({model_rows:,} rows per seed at the largest k); {where}: {have / 2**30:.1f} GiB")
+    print(line, flush=True)
+    utils.check(real + model <= have, f"{line}: too little memory; lower --rollout-batch-size, --retain-epochs, "
+                                      f"the largest k of --rollout-schedule, --num-seeds or --total-timesteps")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,21 +322,44 @@ class Buffer(NamedTuple):
     terminated: jax.Array
     insert_pos: jax.Array
     size: jax.Array
+    capacity: jax.Array  # the ring's size (traced, <= the allocated rows); the model buffer's follows k
 
     @staticmethod
-    def empty(capacity, obs_size, action_size):
+    def empty(rows, obs_size, action_size):
         f = partial(jnp.zeros, dtype=jnp.float32)
-        return Buffer(f((capacity, obs_size)), f((capacity, action_size)), f(capacity), f((capacity, obs_size)),
-                      jnp.zeros(capacity, bool), jnp.int32(0), jnp.int32(0))
+        return Buffer(f((rows, obs_size)), f((rows, action_size)), f(rows), f((rows, obs_size)),
+                      jnp.zeros(rows, bool), jnp.int32(0), jnp.int32(0), jnp.int32(rows))
 
-    def add_batch(self, transition, valid, capacity):
-        """Write the rows of `transition` where `valid`, consecutively, into a ring of `capacity`
-        (traced, <= the allocated size): invalid rows are dropped, nothing is overwritten by them."""
+    def add_batch(self, transition, valid):
+        """Write the rows of `transition` where `valid`, consecutively, into the ring: invalid rows
+        are dropped, nothing is overwritten by them."""
         rank = jnp.cumsum(valid) - 1
-        index = jnp.where(valid, (self.insert_pos + rank) % capacity, self.obs.shape[0])
+        index = jnp.where(valid, (self.insert_pos + rank) % self.capacity, self.obs.shape[0])
         fields = [getattr(self, name).at[index].set(value, mode="drop") for name, value in zip(self._fields[:5], transition)]
         n = jnp.sum(valid, dtype=jnp.int32)
-        return Buffer(*fields, (self.insert_pos + n) % capacity, jnp.minimum(self.size + n, capacity))
+        return self._replace(**dict(zip(self._fields[:5], fields)), insert_pos=(self.insert_pos + n) % self.capacity,
+                             size=jnp.minimum(self.size + n, self.capacity))
+
+    def resize(self, capacity, can_shrink=True):
+        """The reference's `_reallocate_model_pool`: a new pool of `capacity` into which the old
+        pool's rows [0, size) are added in storage order. Growing, they stay where they are and the
+        next row goes to `size`, so the rows [0, size) that `sample` draws from were all written;
+        shrinking, row i lands on slot i % capacity and the last write wins (a copy). An unchanged
+        capacity leaves the pool as it is, as the reference does. `can_shrink=False` (static)
+        leaves the copy out of the program: under vmap a `cond` on per-seed data runs both branches."""
+        capacity = jnp.asarray(capacity, jnp.int32)
+
+        def shrink(buffer):
+            slot = jnp.arange(buffer.obs.shape[0])
+            source = jnp.where(slot < capacity, slot + capacity * ((buffer.size - 1 - slot) // capacity), slot)
+            return buffer._replace(**{name: getattr(buffer, name)[source] for name in buffer._fields[:5]})
+
+        def reallocate(buffer):
+            moved = jax.lax.cond(capacity < buffer.size, shrink, lambda b: b, buffer) if can_shrink else buffer
+            return moved._replace(insert_pos=buffer.size % capacity, size=jnp.minimum(buffer.size, capacity),
+                                  capacity=capacity)
+
+        return jax.lax.cond(capacity != self.capacity, reallocate, lambda b: b, self)
 
     def sample(self, key, n):
         index = jax.random.randint(key, (n,), 0, jnp.maximum(self.size, 1))
@@ -332,9 +389,12 @@ class RunnerState(NamedTuple):
     key: jax.Array
 
 
-def rollout_length(args, epoch):
-    """k for an epoch (traced): linear from k_start at epoch_start to k_end at epoch_end, clipped."""
+def rollout_length(args, env_step):
+    """k for the fit at `env_step` (traced): the reference's `_set_rollout_length`, linear from
+    k_start at epoch_start to k_end at epoch_end, clipped, truncated to an int; its epochs count
+    from the end of the `init_steps` random-action steps."""
     e0, e1, k0, k1 = args.rollout_schedule
+    epoch = (env_step - args.init_steps) // args.epoch_length
     k = k0 + (epoch - e0) / (e1 - e0) * (k1 - k0)
     return jnp.clip(k, min(k0, k1), max(k0, k1)).astype(jnp.int32)
 
@@ -354,26 +414,30 @@ def make_train(args: Args):
     model_out = obs_size + 1  # (next_obs - obs, reward)
     num_chunks = args.total_timesteps // args.epoch_length
     periods_per_chunk = args.epoch_length // args.model_train_freq
-    num_rollouts = args.rollouts_per_step * args.model_train_freq
+    num_rollouts = args.rollout_batch_size  # branched at every fit (the reference's rollout_batch_size)
     rollouts_per_epoch = num_rollouts * (args.epoch_length // args.model_train_freq)
     max_k = max(args.rollout_schedule[2:])
+    k_shrinks = args.rollout_schedule[3] < args.rollout_schedule[2]  # a decreasing schedule (no preset has one)
     model_capacity = args.retain_epochs * max_k * rollouts_per_epoch
-    n_real = int(round(args.real_ratio * args.sac_batch_size))
+    n_real = int(args.real_ratio * args.sac_batch_size)  # the reference's int(): 12 of 256
     model_optimizer = optax.adam(args.model_lr)
     sac_optimizer = optax.adam(args.sac_lr)
+    bs = args.model_batch_size
 
     # --- FIT MODEL --------------------------------------------------------------------------
-    def model_loss(model, inputs, targets):
-        """Gaussian NLL per member (mean over batch and dims) + log-var bound term + weight decay."""
+    def model_loss(model, inputs, targets, weights):
+        """Gaussian NLL per member (mean over its valid rows and the dims) + log-var bound term +
+        weight decay. `weights` (B, N) masks the rows past the data in an epoch's last minibatch."""
         mean, logvar = model(inputs)
-        nll = jnp.mean((mean - targets) ** 2 * jnp.exp(-logvar) + logvar, axis=(1, 2))
+        per_row = jnp.mean((mean - targets) ** 2 * jnp.exp(-logvar) + logvar, axis=-1)
+        nll = jnp.sum(per_row * weights, -1) / jnp.maximum(jnp.sum(weights, -1), 1.0)
         bounds = 0.01 * (jnp.sum(model.max_logvar) - jnp.sum(model.min_logvar))
         decay = sum(0.5 * wd * jnp.sum(w**2) for wd, w in zip(args.model_weight_decay, model.weights))
         return jnp.sum(nll) + bounds + decay, nll
 
-    def model_sgd_step(model, opt_state, inputs, targets):
+    def model_sgd_step(model, opt_state, inputs, targets, weights):
         """One Adam step of every member on its own minibatch (inputs[b], targets[b])."""
-        (_, nll), grads = eqx.filter_value_and_grad(model_loss, has_aux=True)(model, inputs, targets)
+        (_, nll), grads = eqx.filter_value_and_grad(model_loss, has_aux=True)(model, inputs, targets, weights)
         updates, opt_state = model_optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
         return eqx.apply_updates(model, updates), opt_state, nll
 
@@ -381,12 +445,18 @@ def make_train(args: Args):
         obs, action, reward, next_obs, _ = (x[index] for x in buffer[:5])
         return jnp.concatenate([obs, action], -1), jnp.concatenate([next_obs - obs, reward[..., None]], -1)
 
+    def early_stopping(best_loss, since, loss):
+        """The reference's `_save_best`: a member improves if its holdout loss drops by > 1% of its
+        best; `since` counts epochs in which none did, and the fit stops once since > patience."""
+        improved = (best_loss - loss) / best_loss > 0.01
+        return improved, jnp.where(improved, loss, best_loss), jnp.where(improved.any(), 0, since + 1)
+
     def fit_model(model, opt_state, buffer, key):
-        """Fit on the real buffer until no member improved its holdout MSE by >1% for
+        """Fit on the real buffer until no member improved its holdout MSE by >1% for more than
         `model_patience` epochs; each member keeps its best weights. Shapes are static: the split
         is a random ranking of the buffer slots, masked by the traced size."""
         capacity = buffer.obs.shape[0]
-        perm_key, key = jax.random.split(key)
+        perm_key, boot_key, key = jax.random.split(key, 3)
         # Random ranking of the filled slots (empty slots rank last): slots[:n_hold] is the holdout.
         slots = jnp.argsort(jnp.where(jnp.arange(capacity) < buffer.size, jax.random.uniform(perm_key, (capacity,)), 2.0))
         n_hold = jnp.minimum((buffer.size * args.holdout_ratio).astype(jnp.int32), args.max_holdout)
@@ -403,43 +473,57 @@ def make_train(args: Args):
         std = jnp.sqrt(jnp.sum((all_in - mean) ** 2 * train_mask, 0) / n_train)
         model = eqx.tree_at(lambda m: (m.input_mean, m.input_std), model, (mean, jnp.where(std < 1e-12, 1.0, std)))
 
+        # The bootstrap (reference bnn.py `train`): one resample of the n_train training rows per
+        # member and fit, drawn with replacement (~63% distinct rows each); an epoch is one pass over
+        # each member's resample in a new order, the last minibatch partial. Static shapes: columns
+        # >= n_train are padding, masked out.
+        width = -(-capacity // bs) * bs
+        resample = jax.random.randint(boot_key, (args.ensemble_size, width), 0, n_train)
+        steps_per_epoch = (n_train + bs - 1) // bs
+
         def holdout_mse(model):
             mean, _ = model(jnp.broadcast_to(hold_in, (args.ensemble_size, *hold_in.shape)))
             per_sample = jnp.mean((mean - hold_target) ** 2, -1)
             return jnp.sum(per_sample * hold_mask, -1) / n_hold
 
-        def sgd_step(_, carry):
-            (model, opt_state, key), _ = carry
-            key, batch_key = jax.random.split(key)
-            j = jax.random.randint(batch_key, (args.ensemble_size, args.model_batch_size), 0, n_train)
-            model, opt_state, nll = model_sgd_step(model, opt_state, *model_data(buffer, slots[n_hold + j]))
-            return (model, opt_state, key), nll
-
-        steps_per_epoch = (n_train + args.model_batch_size - 1) // args.model_batch_size
+        def sgd_step(j, carry):
+            model, opt_state, order, seen, _ = carry
+            position = jax.lax.dynamic_slice_in_dim(order, j * bs, bs)
+            rows = resample[:, position]  # (B, bs): member b's draws at these positions
+            valid = j * bs + jnp.arange(bs) < n_train
+            weights = jnp.broadcast_to(valid, rows.shape).astype(jnp.float32)
+            model, opt_state, nll = model_sgd_step(model, opt_state, *model_data(buffer, slots[n_hold + rows]), weights)
+            seen = seen.at[jnp.arange(args.ensemble_size)[:, None], rows].add(valid.astype(jnp.int32))
+            return model, opt_state, order, seen, nll
 
         def epoch(carry):
-            model, opt_state, best, best_loss, since, epochs, key, _ = carry
-            (model, opt_state, key), nll = jax.lax.fori_loop(
-                0, steps_per_epoch, sgd_step, ((model, opt_state, key), jnp.zeros(args.ensemble_size))
-            )
+            model, opt_state, best, best_loss, since, epochs, key, seen, history, _ = carry
+            key, order_key = jax.random.split(key)
+            # A new order of the positions [0, n_train), shared by the members: each still walks its
+            # own resample in a random order (one sort instead of B, ~6x cheaper on CPU).
+            order = jnp.argsort(jnp.where(jnp.arange(width) < n_train, jax.random.uniform(order_key, (width,)), 2.0))
+            model, opt_state, _, seen, nll = jax.lax.fori_loop(
+                0, steps_per_epoch, sgd_step, (model, opt_state, order, seen, jnp.zeros(args.ensemble_size)))
             loss = holdout_mse(model)
-            improved = (best_loss - loss) / best_loss > 0.01
+            improved, best_loss, since = early_stopping(best_loss, since, loss)
             best = model.with_members_from(best, ~improved)
-            best_loss = jnp.where(improved, loss, best_loss)
-            since = jnp.where(improved.any(), 0, since + 1)
-            return model, opt_state, best, best_loss, since, epochs + 1, key, nll
+            history = history.at[epochs].set(loss)
+            return model, opt_state, best, best_loss, since, epochs + 1, key, seen, history, nll
 
         def keep_going(carry):
             since, epochs = carry[4], carry[5]
-            return (since < args.model_patience) & (epochs < args.model_max_epochs)
+            return (since <= args.model_patience) & (epochs < args.model_max_epochs)
 
         init = (model, opt_state, model, jnp.full(args.ensemble_size, 1e10), jnp.int32(0), jnp.int32(0), key,
-                jnp.zeros(args.ensemble_size))
-        model, opt_state, best, best_loss, _, epochs, _, train_nll = jax.lax.while_loop(keep_going, epoch, init)
+                jnp.zeros((args.ensemble_size, capacity), jnp.int32),
+                jnp.full((args.model_max_epochs, args.ensemble_size), jnp.nan), jnp.zeros(args.ensemble_size))
+        _, opt_state, best, best_loss, _, epochs, _, seen, history, train_nll = jax.lax.while_loop(keep_going, epoch, init)
         elites = jnp.argsort(best_loss)[: args.num_elites]
         metrics = {"model/holdout_mse": jnp.mean(best_loss[elites]), "model/train_nll": jnp.mean(train_nll),
-                   "model/epochs": epochs}
-        return best, opt_state, elites, best_loss, metrics
+                   "model/epochs": epochs,
+                   "model/bootstrap_distinct": jnp.mean(jnp.sum(seen > 0, -1) / n_train)}
+        diagnostics = {"holdout_loss": best_loss, "holdout_history": history, "seen": seen, "n_train": n_train}
+        return best, opt_state, elites, diagnostics, metrics
 
     # --- MODEL ROLLOUT ----------------------------------------------------------------------------
     def model_step(model, elites, obs, action, key):
@@ -453,9 +537,11 @@ def make_train(args: Args):
         sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(noise_key, mean.shape)
         return obs + sample[:, :-1], sample[:, -1]
 
-    def model_rollout(runner, k, capacity, key):
+    def model_rollout(runner, k, key):
         """Branch `num_rollouts` rollouts of length k from real states into the model buffer;
-        a rollout stops after the step where `termination_fn` says done (that step is kept)."""
+        a rollout stops after the step where `termination_fn` says done (that step is kept), or at
+        a non-finite prediction (that step is dropped: the reference's termination functions call
+        it done but still store it, NaNs included)."""
         start_key, key = jax.random.split(key)
         obs = runner.real.sample(start_key, num_rollouts)[0]
 
@@ -466,13 +552,15 @@ def make_train(args: Args):
             next_obs, reward = model_step(runner.model, runner.elites, obs, action, model_key)
             finite = jnp.all(jnp.isfinite(next_obs), -1) & jnp.isfinite(reward)
             terminated = env.termination_fn(obs, action, next_obs)
-            buffer = buffer.add_batch((obs, action, reward, next_obs, terminated), alive & finite, capacity)
+            buffer = buffer.add_batch((obs, action, reward, next_obs, terminated), alive & finite)
             nonfinite += jnp.sum(alive & ~finite)
             return next_obs, alive & ~terminated & finite, buffer, nonfinite, key
 
         init = (obs, jnp.ones(num_rollouts, bool), runner.model_data, jnp.int32(0), key)
         _, alive, buffer, nonfinite, _ = jax.lax.fori_loop(0, k, step, init)
-        return buffer, {"model/rollout_alive_frac": jnp.mean(alive), "model/nonfinite_predictions": nonfinite}
+        return buffer, {"model/rollout_alive_frac": jnp.mean(alive), "model/nonfinite_predictions": nonfinite,
+                        # every rollout's first prediction was non-finite: the model is broken
+                        "model/nonfinite_branch": (nonfinite >= num_rollouts).astype(jnp.int32)}
 
     # --- UPDATE AGENT ---------------------------------------------------------------------------
     def sac_update(sac, batch, key):
@@ -559,7 +647,7 @@ def make_train(args: Args):
         next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, runner.env_state, action, env_params)
         # The model learns from the true next observation, never the post-reset one.
         transition = (runner.obs[None], action[None], reward[None], info["final_observation"][None], terminated[None])
-        real = runner.real.add_batch(transition, jnp.ones(1, bool), args.total_timesteps)
+        real = runner.real.add_batch(transition, jnp.ones(1, bool))
         done = terminated | truncated
         episode_return = runner.episode_return + reward
         runner = runner._replace(env_state=env_state, obs=next_obs, real=real,
@@ -567,8 +655,10 @@ def make_train(args: Args):
         return runner, jnp.where(done, episode_return, jnp.nan)
 
     # --- one epoch ------------------------------------------------------------------------------
-    empty_fit = {"model/holdout_mse": jnp.nan, "model/train_nll": jnp.nan, "model/epochs": jnp.int32(0)}
-    empty_rollout = {"model/rollout_alive_frac": jnp.nan, "model/nonfinite_predictions": jnp.int32(0)}
+    empty_fit = {"model/holdout_mse": jnp.nan, "model/train_nll": jnp.nan, "model/epochs": jnp.int32(0),
+                 "model/bootstrap_distinct": jnp.nan}
+    empty_rollout = {"model/rollout_alive_frac": jnp.nan, "model/nonfinite_predictions": jnp.int32(0),
+                     "model/nonfinite_branch": jnp.int32(0)}
     empty_sac = {"losses/critic": jnp.nan, "losses/actor": jnp.nan, "losses/alpha": jnp.nan,
                  "charts/alpha": jnp.nan, "charts/entropy": jnp.nan}
 
@@ -576,14 +666,16 @@ def make_train(args: Args):
         """`model_train_freq` env steps: fit + branch rollouts at the start (once learning has
         begun), then collect one step and do G SAC updates per env step (Algorithm 2, l.3-10)."""
         learning = period_start >= args.init_steps
-        k = rollout_length(args, period_start // args.epoch_length)
+        k = rollout_length(args, period_start)
         capacity = args.retain_epochs * k * rollouts_per_epoch
 
         def fit_and_branch(runner):
             key, fit_key, rollout_key = jax.random.split(runner.key, 3)
             model, model_opt, elites, _, fit_metrics = fit_model(runner.model, runner.model_opt, runner.real, fit_key)
             runner = runner._replace(model=model, model_opt=model_opt, elites=elites, key=key)
-            model_data, rollout_metrics = model_rollout(runner, k, capacity, rollout_key)
+            # Reallocate the model pool for this k before branching (reference order), then branch.
+            runner = runner._replace(model_data=runner.model_data.resize(capacity, can_shrink=k_shrinks))
+            model_data, rollout_metrics = model_rollout(runner, k, rollout_key)
             return runner._replace(model_data=model_data), {**fit_metrics, **rollout_metrics}
 
         runner, model_metrics = jax.lax.cond(learning, fit_and_branch, lambda r: (r, {**empty_fit, **empty_rollout}), runner)
@@ -632,6 +724,7 @@ def make_train(args: Args):
         # Fit/rollout metrics of the epoch's last period (NaN before learning starts).
         metrics.update({k: v[-1] for k, v in model_metrics.items()})
         metrics["model/nonfinite_predictions"] = jnp.sum(model_metrics["model/nonfinite_predictions"])
+        metrics["model/nonfinite_branch"] = jnp.max(model_metrics["model/nonfinite_branch"])
         return runner, metrics
 
     def train(key):
@@ -643,7 +736,7 @@ def make_train(args: Args):
         return jax.lax.scan(one_chunk, runner, jnp.arange(num_chunks))
 
     return Trainer(init, chunk, evaluate, train, num_chunks, fit_model, model_sgd_step, model_rollout, sample_batch,
-                   sac_update)
+                   sac_update, update_agent, collect)
 
 
 class Trainer(NamedTuple):
@@ -658,6 +751,8 @@ class Trainer(NamedTuple):
     model_rollout: callable
     sample_batch: callable
     sac_update: callable
+    update_agent: callable
+    collect: callable
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,13 +765,17 @@ def run(args: Args):
     if args.resume:
         run_dir = utils.RunDir(args.resume)
         args = run_dir.load_args(Args)
+        check_memory(args)
     else:
         args = resolve(args)
+        check_memory(args)
         name = args.run_name or utils.RunDir.new_name(args.env_id, "mbpo", args.seed)
         run_dir = utils.RunDir(Path(args.run_dir) / name, args)
     trainer = make_train(args)
     init = jax.jit(jax.vmap(trainer.init))
-    chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
+    # Seeds in batches of `seed_batch`, vmapped within a batch, one batch after another.
+    chunk = jax.jit(lambda state, start: jax.lax.map(lambda s: trainer.chunk(s, start), state, batch_size=args.seed_batch),
+                    donate_argnums=0)
     state = init(seed_keys(args))
     loaded, done_steps = run_dir.load_checkpoint(state)
     if loaded is not None:
@@ -695,9 +794,14 @@ def run(args: Args):
         utils.assert_finite({k: v for k, v in metrics.items() if (learning or k == "eval/return")
                              and k != "charts/train_return"},
                             f"env step {done_steps} (epoch {done_steps // args.epoch_length})")
+        # A non-finite prediction ends its rollout (counted in the metrics); a branch in which every
+        # rollout's first prediction was non-finite means the model itself is broken: stop.
+        if metrics["model/nonfinite_branch"].any():
+            raise utils.NonFiniteError(f"every model rollout of a branch was non-finite in the epoch ending at env "
+                                       f"step {done_steps} (seeds {np.nonzero(metrics['model/nonfinite_branch'])[0].tolist()})")
         if metrics["model/nonfinite_predictions"].any():
-            raise utils.NonFiniteError(f"model predicted non-finite states at env step {done_steps}: "
-                                       f"{metrics['model/nonfinite_predictions']} per seed")
+            tqdm.write(f"env step {done_steps}: {metrics['model/nonfinite_predictions'].tolist()} non-finite model "
+                       f"predictions per seed; those rollouts ended there")
         run_dir.write_metrics(metrics, args.seed)
         run_dir.save_checkpoint(state, done_steps)
         bar.update(args.epoch_length)

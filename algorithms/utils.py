@@ -30,6 +30,21 @@ def check(ok: bool, message: str):
         raise SystemExit(f"error: {message}")
 
 
+def available_memory():
+    """(bytes, where): the memory limit of the first accelerator, else the host's available RAM."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+        if limit:
+            return int(limit), f"{device.platform} device 0"
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "this machine (MemAvailable)"
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine"
+
+
 class NonFiniteError(FloatingPointError):
     pass
 

@@ -1,111 +1,154 @@
-"""Learning curves: MBPO vs SAC with MBPO's G vs standard SAC (G = 1), same seeds, vmapped.
+"""Learning curves: MBPO vs SAC with MBPO's G vs standard SAC (G = 1), one seed per process.
 
-    python benchmarks/mbpo_curves.py --env-id inverted_pendulum --num-seeds 3
-    python benchmarks/mbpo_curves.py --env-id hopper --num-seeds 3 --total-timesteps 125000
+    python benchmarks/mbpo_curves.py --env-id hopper --algo mbpo --seed 0 --total-timesteps 30000
+    python benchmarks/mbpo_curves.py --env-id hopper --algo sac_same_g --seed 0 --total-timesteps 30000
+    python benchmarks/mbpo_curves.py --env-id hopper --algo sac_g1 --seed 0 --total-timesteps 30000
+    python benchmarks/mbpo_curves.py --env-id hopper --plot      # aggregate whatever seeds are present
 
-Resumable: each run lives in benchmarks/results/curves/<env>/<algo>/ and continues from its last
-checkpoint when the script is started again (a run stopped at 30k of 125k steps goes on to 125k).
-Runs are trained one after another, one epoch at a time round-robin, so all three curves grow
-together and a stopped script leaves comparable partial curves. After every round it rewrites
-benchmarks/results/curves/<env>.csv (env_steps, algo, seed, eval_return) and <env>.png.
+Why one seed per process: on a 2-core CPU a vmapped model fit runs until the slowest seed's early
+stopping fires, so separate runs are the cheaper way to get seeds there (a GPU user vmaps them
+with `algorithms/mbpo.py --num-seeds N`). A seed is a normal run of `algorithms/mbpo.py` or
+`algorithms/sac.py` in benchmarks/results/curves/<env>/<algo>/seed<S>/, resumable: started again,
+the script continues it from its last checkpoint. Each invocation appends its commit, backend,
+CPU, steps covered and wall-clock to run.json there, so a curve put together over several
+sessions says where every piece came from. `--total-timesteps` is only where a run stops: the
+k schedule, buffers and everything else follow the preset, so a 30k run is the first 30k steps of
+the full-length one.
+
+`--plot` reads every metrics.csv under benchmarks/results/curves/<env>/ and writes <env>.csv
+(env_steps, algo, seed, eval_return), <env>.png (mean +- std over the seeds present at each step)
+and <env>_table.md.
 """
 
 import argparse
+import json
+import os
+import platform
+import subprocess
+import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from algorithms import mbpo, sac, utils  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "curves"
+ALGOS = ("mbpo", "sac_same_g", "sac_g1")
 
 
-class Run:
-    """One algorithm's vmapped seeds, advanced one compiled epoch at a time, checkpointed."""
-
-    def __init__(self, module, args, path):
-        self.module = module
-        self.run_dir = utils.RunDir(path, None if (path / "args.json").exists() else args)
-        self.args = self.run_dir.load_args(module.Args)
-        trainer = module.make_train(self.args)
-        self.chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
-        self.state = jax.jit(jax.vmap(trainer.init))(module.seed_keys(self.args))
-        loaded, self.steps = self.run_dir.load_checkpoint(self.state)
-        if loaded is not None:
-            self.state = loaded
-        self.run_dir.truncate_metrics(self.steps)  # rows written after the checkpoint (all, if none)
-
-    @property
-    def done(self):
-        return self.steps >= self.args.total_timesteps
-
-    def advance(self):
-        self.state, metrics = self.chunk(self.state, jnp.int32(self.steps))
-        metrics = jax.tree.map(np.asarray, metrics)
-        self.steps += self.args.epoch_length
-        utils.assert_finite({"eval/return": metrics["eval/return"]}, f"{self.run_dir.path} step {self.steps}")
-        self.run_dir.write_metrics(metrics, self.args.seed)
-        self.run_dir.save_checkpoint(self.state, self.steps)
-        return float(np.mean(metrics["eval/return"]))
+def make_args(env_id, algo, seed, total_timesteps, backend):
+    common = dict(env_id=env_id, seed=seed, total_timesteps=total_timesteps, progress=False,
+                  run_dir=str(RESULTS / env_id / algo), run_name=f"seed{seed}")
+    if backend:
+        common["backend"] = backend
+    if algo == "mbpo":
+        return mbpo, mbpo.Args(**common)
+    g = mbpo.resolve(mbpo.Args(env_id=env_id)).updates_per_step if algo == "sac_same_g" else 1
+    return sac, sac.Args(**common, updates_per_step=g)
 
 
-def plot(env_id, runs):
+def cpu_name():
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def commit():
+    root = Path(__file__).parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "algorithms", "envs"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def train_one(env_id, algo, seed, total_timesteps, backend):
+    module, args = make_args(env_id, algo, seed, total_timesteps, backend)
+    path = Path(args.run_dir) / args.run_name
+    resuming = (path / "args.json").exists()
+    if resuming:
+        stored = json.loads((path / "args.json").read_text())
+        utils.check(total_timesteps is None or stored["total_timesteps"] == total_timesteps,
+                    f"{path} was started with --total-timesteps {stored['total_timesteps']}; "
+                    f"pass that or remove the directory")
+    start_steps = json.loads((path / "checkpoint.json").read_text())["env_steps"] if (path / "checkpoint.json").exists() else 0
+    start = time.time()
+    run_dir, _ = module.run(type(args)(resume=str(path)) if resuming else args)
+    end = time.time()
+    record_file = path / "run.json"
+    record = json.loads(record_file.read_text()) if record_file.exists() else {"sessions": []}
+    saved = json.loads((path / "args.json").read_text())
+    record["sessions"].append({
+        "commit": commit(), "backend": saved["backend"], "cpu": cpu_name(), "cores": os.cpu_count(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
+        "env_steps_from": start_steps, "env_steps_to": saved["total_timesteps"], "wall_clock_s": round(end - start, 1),
+    })
+    record["wall_clock_s_total"] = round(sum(s["wall_clock_s"] for s in record["sessions"]), 1)
+    record_file.write_text(json.dumps(record, indent=2))
+    print(json.dumps({"run": str(path), **record["sessions"][-1]}))
+
+
+def load(env_id):
     frames = []
-    for name, run in runs.items():
-        file = run.run_dir.path / "metrics.csv"
-        if file.exists():
+    for algo in ALGOS:
+        for file in sorted((RESULTS / env_id / algo).rglob("metrics.csv")):
             df = pd.read_csv(file)[["env_steps", "seed", "eval/return"]].rename(columns={"eval/return": "eval_return"})
-            frames.append(df.assign(algo=name))
-    if not frames:
-        return
-    data = pd.concat(frames)[["env_steps", "algo", "seed", "eval_return"]]
+            frames.append(df.assign(algo=algo))
+    utils.check(bool(frames), f"no runs under {RESULTS / env_id}")
+    return pd.concat(frames)[["env_steps", "algo", "seed", "eval_return"]].sort_values(["algo", "seed", "env_steps"])
+
+
+def plot(env_id, table_steps):
+    data = load(env_id)
     data.to_csv(RESULTS / f"{env_id}.csv", index=False)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, group in data.groupby("algo"):
+    for algo, group in data.groupby("algo", sort=False):
         stats = group.groupby("env_steps")["eval_return"].agg(["mean", "std", "count"])
-        ax.plot(stats.index, stats["mean"], label=f"{name} ({int(stats['count'].max())} seeds)")
-        ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
-    ax.set(xlabel="env steps", ylabel="eval return (mean ± std over seeds)", title=f"{env_id} ({envs_backend(runs)})")
+        ax.plot(stats.index, stats["mean"], label=f"{algo} ({group['seed'].nunique()} seeds)")
+        ax.fill_between(stats.index, stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0),
+                        alpha=0.2)
+    ax.set(xlabel="env steps (incl. random-action steps)", ylabel="eval return (mean ± std over seeds)", title=env_id)
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / f"{env_id}.png", dpi=100)
     plt.close(fig)
-
-
-def envs_backend(runs):
-    return next(iter(runs.values())).args.backend
+    # Table: mean ± std (seeds) at the chosen steps.
+    lines = ["| env steps | " + " | ".join(ALGOS) + " |", "|---" * (len(ALGOS) + 1) + "|"]
+    for step in table_steps:
+        cells = []
+        for algo in ALGOS:
+            values = data[(data.algo == algo) & (data.env_steps == step)]["eval_return"]
+            cells.append("-" if values.empty else
+                         f"{values.mean():.0f} ± {values.std():.0f} ({len(values)})" if len(values) > 1
+                         else f"{values.mean():.0f} (1)")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    (RESULTS / f"{env_id}_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env-id", default="inverted_pendulum")
-    parser.add_argument("--num-seeds", type=int, default=3)
+    parser.add_argument("--env-id", default="hopper")
+    parser.add_argument("--algo", choices=ALGOS)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--total-timesteps", type=int, default=None, help="default: MBPO's preset")
-    parser.add_argument("--algos", nargs="+", default=["mbpo", "sac_same_g", "sac_g1"])
+    parser.add_argument("--backend", default=None, help="default: envs.DEFAULT_BACKEND")
+    parser.add_argument("--plot", action="store_true", help="only aggregate the runs present")
+    parser.add_argument("--table-steps", type=int, nargs="+", default=[5000, 10000, 15000, 20000, 25000, 30000])
     cli = parser.parse_args()
+    utils.check(cli.plot or cli.algo is not None, "give --algo (to train one seed) or --plot")
     utils.enable_compilation_cache()
-    common = dict(env_id=cli.env_id, num_seeds=cli.num_seeds, total_timesteps=cli.total_timesteps, progress=False)
-    mbpo_args = mbpo.resolve(mbpo.Args(**common))
-    g = mbpo_args.updates_per_step
-    configs = {
-        "mbpo": (mbpo, mbpo_args),
-        "sac_same_g": (sac, sac.resolve(sac.Args(**common, updates_per_step=g))),
-        "sac_g1": (sac, sac.resolve(sac.Args(**common, updates_per_step=1))),
-    }
-    folder = RESULTS / cli.env_id
-    runs = {name: Run(module, args, folder / name) for name, (module, args) in configs.items() if name in cli.algos}
-    while not all(run.done for run in runs.values()):
-        for name, run in runs.items():
-            if not run.done:
-                print(f"{name}: {run.steps + run.args.epoch_length} steps, eval return {run.advance():.1f}", flush=True)
-        plot(cli.env_id, runs)
+    if not cli.plot:
+        train_one(cli.env_id, cli.algo, cli.seed, cli.total_timesteps, cli.backend)
+    plot(cli.env_id, cli.table_steps)
 
 
 if __name__ == "__main__":

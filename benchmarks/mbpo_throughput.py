@@ -1,6 +1,6 @@
-"""MBPO throughput at hopper's paper settings (G = 20, SAC 2x256, B = 7 members of 4x200, M = 400).
+"""MBPO throughput at hopper's paper settings (G = 20, SAC 2x256, B = 7 members of 4x200, 100k rollouts per fit).
 
-    python benchmarks/mbpo_throughput.py [--seeds 1 4] [--steps 250]
+    python benchmarks/mbpo_throughput.py [--seeds 1 4] [--steps 250] [--seed-batch 1 4]
 
 Measures, in one process (so the ratios share the machine's state):
 1. dense fp32 matmul FLOP/s of this machine (2048 x 2048, and 256 x 256 x 256 like a SAC layer);
@@ -12,8 +12,10 @@ Measures, in one process (so the ratios share the machine's state):
 4. the full MBPO iteration (collect -> fit model -> 100k-rollout branch -> G updates per step):
    compile time and seconds per env step over a model period (`--steps` = model_train_freq = 250
    env steps, one fit, one rollout branch, G updates per step), for each `--seeds` count,
-   vmapped: the first learning period (fit from scratch on 5000 random-policy transitions, the
-   most epochs) and the next one (fit warm-started from the previous weights, as in training).
+   the first learning period (fit from scratch on 5000 random-policy transitions, the most
+   epochs) and the next one (fit warm-started from the previous weights, as in training). Seeds
+   run as `mbpo.run` runs them: in batches of each `--seed-batch` (vmapped within a batch, batch
+   after batch via lax.map), so 4 seeds at seed batch 1 vs 4 are directly comparable.
 With `--mbrl-lib-python PY` (the interpreter of a virtualenv with PyTorch and mbrl-lib 0.2.0,
 see `mbrl_lib_pets_latency.py`), `mbrl_lib_mbpo_phases.py` first times mbrl-lib's SAC update and
 ensemble SGD step at the same settings, and the report compares them with our 1-seed phases.
@@ -101,8 +103,9 @@ def phase_flops(trainer, args, num_seeds, big, small, report):
     targets = jax.random.normal(jax.random.PRNGKey(3), shape + (obs_size + 1,))
     model_opt = jax.vmap(optax.adam(args.model_lr).init)(runner.model)
     sgd_step = jax.vmap(trainer.model_sgd_step)
-    step_flops = flops(sgd_step, runner.model, model_opt, inputs, targets)
-    fifty = jax.jit(lambda m, o: jax.lax.fori_loop(0, 50, lambda i, c: sgd_step(*c, inputs, targets)[:2], (m, o)))
+    weights = jnp.ones(shape)
+    step_flops = flops(sgd_step, runner.model, model_opt, inputs, targets, weights)
+    fifty = jax.jit(lambda m, o: jax.lax.fori_loop(0, 50, lambda i, c: sgd_step(*c, inputs, targets, weights)[:2], (m, o)))
     seconds = best_time(fifty, runner.model, model_opt) / 50
     report(f"- ensemble SGD step, {num_seeds} seed(s): {step_flops / 1e6:.1f} MFLOP, {seconds * 1e3:.2f} ms -> "
            f"{step_flops / seconds / 1e9:.0f} GFLOP/s ({step_flops / seconds / small:.0%} of 256^3 matmul, "
@@ -137,6 +140,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=250, help="env steps timed (one model period)")
+    parser.add_argument("--seed-batch", type=int, nargs="+", default=[1, 4],
+                        help="seeds vmapped together in the full iteration (capped at the seed count)")
     parser.add_argument("--mbrl-lib-python", default=None,
                         help="python of a venv with torch + mbrl 0.2.0: also time mbrl-lib's phases in this run")
     parser.add_argument("--phases-only", action="store_true",
@@ -149,7 +154,7 @@ def main():
                                   init_steps=5000, total_timesteps=5000 + 2 * cli.steps, progress=False))
     trainer = mbpo.make_train(args)
     lines = [f"MBPO throughput, hopper paper settings (G={args.updates_per_step}, SAC {args.sac_depth}x{args.sac_width}, "
-             f"B={args.ensemble_size} x {args.model_depth}x{args.model_width}, M={args.rollouts_per_step}), "
+             f"B={args.ensemble_size} x {args.model_depth}x{args.model_width}, {args.rollout_batch_size} rollouts per fit), "
              f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s), {cpu_name()}", ""]
 
     def report(line):
@@ -168,10 +173,12 @@ def main():
                f"{theirs['sac_update_ms'] / (1e3 * sac_s):.2f}x faster), ensemble SGD step {theirs['ensemble_step_ms']:.2f} "
                f"ms (ours {theirs['ensemble_step_ms'] / (1e3 * model_s):.2f}x faster)")
 
-    for num_seeds in [] if cli.phases_only else cli.seeds:
+    runs = sorted({(n, min(b, n)) for n in cli.seeds for b in cli.seed_batch})
+    for num_seeds, seed_batch in [] if cli.phases_only else runs:
         keys = jnp.stack([jax.random.PRNGKey(i) for i in range(num_seeds)])
         state = jax.jit(jax.vmap(trainer.init))(keys)
-        chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
+        chunk = jax.jit(lambda state, start: jax.lax.map(lambda s: trainer.chunk(s, start), state, batch_size=seed_batch),
+                        donate_argnums=0)
         start = time.perf_counter()
         compiled = chunk.lower(state, jnp.int32(0)).compile()
         compile_s = time.perf_counter() - start
@@ -184,12 +191,13 @@ def main():
             state, metrics = compiled(state, jnp.int32(step))
             jax.block_until_ready(metrics)
             seconds = time.perf_counter() - start
-            report(f"- full iteration, {num_seeds} seed(s), compile {compile_s:.0f} s; {args.epoch_length} env steps with "
-                   f"one fit ({label}: {int(metrics['model/epochs'].max())} epochs (most over seeds; a vmapped "
-                   f"fit runs until every seed stops) on {step} transitions), one "
-                   f"{args.rollouts_per_step * args.model_train_freq}-rollout branch and {args.updates_per_step} SAC "
+            epochs = "/".join(str(int(e)) for e in metrics["model/epochs"])
+            report(f"- full iteration, {num_seeds} seed(s) in batches of {seed_batch}, compile {compile_s:.0f} s; "
+                   f"{args.epoch_length} env steps with one fit ({label}: {epochs} epochs per seed; a vmapped "
+                   f"fit runs until every seed of its batch stops) on {step} transitions), one "
+                   f"{args.rollout_batch_size}-rollout branch and {args.updates_per_step} SAC "
                    f"updates per step: {seconds:.0f} s -> {seconds / args.epoch_length:.3f} s per env step "
-                   f"({num_seeds * args.epoch_length / seconds:.2f} env steps/s over {num_seeds} seed(s))")
+                   f"= {seconds / args.epoch_length / num_seeds:.3f} s per seed-step")
     if cli.phases_only:  # a partial report must not replace the full one
         return
     out = Path(__file__).parent / "results" / "mbpo_throughput.md"

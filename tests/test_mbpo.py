@@ -22,9 +22,9 @@ from helpers import as_cli
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
     env_id="inverted_pendulum", total_timesteps=1000, epoch_length=250, init_steps=250, model_train_freq=250,
-    rollouts_per_step=4, ensemble_size=3, num_elites=2, model_width=32, model_depth=2,
+    rollout_batch_size=1000, ensemble_size=3, num_elites=2, model_width=32, model_depth=2,
     model_weight_decay=(1e-5, 1e-5, 1e-5), sac_width=32, updates_per_step=2, model_max_epochs=5, max_holdout=100,
-    eval_episodes=2, rollout_schedule=(1, 3, 1, 3), progress=False,
+    eval_episodes=2, rollout_schedule=(0, 2, 1, 3), progress=False,
 )
 
 
@@ -49,7 +49,7 @@ def _noisy_buffer(key, n, obs_size=4, action_size=1):
     delta = jnp.sin(2 * obs[:, :1]) + std * jax.random.normal(k3, (n, obs_size))
     buf = mbpo.Buffer.empty(n, obs_size, action_size)
     reward = obs[:, 1] + action[:, 0]
-    return buf.add_batch((obs, action, reward, obs + delta, jnp.zeros(n, bool)), jnp.ones(n, bool), n)
+    return buf.add_batch((obs, action, reward, obs + delta, jnp.zeros(n, bool)), jnp.ones(n, bool))
 
 
 def _fit(overrides, buffer, key, model=None):
@@ -62,7 +62,7 @@ def _fit(overrides, buffer, key, model=None):
 
 def test_ensemble_recovers_mean_and_variance_of_a_noisy_function():
     buffer = _noisy_buffer(jax.random.PRNGKey(0), 4000)
-    model, _, elites, losses, metrics = _fit(
+    model, _, elites, _, metrics = _fit(
         dict(model_width=64, model_max_epochs=400, max_holdout=800, model_patience=400), buffer, jax.random.PRNGKey(1))
     x = jnp.array([[0.5, 0.2, 0.0, 0.0, 0.8], [-0.5, -0.3, 0.0, 0.0, -0.8]])  # (obs, action)
     mean, logvar = model.members(elites)(jnp.broadcast_to(x, (len(elites), 2, 5)))
@@ -71,7 +71,10 @@ def test_ensemble_recovers_mean_and_variance_of_a_noisy_function():
     np.testing.assert_allclose(mean.mean(0), true_mean, atol=0.1)
     # The noise of the 4 delta dimensions (the reward is noiseless: its std goes small).
     std = np.exp(0.5 * np.asarray(logvar.mean(0)))
-    np.testing.assert_allclose(std[:, :4], np.repeat(true_std[:, None], 4, 1), rtol=0.25)
+    # Each member fits its own bootstrap resample (~63% distinct rows), so at 4000 rows the std is
+    # within ~35% (measured: 0.33 vs 0.37 and 0.17 vs 0.13); the heteroscedasticity must show.
+    np.testing.assert_allclose(std[:, :4], np.repeat(true_std[:, None], 4, 1), rtol=0.35)
+    assert np.all(std[0, :4] / std[1, :4] > 1.8)  # true ratio 2.85
     assert np.all(std[:, 4] < 0.5 * true_std.min())
 
 
@@ -81,17 +84,52 @@ def test_elites_are_the_members_with_lowest_holdout_loss():
     model = mbpo.Ensemble(jax.random.PRNGKey(2), args.ensemble_size, 5, 5, args.model_width, args.model_depth)
     # Spoil member 0's output bias: its holdout loss must be the worst, so it is no elite.
     model = mbpo.eqx.tree_at(lambda m: m.biases[-1], model, model.biases[-1].at[0].add(5.0))
-    _, _, elites, losses, _ = _fit({}, buffer, jax.random.PRNGKey(3), model)
+    _, _, elites, diagnostics, _ = _fit({}, buffer, jax.random.PRNGKey(3), model)
+    losses = diagnostics["holdout_loss"]
     np.testing.assert_array_equal(np.sort(elites), np.sort(np.argsort(losses)[: args.num_elites]))
     assert 0 not in np.asarray(elites) and np.argmax(losses) == 0
 
 
-def test_early_stopping_stops_and_keeps_best_weights():
+def reference_early_stop(history, patience):
+    """jannerm/mbpo bnn.py `_save_best` replayed on the per-epoch holdout losses: a member's best
+    moves when it improves by > 1%; training breaks once epochs-since-update > patience."""
+    best, since = np.full(history.shape[1], 1e10), 0
+    for epoch, losses in enumerate(history):
+        improved = (best - losses) / best > 0.01
+        best = np.where(improved, losses, best)
+        since = 0 if improved.any() else since + 1
+        if since > patience:
+            return epoch + 1, best
+    return len(history), best
+
+
+def test_early_stopping_matches_the_reference_rule_and_keeps_best_weights():
     buffer = _noisy_buffer(jax.random.PRNGKey(0), 1000)
-    _, _, _, losses, metrics = _fit(dict(model_max_epochs=500, model_patience=3), buffer, jax.random.PRNGKey(4))
-    assert 3 <= int(metrics["model/epochs"]) < 500
-    # The reported losses are those of the returned (best) weights, which are all finite.
-    assert np.all(np.isfinite(losses))
+    _, _, _, diagnostics, metrics = _fit(dict(model_max_epochs=500, model_patience=3), buffer, jax.random.PRNGKey(4))
+    epochs = int(metrics["model/epochs"])
+    history = np.asarray(diagnostics["holdout_history"])
+    assert np.isfinite(history[:epochs]).all() and np.isnan(history[epochs:]).all()
+    ref_epochs, ref_best = reference_early_stop(history[:epochs], patience=3)
+    assert 4 <= epochs < 500 and epochs == ref_epochs  # the last 4 epochs (> 3) improved nothing
+    # The returned losses are those of each member's best epoch: its weights were kept.
+    np.testing.assert_allclose(np.asarray(diagnostics["holdout_loss"]), ref_best, rtol=1e-6)
+
+
+def test_bootstrap_is_one_resample_per_member_and_fit():
+    """The reference draws idxs = randint(n, size=[B, n]) once per fit and walks each row once per
+    epoch in a new order: each member sees ~1 - 1/e = 63% of the rows, each epoch all n draws."""
+    buffer = _noisy_buffer(jax.random.PRNGKey(0), 3000)
+    _, _, _, diagnostics, metrics = _fit(dict(model_max_epochs=6, model_patience=10, max_holdout=300), buffer,
+                                         jax.random.PRNGKey(5))
+    epochs, n_train = int(metrics["model/epochs"]), int(diagnostics["n_train"])
+    seen = np.asarray(diagnostics["seen"])  # (B, slots): times member b trained on training row j
+    assert epochs == 6 and n_train == 2700 and not seen[:, n_train:].any()
+    np.testing.assert_array_equal(seen.sum(1), epochs * n_train)  # every epoch = one pass of n draws
+    assert np.all(seen % epochs == 0)  # the same multiset every epoch: one resample per fit
+    distinct = (seen > 0).mean(1) * seen.shape[1] / n_train
+    np.testing.assert_allclose(distinct, 1 - np.exp(-1), atol=0.03)
+    np.testing.assert_allclose(float(metrics["model/bootstrap_distinct"]), distinct.mean(), rtol=1e-6)
+    assert len({tuple(np.nonzero(row)[0][:50]) for row in seen}) == len(seen)  # members resample independently
 
 
 def test_holdout_is_capped_and_fit_compiles_once_as_the_buffer_grows():
@@ -121,7 +159,7 @@ def _runner():
     # Real buffer: 500 non-terminal inverted-pendulum states (|angle| <= 0.2).
     obs = jax.random.uniform(jax.random.PRNGKey(1), (500, 4), minval=-0.15, maxval=0.15)
     action = jnp.zeros((500, 1))
-    real = runner.real.add_batch((obs, action, jnp.ones(500), obs, jnp.zeros(500, bool)), jnp.ones(500, bool), 1000)
+    real = runner.real.add_batch((obs, action, jnp.ones(500), obs, jnp.zeros(500, bool)), jnp.ones(500, bool))
     return args, trainer, runner._replace(real=real)
 
 
@@ -131,8 +169,9 @@ def test_rollouts_respect_k_and_the_termination_function(k):
     # Bias the model's angle prediction so that rollouts drift out of the healthy range.
     model = mbpo.eqx.tree_at(lambda m: m.biases[-1], runner.model, runner.model.biases[-1].at[:, 1].add(0.08))
     runner = runner._replace(model=model)
-    n = args.rollouts_per_step * args.model_train_freq
-    buffer, metrics = jax.jit(trainer.model_rollout, static_argnums=1)(runner, k, 10 * n, jax.random.PRNGKey(5))
+    n = args.rollout_batch_size
+    runner = runner._replace(model_data=runner.model_data.resize(10 * n))
+    buffer, metrics = jax.jit(trainer.model_rollout, static_argnums=1)(runner, k, jax.random.PRNGKey(5))
     size = int(buffer.size)
     obs, next_obs, terminated = (np.asarray(x[:size]) for x in (buffer.obs, buffer.next_obs, buffer.terminated))
     env = mbpo.envs.make("inverted_pendulum")[0]
@@ -149,17 +188,17 @@ def test_rollouts_respect_k_and_the_termination_function(k):
         assert size == n + second + third
 
 
-def test_batches_mix_real_and_model_data_in_the_requested_ratio():
+def test_batches_mix_real_and_model_data_as_the_reference():
     args, trainer, runner = _runner()
     n_model = 300
-    model_data = runner.model_data.add_batch(
+    model_data = runner.model_data.resize(n_model).add_batch(
         (jnp.zeros((n_model, 4)), jnp.zeros((n_model, 1)), -jnp.ones(n_model), jnp.zeros((n_model, 4)),
-         jnp.zeros(n_model, bool)), jnp.ones(n_model, bool), n_model)
+         jnp.zeros(n_model, bool)), jnp.ones(n_model, bool))
     batch = jax.jit(trainer.sample_batch)(runner._replace(model_data=model_data), jax.random.PRNGKey(0))
     reward = np.asarray(batch[2])
-    assert len(reward) == args.sac_batch_size
-    assert np.sum(reward == 1.0) == round(args.real_ratio * args.sac_batch_size)  # real rewards are 1
-    assert np.sum(reward == -1.0) == args.sac_batch_size - round(args.real_ratio * args.sac_batch_size)
+    assert args.sac_batch_size == 256 and args.real_ratio == 0.05 and len(reward) == 256
+    # The reference's env_batch_size = int(256 * 0.05) = 12 real rows (rewards 1), 244 model rows.
+    assert np.sum(reward == 1.0) == 12 and np.sum(reward == -1.0) == 244
 
 
 def test_critic_target_bootstraps_through_truncation_not_termination():
@@ -196,7 +235,8 @@ def reference(tmp_path_factory):
 def test_run_writes_metrics_summary_and_checkpoint(reference):
     run_dir, df = reference
     assert list(df["env_steps"]) == [250, 500, 750, 1000]
-    assert list(df["model/rollout_length"]) == [1, 1, 2, 3]  # schedule (1, 3, 1, 3) by epoch
+    # schedule (0, 2, 1, 3) over epochs counted from the end of the 250 random steps
+    assert list(df["model/rollout_length"]) == [1, 1, 2, 3]
     assert df.loc[1:, "model/holdout_mse"].notna().all() and df["eval/return"].notna().all()
     summary = json.loads((run_dir.path / "summary.json").read_text())
     assert summary["env_steps"] == 1000 and summary["backend"] == "positional"
@@ -243,7 +283,47 @@ def test_killed_run_resumes_to_identical_results(reference, tmp_path, monkeypatc
                                   reference[1].drop(columns="charts/steps_per_second"))
 
 
-def test_epoch_compiles_once_while_k_changes():
+class ReferencePool:
+    """softlearning's FlexibleReplayPool as used by jannerm/mbpo: add_samples writes at
+    arange(pointer, pointer + n) % max_size; `_reallocate_model_pool` builds a new pool and adds
+    the old one's return_all_samples() (fields[:size])."""
+
+    def __init__(self, max_size, width=1):
+        self.max_size, self.pointer, self.size = max_size, 0, 0
+        self.data = np.zeros((max_size, width), np.float32)
+
+    def add_samples(self, rows):
+        self.data[np.arange(self.pointer, self.pointer + len(rows)) % self.max_size] = rows
+        self.pointer = (self.pointer + len(rows)) % self.max_size
+        self.size = min(self.size + len(rows), self.max_size)
+
+    def reallocate(self, max_size):
+        if max_size == self.max_size:
+            return self
+        new = ReferencePool(max_size, self.data.shape[1])
+        new.add_samples(self.data[: self.size])
+        return new
+
+
+def test_model_buffer_matches_the_reference_pool_through_resizes():
+    rng = np.random.default_rng(0)
+    ours, ref, next_id = mbpo.Buffer.empty(64, 1, 1), ReferencePool(64), 0
+    ours = ours.resize(10)
+    ref = ref.reallocate(10)
+    add = jax.jit(lambda b, rows, valid: b.add_batch((rows, rows, rows[:, 0], rows, valid), valid))
+    for capacity in [10, 10, 24, 24, 40, 40, 40, 16, 16, 30, 7, 7]:  # grows, shrinks, stays
+        ours, ref = jax.jit(mbpo.Buffer.resize)(ours, capacity), ref.reallocate(capacity)
+        valid = rng.random(12) < 0.7  # rollouts that ended write nothing
+        rows = np.arange(next_id, next_id + 12, dtype=np.float32)[:, None]
+        ours, next_id = add(ours, jnp.asarray(rows), jnp.asarray(valid)), next_id + 12
+        ref.add_samples(rows[valid])
+        assert (int(ours.size), int(ours.insert_pos), int(ours.capacity)) == (ref.size, ref.pointer, ref.max_size)
+        np.testing.assert_array_equal(np.asarray(ours.obs[: ref.size]), ref.data[: ref.size])
+
+
+def test_every_sampled_model_row_was_written_as_k_grows_and_epochs_compile_once():
+    """The model buffer starts as NaN: after every fit (k = 1, 2, 3) the range that SAC samples
+    from, [0, size), must hold only written rows, and the ring holds retain x k x rollouts."""
     args = tiny_args()
     trainer = mbpo.make_train(args)
     traces = []
@@ -254,11 +334,70 @@ def test_epoch_compiles_once_while_k_changes():
 
     chunk = jax.jit(jax.vmap(counted, in_axes=(0, None)))
     state = jax.jit(jax.vmap(trainer.init))(mbpo.seed_keys(args))
+    nan_fields = {name: jnp.full_like(getattr(state.model_data, name), jnp.nan) for name in ("obs", "action", "next_obs")}
+    state = state._replace(model_data=state.model_data._replace(**nan_fields))
     ks = []
     for i in range(trainer.num_chunks):
         state, metrics = chunk(state, jnp.int32(i * args.epoch_length))
         ks.append(int(metrics["model/rollout_length"][0]))
+        data, size = state.model_data, int(state.model_data.size[0])
+        if i > 0:
+            assert int(data.capacity[0]) == ks[-1] * args.rollout_batch_size and size > 0
+            for name in nan_fields:
+                assert np.isfinite(np.asarray(getattr(data, name)[0, :size])).all(), (name, i, size)
     assert ks == [1, 1, 2, 3] and len(traces) == 1
+
+
+def reference_rollout_length(schedule, epoch):
+    """jannerm/mbpo `_set_rollout_length`, with its epoch counter (0 = first epoch after the
+    initial exploration steps)."""
+    min_epoch, max_epoch, min_length, max_length = schedule
+    if epoch <= min_epoch:
+        return min_length
+    return int(min(1.0, (epoch - min_epoch) / (max_epoch - min_epoch)) * (max_length - min_length) + min_length)
+
+
+@pytest.mark.parametrize("env_id", ["hopper", "ant", "humanoid"])
+def test_k_schedule_counts_epochs_after_the_random_steps_as_the_reference(env_id):
+    args = mbpo.resolve(mbpo.Args(env_id=env_id))
+    fits = np.arange(args.init_steps, args.total_timesteps, args.model_train_freq)
+    ours = np.asarray(jax.vmap(lambda s: mbpo.rollout_length(args, s))(jnp.asarray(fits)))
+    ref = [reference_rollout_length(args.rollout_schedule, (s - args.init_steps) // args.epoch_length) for s in fits]
+    np.testing.assert_array_equal(ours, ref)
+    if env_id == "hopper":  # k = 2 first at the reference's epoch 30, i.e. env step 35k (not 30k)
+        assert fits[np.argmax(ours == 2)] == 35_000
+
+
+def test_presets_branch_100k_rollouts_per_fit_and_memory_is_checked_first(monkeypatch, capsys):
+    hopper, humanoid = mbpo.resolve(mbpo.Args(env_id="hopper")), mbpo.resolve(mbpo.Args(env_id="humanoid"))
+    # The reference's rollout_batch_size = 100e3 per fit: M = 400 per env step on hopper, 100 on humanoid.
+    assert hopper.rollout_batch_size // hopper.model_train_freq == 400
+    assert humanoid.rollout_batch_size // humanoid.model_train_freq == 100
+    mbpo.check_memory(dataclasses.replace(hopper, total_timesteps=30_000))
+    printed = capsys.readouterr().out
+    assert "6,000,000 rows per seed" in printed  # 1 epoch x k 15 x 4 fits x 100k rollouts
+    monkeypatch.setattr(utils, "available_memory", lambda: (8 * 2**30, "test machine"))
+    # Humanoid: 5 epochs x k 25 x 100k = 12.5M rows of 2 x 244 + 17 + 1 float32: ~ 25 GiB per seed.
+    with pytest.raises(SystemExit, match=r"12,500,000 rows.*too little memory; lower --rollout-batch-size"):
+        mbpo.check_memory(humanoid)
+
+
+def test_nonfinite_predictions_end_rollouts_and_only_a_dead_branch_stops():
+    args, trainer, runner = _runner()
+    rollout = jax.jit(trainer.model_rollout, static_argnums=1)
+    nan_bias = runner.model.biases[-1].at[0].set(jnp.nan)  # member 0 predicts NaN
+    for elites, dead in [(jnp.array([0, 1]), 0), (jnp.array([0, 0]), 1)]:
+        model = mbpo.eqx.tree_at(lambda m: m.biases[-1], runner.model, nan_bias)
+        r = runner._replace(model=model, elites=elites, model_data=runner.model_data.resize(3 * args.rollout_batch_size))
+        buffer, metrics = rollout(r, 3, jax.random.PRNGKey(0))
+        size = int(buffer.size)
+        assert np.isfinite(np.asarray(buffer.next_obs[:size])).all() and np.isfinite(np.asarray(buffer.reward[:size])).all()
+        assert int(metrics["model/nonfinite_branch"]) == dead
+        if not dead:  # about half the rollouts hit member 0 at the first step and end there
+            assert 0.4 < int(metrics["model/nonfinite_predictions"]) / args.rollout_batch_size < 1.0
+            assert size > args.rollout_batch_size // 3
+        else:
+            assert size == 0
 
 
 def test_bad_arguments_fail_before_compiling():
@@ -299,7 +438,7 @@ def test_cli_from_another_directory_and_evaluate_saved_policy(tmp_path):
 def test_mbpo_learns_inverted_pendulum(tmp_path):
     """A short run (4000 steps, small networks) must reach a clearly-better-than-random return
     (random actions balance for ~10-40 steps; measured here: 100-250 by 2500-4000 steps)."""
-    _, df = _run(tmp_path, total_timesteps=4000, rollouts_per_step=20, model_width=64, sac_width=64,
+    _, df = _run(tmp_path, total_timesteps=4000, rollout_batch_size=5000, model_width=64, sac_width=64,
                  sac_batch_size=128, updates_per_step=10, model_max_epochs=20, max_holdout=500, eval_episodes=4,
                  rollout_schedule=(1, 15, 1, 1))
     first, last = df["eval/return"].iloc[0], df["eval/return"].iloc[-6:]
