@@ -38,6 +38,11 @@ from algorithms import mbpo, sac, utils  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "curves"
 ALGOS = ("mbpo", "sac_same_g", "sac_g1")
+# The paper's MBPO curve (Fig. 2, mean over 5 trials, on MuJoCo Hopper-v2), approximate: the file
+# data/mbpo/hopper_mbpo.pkl of facebookresearch/svg (commit c05887e), which has the format of the
+# curve files jannerm/mbpo's README links to (x in thousands of env steps from 6.019, random
+# steps included, so it lines up with our x-axis). Not a result of ours.
+PAPER = {"hopper": {6000: 167, 10000: 329, 15000: 459, 20000: 530, 25000: 587, 30000: 697}}
 
 
 def make_args(env_id, algo, seed, total_timesteps, backend):
@@ -115,13 +120,17 @@ def plot(env_id, table_steps):
         ax.plot(stats.index, stats["mean"], label=f"{algo} ({group['seed'].nunique()} seeds)")
         ax.fill_between(stats.index, stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0),
                         alpha=0.2)
+    if env_id in PAPER:
+        ax.plot(list(PAPER[env_id]), list(PAPER[env_id].values()), "k--", label="paper MBPO (approx., MuJoCo)")
     ax.set(xlabel="env steps (incl. random-action steps)", ylabel="eval return (mean ± std over seeds)", title=env_id)
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / f"{env_id}.png", dpi=100)
     plt.close(fig)
     # Table: mean ± std (seeds) at the chosen steps.
-    lines = ["| env steps | " + " | ".join(ALGOS) + " |", "|---" * (len(ALGOS) + 1) + "|"]
+    paper = PAPER.get(env_id, {})
+    lines = ["| env steps | " + " | ".join(ALGOS) + (" | paper MBPO (approx.)" if paper else "") + " |",
+             "|---" * (len(ALGOS) + 1 + bool(paper)) + "|"]
     for step in table_steps:
         cells = []
         for algo in ALGOS:
@@ -129,6 +138,8 @@ def plot(env_id, table_steps):
             cells.append("-" if values.empty else
                          f"{values.mean():.0f} ± {values.std():.0f} ({len(values)})" if len(values) > 1
                          else f"{values.mean():.0f} (1)")
+        if paper:
+            cells.append(str(paper.get(step, "-")))
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     (RESULTS / f"{env_id}_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -142,7 +153,7 @@ def main():
     parser.add_argument("--total-timesteps", type=int, default=None, help="default: MBPO's preset")
     parser.add_argument("--backend", default=None, help="default: envs.DEFAULT_BACKEND")
     parser.add_argument("--plot", action="store_true", help="only aggregate the runs present")
-    parser.add_argument("--table-steps", type=int, nargs="+", default=[5000, 10000, 15000, 20000, 25000, 30000])
+    parser.add_argument("--table-steps", type=int, nargs="+", default=[5000, 6000, 10000, 15000, 20000, 25000, 30000])
     cli = parser.parse_args()
     utils.check(cli.plot or cli.algo is not None, "give --algo (to train one seed) or --plot")
     utils.enable_compilation_cache()

@@ -6,7 +6,7 @@ At the paper's settings, each phase is timed alone (jitted, best of 3, 1 seed) o
 of N random-action hopper transitions:
 * fit: the fixed cost of a fit (split, normalizer, bootstrap draw) and the cost of one epoch
   (ceil(0.8 N / 256) SGD steps of the 7 members + the holdout loss), from two fits of exactly 1
-  and 6 epochs;
+  and 11 epochs;
 * rollout: one branch of 100k model rollouts at k = 1;
 * SAC: the G = 20 updates of one env step (batch sampling included);
 * collect: one env step of the real env with the policy.
@@ -19,6 +19,7 @@ follow the allocation. Writes benchmarks/results/mbpo_step_breakdown.md.
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -36,7 +37,7 @@ def phase_seconds(n, capacity):
     """Seconds of each phase with a real buffer of `n` random-action transitions (1 seed) and
     `capacity` rows (the static shapes a fit works on follow the buffer's allocation)."""
     timings = {}
-    for epochs in (1, 6):
+    for epochs in (1, 11):
         args = mbpo.resolve(mbpo.Args(env_id="hopper", init_steps=n, total_timesteps=max(capacity, n + 1000), progress=False,
                                       model_max_epochs=epochs, model_patience=epochs))
         trainer = mbpo.make_train(args)
@@ -46,19 +47,26 @@ def phase_seconds(n, capacity):
             for step in range(0, n, args.epoch_length):
                 state, _ = chunk(state, jnp.int32(step))
             opt = optax.adam(args.model_lr).init(mbpo.eqx.filter(state.model, mbpo.eqx.is_array))
-        fit = jax.jit(trainer.fit_model)
+        # Only the model leaves the program: returning the buffers too would time copies of them.
+        fit = jax.jit(lambda *a: trainer.fit_model(*a)[0])
         timings[f"fit{epochs}"] = best_time(fit, state.model, opt, state.real, jax.random.PRNGKey(1))
-    model, *_ = fit(state.model, opt, state.real, jax.random.PRNGKey(1))
-    state = state._replace(model=model, model_data=state.model_data.resize(args.rollout_batch_size))
-    rollout = jax.jit(trainer.model_rollout, static_argnums=1)
-    timings["rollout"] = best_time(rollout, state, 1, jax.random.PRNGKey(2))
-    state = state._replace(model_data=rollout(state, 1, jax.random.PRNGKey(2))[0])
-    timings["sac"] = best_time(jax.jit(trainer.update_agent), state, jax.random.PRNGKey(3))
-    collect = jax.jit(lambda s, k: trainer.collect(s, False, k))
-    timings["collect"] = best_time(lambda s, k: jax.lax.scan(lambda c, kk: (collect(c, kk)[0], None), s,
-                                                             jax.random.split(k, 100))[0], state,
-                                   jax.random.PRNGKey(4)) / 100
-    per_epoch = (timings["fit6"] - timings["fit1"]) / 5
+    state = state._replace(model=fit(state.model, opt, state.real, jax.random.PRNGKey(1)),
+                           model_data=state.model_data.resize(args.rollout_batch_size))
+    # The rollout writes into the model buffer in place, as in training: donate a fresh copy per call.
+    rollout = jax.jit(lambda data, s, k: trainer.model_rollout(s._replace(model_data=data), 1, k)[0], donate_argnums=0)
+    times = []
+    for repeat in range(4):
+        data = jax.block_until_ready(jax.tree.map(jnp.copy, state.model_data))
+        start = time.perf_counter()
+        filled = jax.block_until_ready(rollout(data, state._replace(model_data=None), jax.random.PRNGKey(2)))
+        times.append(time.perf_counter() - start)
+    timings["rollout"] = min(times[1:])  # the first call compiles
+    state = state._replace(model_data=filled)
+    timings["sac"] = best_time(jax.jit(lambda s, k: trainer.update_agent(s, k)[0].sac), state, jax.random.PRNGKey(3))
+    collect = jax.jit(lambda s, k: jax.lax.scan(lambda c, kk: (trainer.collect(c, False, kk)[0], None), s, k)[0].obs)
+    small = state._replace(model_data=mbpo.Buffer.empty(1, state.obs.shape[-1], state.real.action.shape[-1]))
+    timings["collect"] = best_time(collect, small, jax.random.split(jax.random.PRNGKey(4), 100)) / 100
+    per_epoch = (timings["fit11"] - timings["fit1"]) / 10
     return {"fit_fixed": timings["fit1"] - per_epoch, "fit_epoch": per_epoch, "rollout": timings["rollout"],
             "sac": timings["sac"], "collect": timings["collect"]}, args
 

@@ -252,14 +252,20 @@ def test_same_seed_gives_identical_metrics(reference, tmp_path):
 def test_vmapped_seed_equals_single_run(tmp_path):
     """Seed 1 of a 2-seed vmapped run vs seed 1 alone. XLA's kernels at batch 2 and batch 1 round
     differently (Brax's physics too: ~1e-5 after 250 steps), and RL amplifies such differences
-    over training, so we compare where they are still rounding-sized: the first two epochs."""
-    _, both = _run(tmp_path / "both", num_seeds=2)
+    over training, so we compare where they are still rounding-sized: the first two epochs.
+    With --seed-batch 1 (the CPU default) the seeds run one after another in the same program,
+    through the same kernels as a single run: identical metrics."""
+    _, both = _run(tmp_path / "both", num_seeds=2, seed_batch=2)
+    _, mapped = _run(tmp_path / "mapped", num_seeds=2, seed_batch=1)
     _, single = _run(tmp_path / "single", seed=1)
     both = both[both.seed == 1].reset_index(drop=True)
     early = single.env_steps <= 500
     assert both.loc[0, "eval/return"] == single.loc[0, "eval/return"]
     for col in ["losses/critic", "losses/actor", "model/holdout_mse", "model/train_nll"]:
         np.testing.assert_allclose(both.loc[early, col].iloc[1:], single.loc[early, col].iloc[1:], rtol=1e-3)
+    mapped = mapped[mapped.seed == 1].reset_index(drop=True)
+    pd.testing.assert_frame_equal(mapped.drop(columns="charts/steps_per_second"),
+                                  single.drop(columns="charts/steps_per_second"))
 
 
 def test_killed_run_resumes_to_identical_results(reference, tmp_path, monkeypatch):
