@@ -85,14 +85,14 @@ def train_one(env_id, algo, seed, total_timesteps, backend):
                     f"{path} was started with --total-timesteps {stored['total_timesteps']}; "
                     f"pass that or remove the directory")
     start_steps = json.loads((path / "checkpoint.json").read_text())["env_steps"] if (path / "checkpoint.json").exists() else 0
-    start = time.time()
+    start, revision = time.time(), commit()
     run_dir, _ = module.run(type(args)(resume=str(path)) if resuming else args)
     end = time.time()
     record_file = path / "run.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else {"sessions": []}
     saved = json.loads((path / "args.json").read_text())
     record["sessions"].append({
-        "commit": commit(), "backend": saved["backend"], "cpu": cpu_name(), "cores": os.cpu_count(),
+        "commit": revision, "backend": saved["backend"], "cpu": cpu_name(), "cores": os.cpu_count(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
         "env_steps_from": start_steps, "env_steps_to": saved["total_timesteps"], "wall_clock_s": round(end - start, 1),
     })
