@@ -33,6 +33,10 @@ Choices (and why):
   have ended (the same returns as mbpo.py's fixed-length scan, much cheaper while episodes are short).
 * Replay buffer: preallocated, capacity `total_timesteps` by default (nothing is ever discarded,
   as MBPO's real buffer); `--buffer-size` makes it a ring buffer of that size.
+* The run directory holds, beside the whole training state (checkpoint.eqx), the actors alone
+  in actor.eqx: the leaves of `Actor` (each layer's weight (out, in), then bias) with a leading
+  seed axis, written by `equinox.tree_serialise_leaves`. That file is the contract for programs
+  that use a trained policy without this file (tdml.py's data policy): pi(s) = tanh(mean(s)).
 """
 
 import dataclasses
@@ -459,7 +463,7 @@ def run(args: Args):
                              and k != "charts/train_return"},
                             f"env step {done_steps} (epoch {done_steps // args.epoch_length})")
         run_dir.write_metrics(metrics, args.seed)
-        run_dir.save_checkpoint(state, done_steps)
+        run_dir.save_checkpoint(state, done_steps, actor=state.sac.actor)  # actor.eqx: see the docstring
         bar.update(args.epoch_length)
         bar.set_postfix(eval_return=f"{metrics['eval/return'].mean():.1f}",
                         sps=f"{metrics['charts/steps_per_second'][0]:.0f}")

@@ -5,29 +5,32 @@ with the approximate TDML of Algorithm 1 (a TD-learned critic D_psi(s, s_hat), E
 measured by the true TDML (Eq. 3) against the real Brax physics. Training (critic and model
 updates) and evaluation are compiled by XLA in chunks and vmapped over seeds.
 
-    # 1. the data policy: a SAC run of this library (its saved actor, deterministic mean action)
-    python algorithms/sac.py --env-id walker2d --run-name walker2d-sac
-    # 2. models on trajectories of that policy
-    python algorithms/tdml.py --policy-run runs/walker2d-sac --arch metrpo --loss tdml --gamma 0.9
-    python algorithms/tdml.py --policy-run runs/walker2d-sac --arch slbo --loss one-step --num-seeds 4
+    # the data policy: the committed hopper SAC actor (10k steps, never falls in 1000 steps), or
+    # train one: python algorithms/sac.py --env-id walker2d --run-name walker2d-sac
+    python algorithms/tdml.py --env-id hopper --policy-run benchmarks/results/tdml/sac_policy --arch slbo --loss tdml
+    python algorithms/tdml.py --env-id hopper --policy-run benchmarks/results/tdml/sac_policy --loss one-step --num-seeds 4
     python algorithms/tdml.py --resume runs/<run-name>         # continue a killed run
     python algorithms/tdml.py --evaluate runs/<run-name>       # true TDML of the saved models
     python algorithms/tdml.py --env-id hopper --random-policy --num-trajectories 20 --trajectory-length 100 \
         --total-steps 2000 --eval-every 500 --eval-horizon 100     # smoke run, untrained policy
 
 What the paper (Sec. 3-6, Algorithm 1, App. C) fixes, and we follow:
-* Data: a fixed buffer of trajectories of a trained deterministic policy (paper: TD3 on
-  Walker2d-v2, 1000 trajectories, 10^6 transitions; here our SAC's mean action on Brax walker2d,
-  or hopper; sizes by flag). Trajectories differ only by their random start states.
+* Data: a fixed buffer of trajectories of a trained deterministic policy that does not fall
+  (paper: TD3 on Walker2d-v2, 1000 trajectories, 10^6 transitions; here the mean action of a
+  SAC actor of this library, read from the run's actor.eqx by this file's own copy of the actor
+  network, so tdml.py needs no sac.py; sizes by flag). Trajectories differ only by their random
+  start states. `data/terminated_frac` (summary.json) says how many fell.
 * Models f_theta(s, a) -> s', deterministic, Table 1: metrpo = [1024, 1024] ReLU, batch 1000;
   mpo = [512, 512, 512] ReLU with weight normalization, batch 500; slbo = [500, 500] ReLU,
   batch 256, L2 1e-5. Adam 1e-3. No observation normalization, no delta prediction. Every
   prediction is clipped to [-1e6, 1e6] (Sec. 6; `--clip inf` gives App. B's unclipped models).
 * l(x, y) = ||x - y||_2^2. One-step loss (Eq. 1): E_beta l(f_theta(s_t, a_t), s_{t+1}).
 * Approximate TDML (Algorithm 1): the critic D_psi ([1024, 1024] SELU, Adam 2e-4, batch 2048) is
-  trained by TD on pairs (s_{i+k}, f_bar^k(s_i)), k ~ U{1..kappa}, kappa = 5, i ~ U[0, H - k),
-  with target y = l(s_{i+k}, f_bar^k(s_i)) + gamma D_psi'(s_{i+k+1}, f_bar^{k+1}(s_i)) (Eq. 8);
-  every d = 10 critic steps the model takes a step on Eq. 9,
+  trained by TD on pairs (s_{i+k}, f_bar_theta^k(s_i)), k ~ U{1..kappa}, kappa = 5, i ~ U[0, H - k),
+  with target y = l(s_{i+k}, f_bar_theta^k(s_i)) + gamma D_psi'(s_{i+k+1}, f_bar_theta^{k+1}(s_i))
+  (Eq. 7-8: input, l term and bootstrap pair from the same chain of the online model theta; see
+  "The TD target" below for Algorithm 1's different line); every d = 10 critic steps the model
+  takes a step on Eq. 9,
   l(s_{t+1}, f_bar_theta(s_t)) + gamma D_psi(s_{t+2}, f_bar_theta^2(s_t)), then the targets move:
   theta' <- tau_f theta + (1 - tau_f) theta' (tau_f = 0.005), psi' <- tau_M psi + ... (tau_M = 1).
   f_bar(s) = f(s, pi(s)): model rollouts are closed loop, the policy acting on predicted states.
@@ -49,17 +52,34 @@ Choices where the paper is silent (and why):
   the paper-sized walker2d buffer takes 1.7 GB of device memory; `generalized` stores only (q, qd).
 * The data set is shared by all vmapped seeds (one fixed buffer, as the paper); seeds differ in
   network init and minibatches. The one-step baseline uses the stored action a_t (Eq. 1).
-* The critic's input pairs (s_{i+k}, f_bar^k(s_i)) are made by the online model theta, as
-  Algorithm 1's gradient line writes it; Eq. 8's target y uses the target model theta'. k is
-  drawn per sample; the rollout is the static kappa + 1 steps and step k, k + 1 are picked out.
-  `--critic-rollout-model target` makes the input with theta' too (the critic then evaluates
-  one fixed, slowly moving model, closer to Sec. 5's wording). Measured on hopper (slbo, gamma
-  0.9, 1000 iterations): with `target` the model learned to exploit the critic where it had
-  never been trained (the online model's f_bar^2(s_t), Eq. 9's query): the model loss went
-  negative (-59 at 250 iterations, -5e5 at 1000) and TD targets grew to 1e5; with `online`
-  they stayed at 90-230, because the critic is trained on the pairs the model update queries.
+* The TD target. Eq. 6-8 build y from the critic's own input pair: y = l(s, s_hat) +
+  gamma D'(f_bar(s), f_bar_theta(s_hat)), so D obeys the Bellman equation Eq. 4 in s_hat.
+  Algorithm 1's line instead feeds the critic f_bar_theta^k(s_i) but builds y from the TARGET
+  model, l(s_{i+k}, f_bar_theta'^k(s_i)) + gamma D'(s_{i+k+1}, f_bar_theta'^{k+1}(s_i)): y is then
+  not a function of the critic's input (its own error l(s, s_hat) never enters it), and with
+  tau_f = 0.005 theta' still carries most of the initial weights after a few hundred model
+  steps, so the targets describe an untrained model. We read it as a typo and follow Eq. 6-8.
+  `--critic-target` picks the one model whose chain s_hat_n = f_bar^n(s_i) makes the input, the
+  l term and the bootstrap pair: `online` (default, theta) or `target` (theta'); `algorithm1` is
+  Algorithm 1 literally, kept to reproduce the divergence. theta' and --tau-model matter only
+  to `target` and `algorithm1`. Measured (benchmarks/tdml_target_check.py: hopper, slbo,
+  gamma 0.9, 20 trajectories, 1000 iterations = 100 model steps, critic batch 256, 2 seeds; the
+  true TDML at the end and the share of 1000-step rollouts at the clip): online 25 (0%),
+  target 1e12-9e13 (97-100%), algorithm1 1e13-2e13 (98%); one-step models at the same 100
+  model steps: 4.9 (0%). Why `target` fails: the model update (Eq. 9) queries D at pairs made by
+  the online model, on which a critic of theta' was never trained, and the model learns to
+  exploit it there (the linear critic's value at the model's queries went to -1e7). With
+  `online` the critic is trained on the pairs the model update queries.
+* The critic is kept >= 0, as TDML is (`--critic-output`): `clamp` (default) regresses the raw
+  net on y (Eq. 5) and uses max(D, 0) where D is read (Eq. 8's bootstrap, Eq. 9), so the model
+  cannot lower its loss by pushing the critic below zero where it was never trained, and the
+  regression's gradient never vanishes. Measured in the same runs: `linear` (the raw net
+  everywhere) reached 23 with the model's queries down to -4 (-26 with algorithm1, -1e7 with
+  target); `softplus` (softplus(net) everywhere) reached 4e12 in one of its two seeds: the
+  critic's pre-activation ran far below zero, where softplus is flat, so it read ~1e-26 at the
+  evaluation pairs and could no longer learn there, and the model moved into that region.
 * Critic input: (s, s_hat - s), the same information as (s, s_hat) but centred on the error that
-  D grows with; linear output, LeCun-normal init for the SELU layers (Klambauer et al.).
+  D grows with; LeCun-normal init for the SELU layers (Klambauer et al.).
 * Algorithm 1 draws one batch of n for both updates; the model's Eq. 9 step draws its own batch
   of Table 1's size (the architecture's batch size, as the one-step baseline), the critic 2048.
   Eq. 9 uses pi(s_t) (= the stored action up to rounding) and the online critic psi; the
@@ -77,6 +97,13 @@ Choices where the paper is silent (and why):
   measured on the same states, and the real rollouts are computed once for all vmapped seeds.
   The sum of Eq. 3 runs over n = 0..eval_horizon (0.95^1000 ~ 5e-23: negligible). n-step losses:
   n = 5 on 256 buffer segments per evaluation.
+* Diagnostics (ours), at every evaluation: how well the critic tracks the true discounted tail
+  (eval/critic_tail, D_psi at the pair (s_2, s_hat_2) of each evaluation rollout, the pair Eq. 9
+  queries, beside eval/true_tail, sum_{n >= 2} gamma^(n-2) l(s_n, s_hat_n) of the same rollouts)
+  and whether the training loss descends the true TDML (eval/grad_cos: the cosine between the
+  model gradient of Eq. 9 or Eq. 1 on the start states and that of the true TDML summed over
+  --grad-horizon steps). Note that Eq. 9's gradient flows into D only through s_hat_2: D's own
+  dependence on theta (the model's later steps) is treated as fixed, a semi-gradient.
 * Resume: the policy is copied into the run directory (policy.eqx) and the data set is rebuilt
   from it and `--data-seed` (deterministic), so a resumed run is identical even if the SAC run
   changed or moved. metrics.csv counts iterations in `steps` (checkpoint.json's `env_steps`
@@ -98,7 +125,7 @@ import tyro
 from tqdm import tqdm
 
 import envs
-from algorithms import sac, utils
+from algorithms import utils
 
 ARCHS = {  # App. C, Table 1
     "metrpo": dict(model_layers=(1024, 1024), model_batch_size=1000, model_l2=0.0, weight_norm=False),
@@ -106,6 +133,9 @@ ARCHS = {  # App. C, Table 1
     "slbo": dict(model_layers=(500, 500), model_batch_size=256, model_l2=1e-5, weight_norm=False),
 }
 LOSSES = ("one-step", "tdml")
+CRITIC_TARGETS = ("online", "target", "algorithm1")
+CRITIC_OUTPUTS = ("clamp", "softplus", "linear")
+POLICY_WIDTH, POLICY_DEPTH = 256, 2  # sac.py's default actor, the shape of a --random-policy one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +221,10 @@ class Args:
     """tau_f, Polyak rate of the target model (applied at every model step)"""
     tau_critic: float = 1.0
     """tau_M, Polyak rate of the target critic (applied at every model step; 1 = copy)"""
-    critic_rollout_model: str = "online"
-    """model that makes the critic's input f_bar^k(s_i): online (theta, Algorithm 1's gradient line) or target (theta', as Eq. 8's y)"""
+    critic_target: str = "online"
+    """model whose chain s_hat_k = f_bar^k(s_i), s_hat_{k+1} = f_bar(s_hat_k) gives the critic's input AND its TD target: online (theta, Eq. 6-8), target (theta'); algorithm1: Algorithm 1 literally, input from theta but y from theta' (diverges, see the docstring)"""
+    critic_output: str = "clamp"
+    """clamp: D_psi = max(net, 0) where it is used (TD bootstrap, model loss), the raw net regressed on y; softplus: D_psi = softplus(net) everywhere; linear: the raw net (can go negative where it was never trained)"""
 
     # evaluation
     eval_starts: int = 16
@@ -201,6 +233,8 @@ class Args:
     """steps the real env and the model are rolled in parallel for the true TDML"""
     n_step: int = 5
     """n of the open- and closed-loop n-step losses (Sec. 3.1, Eq. 2), reported for reference"""
+    grad_horizon: int | None = None
+    """steps of the true TDML that are differentiated for eval/grad_cos (its gradient against the training loss's); default min(100, eval horizon)"""
     n_step_batch: int = 256
     """buffer segments the n-step losses are averaged over"""
     eval_gammas: tuple[float, ...] = ()
@@ -215,20 +249,21 @@ def resolve(args: Args) -> Args:
     check(args.backend in envs.BACKENDS, f"unknown backend {args.backend!r}; valid: {', '.join(envs.BACKENDS)}")
     check(args.arch in ARCHS, f"unknown --arch {args.arch!r}; valid: {', '.join(ARCHS)}")
     check(args.loss in LOSSES, f"unknown --loss {args.loss!r}; valid: {', '.join(LOSSES)}")
-    check(args.critic_rollout_model in ("target", "online"),
-          f"unknown --critic-rollout-model {args.critic_rollout_model!r}; valid: target, online")
+    check(args.critic_target in CRITIC_TARGETS,
+          f"unknown --critic-target {args.critic_target!r}; valid: {', '.join(CRITIC_TARGETS)}")
+    check(args.critic_output in CRITIC_OUTPUTS,
+          f"unknown --critic-output {args.critic_output!r}; valid: {', '.join(CRITIC_OUTPUTS)}")
     check((args.policy_run is not None) != args.random_policy,
           "give exactly one of --policy-run runs/<sac-run> (a trained SAC policy, as the paper) or --random-policy (tests only)")
     filled = {k: (ARCHS[args.arch][k] if v is None and k in ARCHS[args.arch] else v)
               for k, v in dataclasses.asdict(args).items()}
     if args.random_policy:
-        sac_defaults = sac.Args()
-        for mine, theirs in [("policy_width", "sac_width"), ("policy_depth", "sac_depth")]:
-            filled[mine] = getattr(sac_defaults, theirs) if filled[mine] is None else filled[mine]
+        for name, default in [("policy_width", POLICY_WIDTH), ("policy_depth", POLICY_DEPTH)]:
+            filled[name] = default if filled[name] is None else filled[name]
     else:
         path = Path(args.policy_run)
-        check((path / "args.json").exists() and (path / "checkpoint.json").exists(),
-              f"no SAC run with a checkpoint at --policy-run {args.policy_run} (train one with algorithms/sac.py)")
+        check((path / "args.json").exists() and (path / "actor.eqx").exists(),
+              f"no SAC run with a saved actor (actor.eqx) at --policy-run {args.policy_run} (train one with algorithms/sac.py)")
         sac_args = json.loads((path / "args.json").read_text())
         check(sac_args.get("env_id") == args.env_id,
               f"--policy-run {args.policy_run} is a {sac_args.get('env_id')} policy, not {args.env_id}")
@@ -238,6 +273,8 @@ def resolve(args: Args) -> Args:
             check(filled[mine] in (None, sac_args[theirs]),
                   f"--{mine.replace('_', '-')} {filled[mine]} differs from the SAC run's {sac_args[theirs]}")
             filled[mine] = sac_args[theirs]
+    if filled["grad_horizon"] is None:
+        filled["grad_horizon"] = min(100, filled["eval_horizon"])
     args = Args(**filled)
     for name in ["num_seeds", "total_steps", "eval_every", "num_trajectories", "trajectory_length", "model_batch_size",
                  "critic_batch_size", "update_delay", "kappa", "eval_starts", "eval_horizon", "n_step", "n_step_batch",
@@ -258,6 +295,8 @@ def resolve(args: Args) -> Args:
     check(args.loss == "one-step" or args.trajectory_length >= args.kappa + 1,
           f"--trajectory-length {args.trajectory_length} must be >= --kappa + 1 (the critic needs s_(i+k+1))")
     check(args.trajectory_length >= args.n_step, f"--trajectory-length must be >= --n-step {args.n_step}")
+    check(2 <= args.grad_horizon <= args.eval_horizon,
+          f"--grad-horizon {args.grad_horizon} must be in [2, --eval-horizon {args.eval_horizon}]")
     return args
 
 
@@ -283,7 +322,7 @@ def brax_system(env) -> System:
         step=lambda state, action: env.step_env(jax.random.PRNGKey(0), state, action, params)[1],
         observe=lambda state: state.obs,
         snapshot=env.snapshot, restore=env.restore,
-        policy=sac.deterministic_action,  # tanh of the SAC actor's mean
+        policy=lambda actor, obs: actor(obs),
     )
 
 
@@ -342,12 +381,31 @@ class Model(eqx.Module):
 
 
 class Critic(eqx.Module):
-    """D_psi(s, s_hat), the TDML approximator, on (s, s_hat - s)."""
+    """D_psi(s, s_hat), the TDML approximator, on (s, s_hat - s), kept >= 0 as TDML is (--critic-output)."""
+
+    net: MLP
+    output: str = eqx.field(static=True, default="clamp")
+
+    def fit_value(self, obs, obs_hat):
+        """What the TD regression (Eq. 5) fits: the raw net (clamp, linear), so its gradient never vanishes."""
+        value = self.net(jnp.concatenate([obs, obs_hat - obs]))[0]
+        return jax.nn.softplus(value) if self.output == "softplus" else value
+
+    def __call__(self, obs, obs_hat):
+        """D_psi as the TD bootstrap and the model's loss (Eq. 8, 9) use it."""
+        value = self.fit_value(obs, obs_hat)
+        return jnp.maximum(value, 0.0) if self.output == "clamp" else value
+
+
+class Actor(eqx.Module):
+    """The data policy pi, as sac.py saves it in actor.eqx (a ReLU MLP to the mean and log-std of
+    a tanh-Gaussian, leaves weight (out, in), bias per layer): pi(s) = tanh(mean), deterministic.
+    A copy, so this file loads a policy without importing sac.py; the file format is the contract."""
 
     net: MLP
 
-    def __call__(self, obs, obs_hat):
-        return self.net(jnp.concatenate([obs, obs_hat - obs]))[0]
+    def __call__(self, obs):
+        return jnp.tanh(jnp.split(self.net(obs), 2)[0])
 
 
 def l2(x, y):
@@ -445,7 +503,8 @@ def make_train(args: Args, system: System | None = None):
                           weight_norm=args.weight_norm), args.clip)
         critic = critic_opt = None
         if tdml:
-            critic = Critic(MLP(critic_key, 2 * obs_size, 1, args.critic_layers, "selu", init="lecun"))
+            critic = Critic(MLP(critic_key, 2 * obs_size, 1, args.critic_layers, "selu", init="lecun"),
+                            args.critic_output)
             critic_opt = critic_optimizer.init(eqx.filter(critic, eqx.is_array))
         return RunnerState(model, model_optimizer.init(eqx.filter(model, eqx.is_array)),
                            model if tdml else None, critic, critic_opt, critic if tdml else None, jnp.int32(0), key)
@@ -460,18 +519,23 @@ def make_train(args: Args, system: System | None = None):
         return data.obs[i, j], data.obs[i + k, j], data.obs[i + k + 1, j], k
 
     def critic_update(critic, critic_opt, target_critic, target_model, model, policy, batch):
-        """One Adam step on (D_psi(s_{i+k}, f_bar^k(s_i)) - y)^2 with Eq. 8's target y (target
-        model theta' and target critic psi')."""
+        """One Adam step on (D_psi(s_{i+k}, s_hat_k) - y)^2 with Eq. 8's target
+        y = l(s_{i+k}, s_hat_k) + gamma D_psi'(s_{i+k+1}, s_hat_{k+1}): input, l term and bootstrap
+        pair from ONE chain s_hat_n = f_bar^n(s_i) of the --critic-target model, so y is a
+        function of the critic's input (the Bellman equation Eq. 4 in s_hat)."""
         s_i, s_ik, s_ik1, k = batch
         rows = jnp.arange(k.shape[0])
-        rollout = closed_loop(target_model, policy, s_i, args.kappa + 1)  # f_bar_theta'^0..kappa+1 (s_i)
-        hat_k, hat_k1 = rollout[k, rows], rollout[k + 1, rows]
-        y = l2(s_ik, hat_k) + args.gamma * jax.vmap(target_critic)(s_ik1, hat_k1)  # Eq. 8
-        if args.critic_rollout_model == "online":
-            hat_k = closed_loop(model, policy, s_i, args.kappa)[k, rows]
+        chain_model = target_model if args.critic_target == "target" else model
+        chain = closed_loop(chain_model, policy, s_i, args.kappa + 1)  # s_hat_0..kappa+1
+        hat_k, hat_k1 = chain[k, rows], chain[k + 1, rows]
+        if args.critic_target == "algorithm1":  # Algorithm 1 literally: y from theta', input from theta
+            literal = closed_loop(target_model, policy, s_i, args.kappa + 1)
+            y = l2(s_ik, literal[k, rows]) + args.gamma * jax.vmap(target_critic)(s_ik1, literal[k + 1, rows])
+        else:
+            y = l2(s_ik, hat_k) + args.gamma * jax.vmap(target_critic)(s_ik1, hat_k1)  # Eq. 8
 
         def loss_fn(critic):
-            value = jax.vmap(critic)(s_ik, hat_k)
+            value = jax.vmap(critic.fit_value)(s_ik, hat_k)
             return jnp.mean((value - jax.lax.stop_gradient(y)) ** 2), value
 
         (loss, value), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(critic)
@@ -499,9 +563,11 @@ def make_train(args: Args, system: System | None = None):
         (s0, s1, s2), _ = batch
         _, hat1, hat2 = closed_loop(model, policy, s0, 2)
         one_step = l2(s1, hat1)
-        objective = jnp.mean(one_step + args.gamma * jax.vmap(critic)(s2, hat2))
-        return objective + args.model_l2 * weight_l2(model), {"losses/model": objective,
-                                                              "losses/one_step": jnp.mean(one_step)}
+        value = jax.vmap(critic)(s2, hat2)
+        objective = jnp.mean(one_step + args.gamma * value)
+        return objective + args.model_l2 * weight_l2(model), {
+            "losses/model": objective, "losses/one_step": jnp.mean(one_step),
+            "charts/critic_at_model_query_min": jnp.min(value)}  # < 0 only if the critic is not >= 0
 
     model_loss = tdml_loss if tdml else one_step_loss
 
@@ -514,7 +580,7 @@ def make_train(args: Args, system: System | None = None):
         return jax.tree.map(lambda t, o: (1 - tau) * t + tau * o, target, online)
 
     # --- one iteration of Algorithm 1 ---------------------------------------------------------------
-    empty_model = {"losses/model": jnp.nan, "losses/one_step": jnp.nan}
+    empty_model = {"losses/model": jnp.nan, "losses/one_step": jnp.nan, "charts/critic_at_model_query_min": jnp.nan}
 
     def iteration(data, policy, runner, t):
         """Iteration t (1-based, unbatched): a critic step, then every d-th time a model step and
@@ -568,16 +634,42 @@ def make_train(args: Args, system: System | None = None):
         segment_action = jnp.stack([data.action[t + n, j] for n in range(args.n_step)])
         return EvalBatch(start, real, segment_obs, segment_action)
 
-    def evaluate(model, policy, batch):
-        """True TDML (Eq. 3) from the batch's start states, and the n-step losses (Eq. 2)."""
+    def evaluate(model, policy, batch, critic=None):
+        """True TDML (Eq. 3) from the batch's start states, and the n-step losses (Eq. 2). With a
+        critic, also its value at the pair (s_2, s_hat_2) of each evaluation rollout (the pair
+        Eq. 9 queries) beside the true discounted tail sum_{n >= 2} gamma^(n-2) l(s_n, s_hat_n)."""
         real = batch.real_obs
         predicted = closed_loop(model, policy, real[0], args.eval_horizon)
         per_step = l2(real, predicted)  # (eval_horizon + 1, starts)
+        discount = args.gamma ** jnp.arange(args.eval_horizon + 1)[:, None]
 
         def true_tdml_at(gamma):  # Eq. 3, per start state
             return jnp.sum(gamma ** jnp.arange(args.eval_horizon + 1)[:, None] * per_step, 0)
 
         true_tdml = true_tdml_at(args.gamma)
+        extra = {}
+        if critic is not None:
+            true_tail = jnp.sum(discount[:-2] * per_step[2:], 0)
+            value = jax.vmap(critic)(real[2], predicted[2])
+            extra = {"eval/critic_tail": jnp.mean(value), "eval/true_tail": jnp.mean(true_tail),
+                              "eval/critic_tail_log_ratio": jnp.mean(jnp.log(jnp.maximum(value, 1e-6) / jnp.maximum(true_tail, 1e-6)))}
+
+        # Does the training loss descend the true TDML? The cosine between its gradient (Eq. 1 or
+        # Eq. 9, on the start states, a_t = pi(s_t)) and the gradient of the true TDML (Eq. 3
+        # summed to --grad-horizon). Where either is not finite (an exploded rollout) it reads 0,
+        # and eval/grad_finite says how often.
+        def true_objective(model):
+            chain = closed_loop(model, policy, real[0], args.grad_horizon)
+            return jnp.mean(jnp.sum(discount[:args.grad_horizon + 1] * l2(real[:args.grad_horizon + 1], chain), 0))
+
+        if not tdml or critic is not None:
+            train_batch = ((real[0], real[1], real[2]), None) if tdml else ((real[0], real[1]), act(policy, real[0]))
+            g_true = eqx.filter_grad(true_objective)(model)
+            g_train = eqx.filter_grad(lambda m: model_loss(m, train_batch, critic, policy)[0])(model)
+            flat = [jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(g)]) for g in (g_true, g_train)]
+            cos = jnp.dot(*flat) / (jnp.linalg.norm(flat[0]) * jnp.linalg.norm(flat[1]))
+            finite = jnp.isfinite(cos)
+            extra.update({"eval/grad_cos": jnp.where(finite, cos, 0.0), "eval/grad_finite": finite})
 
         def open_step(s, action):
             s = jax.vmap(model)(s, action)
@@ -596,6 +688,7 @@ def make_train(args: Args, system: System | None = None):
             "eval/open_loop_n_step": jnp.mean(jnp.sum(open_loss, 0)),
             "eval/closed_loop_n_step": jnp.mean(jnp.sum(closed_loss, 0)),
             **{f"eval/true_tdml_gamma{g}": jnp.mean(true_tdml_at(g)) for g in args.eval_gammas},
+            **extra,
         }
 
     # --- one chunk --------------------------------------------------------------------------------
@@ -609,7 +702,7 @@ def make_train(args: Args, system: System | None = None):
             **{k: jnp.nanmean(v) for k, v in metrics.items()},
             # The first iteration with a non-finite loss, -1 if none (the host names it).
             "debug/first_nonfinite_step": jnp.where(jnp.all(finite), -1, steps[jnp.argmin(finite)]),
-            **evaluate(runner.model, policy, batch),
+            **evaluate(runner.model, policy, batch, runner.critic),
         }
 
     def train(key, data, policy):
@@ -647,22 +740,21 @@ def seed_keys(args):
 
 
 def policy_like(args, system):
-    """A SAC actor of pi's shape (random weights from --data-seed): --random-policy's actor and
-    the template to load a saved one into."""
+    """An actor of pi's shape (random weights from --data-seed, uniform(+-1/sqrt(fan_in)) as
+    sac.py's init): --random-policy's actor and the template to load a saved one into."""
     key = jax.random.fold_in(jax.random.PRNGKey(args.data_seed), 2)
-    return sac.Actor(sac.MLP(key, system.obs_size, 2 * system.action_size, args.policy_width, args.policy_depth))
+    return Actor(MLP(key, system.obs_size, 2 * system.action_size, (args.policy_width,) * args.policy_depth, "relu"))
 
 
 def load_policy(args, system):
-    """pi: a random actor (--random-policy) or the actor of seed `policy_index` in the SAC run's
-    checkpoint, loaded as `algorithms/sac.py --evaluate` loads it."""
+    """pi: a random actor (--random-policy) or the actor of seed `policy_index` of the SAC run,
+    read from its actor.eqx (all seeds' actors, stacked on a leading axis)."""
     if args.random_policy:
         return policy_like(args, system)
-    sac_dir = utils.RunDir(args.policy_run)
-    sac_args = sac_dir.load_args(sac.Args)
-    like = jax.eval_shape(jax.vmap(sac.make_train(sac_args).init), sac.seed_keys(sac_args))
-    state, _ = sac_dir.load_checkpoint(like)
-    return jax.tree.map(lambda x: x[args.policy_index], state.sac.actor)
+    num_seeds = json.loads((Path(args.policy_run) / "args.json").read_text()).get("num_seeds", 1)
+    like = jax.tree.map(lambda x: jnp.zeros((num_seeds, *x.shape), x.dtype), policy_like(args, system))
+    actors = eqx.tree_deserialise_leaves(Path(args.policy_run) / "actor.eqx", like)
+    return jax.tree.map(lambda x: x[args.policy_index], actors)
 
 
 def data_stats(env, data):
@@ -755,7 +847,7 @@ def evaluate_saved(path):
     like = jax.eval_shape(jax.vmap(trainer.init), seed_keys(args))
     state, steps = run_dir.load_checkpoint(like)
     batch = jax.jit(trainer.eval_batch)(data, policy, jnp.int32(10**6))
-    metrics = jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, None, None)))(state.model, policy, batch)
+    metrics = jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, None, None, 0)))(state.model, policy, batch, state.critic)
     out = {"run_dir": path, "steps": steps, **{k: [float(x) for x in v] for k, v in metrics.items()}}
     print(json.dumps(out))
     return out

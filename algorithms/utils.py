@@ -102,11 +102,14 @@ class RunDir:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
 
     # --- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, state, env_steps: int):
-        """Atomically replace the checkpoint: a kill mid-write leaves the previous one intact."""
-        tmp = self.path / "checkpoint.eqx.tmp"
-        eqx.tree_serialise_leaves(tmp, state)
-        os.replace(tmp, self.path / "checkpoint.eqx")
+    def save_checkpoint(self, state, env_steps: int, **parts):
+        """Atomically replace the checkpoint: a kill mid-write leaves the previous one intact.
+        `parts` are pytrees saved alone as <name>.eqx beside it (e.g. sac.py's actor.eqx), so
+        other programs can load them without this program's whole training state."""
+        for name, tree in {"checkpoint": state, **parts}.items():
+            tmp = self.path / f"{name}.eqx.tmp"
+            eqx.tree_serialise_leaves(tmp, tree)
+            os.replace(tmp, self.path / f"{name}.eqx")
         (self.path / "checkpoint.json").write_text(json.dumps({"env_steps": env_steps}))
 
     def load_checkpoint(self, like):

@@ -1,27 +1,27 @@
-"""The paper's Figure 2 (Knight & Achiam): true TDML vs SGD steps, one-step vs TDML-trained models,
-for the three architectures of App. C (columns) and the two discounts 0.9 / 0.95 (rows).
+"""The paper's Figure 2 (Knight & Achiam): true TDML vs model SGD steps, one-step vs TDML-trained
+models, for the three architectures of App. C (columns) and the two discounts 0.9 / 0.95 (rows).
 
-    # 1. the data policy (the paper: a trained TD3 policy; here our SAC, its deterministic mean action)
-    python algorithms/sac.py --env-id hopper --total-timesteps 60000 --run-name hopper-sac-tdml
-    # 2. the grid: every (arch, gamma, loss) is one algorithms/tdml.py run with --num-seeds seeds vmapped
-    python benchmarks/tdml_figure.py --policy-run runs/hopper-sac-tdml --env-id hopper
+    # the data policy: benchmarks/results/tdml/sac_policy (committed; made by)
+    python algorithms/sac.py --env-id hopper --total-timesteps 10000 --run-dir benchmarks/results/tdml --run-name sac_policy
+    python benchmarks/tdml_figure.py --model-steps 300            # resumable; a larger value extends the runs
 
-Runs: per architecture one one-step run (gamma does not enter its training; its true TDML is
-reported at every gamma via --eval-gammas) and one TDML run per gamma. Resumable: each run lives in
-benchmarks/results/tdml/runs/<env>-<arch>-one-step/ or <env>-<arch>-tdml-g<gamma>/;
-started again, finished runs are skipped and a killed one continues from its last checkpoint
-(`tdml.py --resume`, identical results). Started with other arguments than a stored run's, it
-stops and lists the differences. After every run it rewrites tdml_<env>.csv (one row per
-evaluation and seed), tdml_<env>.png (the figure: mean over seeds, shaded min..max as the paper's)
-and tdml_<env>.md (the final evaluation of every cell).
+The x-axis is model SGD steps, so both losses are compared at equal model updates: a TDML run
+of M model steps is M * d iterations of Algorithm 1 (a critic step each, a model step every
+d = 10), a one-step run M model steps. Runs: per architecture one one-step run (gamma does not
+enter its training; its true TDML is reported at every gamma via --eval-gammas) and one TDML run
+per gamma, each with --num-seeds seeds vmapped. Resumable: each run lives in
+benchmarks/results/tdml/runs/<env>-<arch>-one-step/ or <env>-<arch>-tdml-g<gamma>/; started
+again, finished runs are skipped, a killed one continues from its last checkpoint
+(`tdml.py --resume`, identical results), and one started with a larger --model-steps is extended.
+Started with other arguments than a stored run's, it stops and lists the differences. After
+every run it rewrites tdml_<env>.csv (one row per evaluation and seed), tdml_<env>.png (the
+figure: mean over seeds, shaded min..max as the paper's) and tdml_<env>.md (the last evaluation
+of every cell, with the critic's tail estimate and the gradient cosine of tdml.py's diagnostics).
 
 CPU scale (defaults; the paper's values in brackets, all flags): 3 seeds; 100 trajectories
-x 1000 steps of data [1000 x 1000]; critic batch 256 [2048]; --total-steps iterations [the
-paper's axis runs to ~10^5-10^6]; true TDML over 16 start states x 1000 steps as the paper.
-The architectures, learning rates, kappa, d, tau and the critic's width are the paper's.
-One iteration is one critic step (a model step every d = 10) for TDML and one model step for the
-one-step loss (see tdml.py's docstring), so at the same x a one-step model has taken 10x more
-model steps; `model_updates` is in the CSV to compare at equal model steps too.
+x 1000 steps of data [1000 x 1000]; critic batch 256 [2048]; --model-steps [the paper's axis
+runs to ~10^5 SGD steps]; true TDML over 16 start states x 1000 steps as the paper. The
+architectures, learning rates, kappa, d, tau and the critic's width are the paper's.
 """
 
 import argparse
@@ -43,6 +43,7 @@ COLUMNS = {"charts/model_updates": "model_updates", "eval/true_tdml": "true_tdml
            "eval/final_step_error": "final_step_error",
            "eval/clipped_frac": "clipped_frac", "eval/one_step": "one_step",
            "eval/open_loop_n_step": "open_loop_n_step", "eval/closed_loop_n_step": "closed_loop_n_step",
+           "eval/grad_cos": "grad_cos", "eval/critic_tail": "critic_tail", "eval/true_tail": "true_tail",
            "charts/steps_per_second": "steps_per_second"}
 
 
@@ -55,20 +56,24 @@ def grid_args(cli):
             runs.insert(0, ("one-step", cli.gammas[0], tuple(cli.gammas[1:])))
         for loss, gamma, eval_gammas in runs:
             name = f"{cli.env_id}-{arch}-one-step" if loss == "one-step" else f"{cli.env_id}-{arch}-tdml-g{gamma}"
+            per_model_step = tdml.Args.update_delay if loss == "tdml" else 1  # iterations per model step
             yield tdml.Args(
-                env_id=cli.env_id, seed=cli.seed, num_seeds=cli.num_seeds, total_steps=cli.total_steps,
-                eval_every=cli.eval_every, run_dir=str(Path(cli.out_dir) / "runs"), run_name=name,
+                env_id=cli.env_id, seed=cli.seed, num_seeds=cli.num_seeds, total_steps=cli.model_steps * per_model_step,
+                eval_every=cli.eval_every * per_model_step, run_dir=str(Path(cli.out_dir) / "runs"), run_name=name,
                 progress=cli.progress, policy_run=cli.policy_run, num_trajectories=cli.num_trajectories,
                 trajectory_length=cli.trajectory_length, arch=arch, loss=loss, gamma=gamma, eval_gammas=eval_gammas,
                 critic_batch_size=cli.critic_batch_size, eval_horizon=cli.eval_horizon)
 
 
 def run_cell(args):
-    """Run (or resume, or skip) one cell; returns its run directory."""
+    """Run (or resume, extend, or skip) one cell; returns its run directory."""
     path = Path(args.run_dir) / args.run_name
     wanted = json.loads(json.dumps(dataclasses.asdict(tdml.resolve(args))))
     if (path / "args.json").exists():
         stored = json.loads((path / "args.json").read_text())
+        if stored["total_steps"] < wanted["total_steps"]:  # extend: the same run, continued further
+            stored["total_steps"] = wanted["total_steps"]
+            (path / "args.json").write_text(json.dumps(stored, indent=2))
         diff = {k: (stored.get(k), v) for k, v in wanted.items() if k != "progress" and stored.get(k) != v}
         utils.check(not diff, f"{path} was started with other arguments (stored -> requested): "
                     + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
@@ -94,7 +99,9 @@ def collect(paths):
         for gamma in [args["gamma"], *args["eval_gammas"]]:  # a one-step run gives a row per gamma
             tdml_at = {} if gamma == args["gamma"] else {f"eval/true_tdml_gamma{gamma}": "eval/true_tdml",
                                                           "eval/true_tdml": "unused"}
-            cell = df.rename(columns=tdml_at)[["steps", "seed", *COLUMNS]].rename(columns=COLUMNS)
+            cell = df.rename(columns=tdml_at).reindex(columns=["steps", "seed", *COLUMNS]).rename(columns=COLUMNS)
+            if gamma != args["gamma"]:  # the gradient cosine was measured at the run's own gamma only
+                cell["grad_cos"] = float("nan")
             frames.append(cell.assign(arch=args["arch"], gamma=gamma, loss=args["loss"]))
     return pd.concat(frames, ignore_index=True) if frames else None
 
@@ -113,13 +120,13 @@ def write_outputs(data, cli):
                 cell = data[(data.arch == arch) & (data.gamma == gamma) & (data.loss == loss)]
                 if cell.empty:
                     continue
-                stats = cell.groupby("steps")["true_tdml"].agg(["mean", "min", "max", "count"])
+                stats = cell.groupby("model_updates")["true_tdml"].agg(["mean", "min", "max", "count"])
                 label = f"{'One-Step' if loss == 'one-step' else 'TDML'} model ({int(stats['count'].max())} seeds)"
                 ax.plot(stats.index, stats["mean"], color=color, label=label)
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.2)
             ax.set_yscale("log")
             ax.set_title(f"{arch}, gamma = {gamma}", fontsize=10)
-            ax.set_xlabel("iterations (critic steps for TDML, model steps for one-step)", fontsize=7)
+            ax.set_xlabel("model SGD steps")
             ax.set_ylabel("true TDML (Eq. 3)")
             ax.legend(fontsize=7)
     fig.suptitle(f"{cli.env_id}: true TDML from 16 buffer states, 1000-step closed-loop rollouts", fontsize=10)
@@ -132,28 +139,31 @@ def write_outputs(data, cli):
         steps=("steps", "first"), model_updates=("model_updates", "first"), seeds=("seed", "count"),
         true_tdml=("true_tdml", "mean"), true_tdml_std=("true_tdml", "std"),
         final_step_error=("final_step_error", "mean"), clipped_frac=("clipped_frac", "mean"),
-        one_step=("one_step", "mean"), closed_loop_n_step=("closed_loop_n_step", "mean"))
+        one_step=("one_step", "mean"), closed_loop_n_step=("closed_loop_n_step", "mean"),
+        grad_cos=("grad_cos", "mean"), critic_tail=("critic_tail", "mean"), true_tail=("true_tail", "mean"))
     lines = [f"| arch | gamma | loss | iterations | model steps | seeds | true TDML (mean ± std) | error at step {cli.eval_horizon} "
-             "| clipped rollouts | one-step loss | closed-loop 5-step loss |", "|" + "---|" * 11]
+             "| clipped rollouts | one-step loss | closed-loop 5-step loss | grad cosine with true TDML "
+             "| critic at (s_2, s_hat_2) / true tail |", "|" + "---|" * 13]
     for (arch, gamma, loss), r in table.iterrows():
+        tail = f"{r.critic_tail:.4g} / {r.true_tail:.4g}" if loss == "tdml" else "-"
         lines.append(f"| {arch} | {gamma} | {loss} | {r.steps:.0f} | {r.model_updates:.0f} | {r.seeds:.0f} "
                      f"| {r.true_tdml:.4g} ± {r.true_tdml_std:.2g} | {r.final_step_error:.4g} | {r.clipped_frac:.0%} "
-                     f"| {r.one_step:.4g} | {r.closed_loop_n_step:.4g} |")
+                     f"| {r.one_step:.4g} | {r.closed_loop_n_step:.4g} | {r.grad_cos:.3f} | {tail} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policy-run", required=True, help="SAC run directory of the data policy")
+    parser.add_argument("--policy-run", default=str(RESULTS / "sac_policy"), help="SAC run directory of the data policy")
     parser.add_argument("--env-id", default="hopper")
     parser.add_argument("--archs", nargs="+", default=["slbo", "mpo", "metrpo"], choices=list(tdml.ARCHS))
     parser.add_argument("--gammas", nargs="+", type=float, default=[0.9, 0.95])
     parser.add_argument("--losses", nargs="+", default=list(tdml.LOSSES), choices=list(tdml.LOSSES))
     parser.add_argument("--num-seeds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--total-steps", type=int, default=3000)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--model-steps", type=int, default=300, help="model SGD steps per run (TDML: x d iterations)")
+    parser.add_argument("--eval-every", type=int, default=25, help="model steps between evaluations")
     parser.add_argument("--num-trajectories", type=int, default=100)
     parser.add_argument("--trajectory-length", type=int, default=1000)
     parser.add_argument("--critic-batch-size", type=int, default=256)
