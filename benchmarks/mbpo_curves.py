@@ -24,7 +24,9 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,19 +88,28 @@ def train_one(env_id, algo, seed, total_timesteps, backend):
                     f"pass that or remove the directory")
     start_steps = json.loads((path / "checkpoint.json").read_text())["env_steps"] if (path / "checkpoint.json").exists() else 0
     start, revision = time.time(), commit()
-    run_dir, _ = module.run(type(args)(resume=str(path)) if resuming else args)
-    end = time.time()
-    record_file = path / "run.json"
-    record = json.loads(record_file.read_text()) if record_file.exists() else {"sessions": []}
-    saved = json.loads((path / "args.json").read_text())
-    record["sessions"].append({
-        "commit": revision, "backend": saved["backend"], "cpu": cpu_name(), "cores": os.cpu_count(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
-        "env_steps_from": start_steps, "env_steps_to": saved["total_timesteps"], "wall_clock_s": round(end - start, 1),
-    })
-    record["wall_clock_s_total"] = round(sum(s["wall_clock_s"] for s in record["sessions"]), 1)
-    record_file.write_text(json.dumps(record, indent=2))
-    print(json.dumps({"run": str(path), **record["sessions"][-1]}))
+    # A session that ends (SIGTERM) or is interrupted still records what it covered.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    interrupted = True
+    try:
+        module.run(type(args)(resume=str(path)) if resuming else args)
+        interrupted = False
+    finally:
+        end = time.time()
+        record_file = path / "run.json"
+        record = json.loads(record_file.read_text()) if record_file.exists() else {"sessions": []}
+        saved = json.loads((path / "args.json").read_text())
+        done = json.loads((path / "checkpoint.json").read_text())["env_steps"] if (path / "checkpoint.json").exists() else 0
+        record["sessions"].append({
+            "commit": revision, "backend": saved["backend"], "cpu": cpu_name(), "cores": os.cpu_count(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
+            "env_steps_from": start_steps, "env_steps_to": done, "wall_clock_s": round(end - start, 1),
+            **({"interrupted": "stopped before the end; steps after the last checkpoint are redone on resume"}
+               if interrupted else {}),
+        })
+        record["wall_clock_s_total"] = round(sum(s["wall_clock_s"] for s in record["sessions"]), 1)
+        record_file.write_text(json.dumps(record, indent=2))
+        print(json.dumps({"run": str(path), **record["sessions"][-1]}))
 
 
 def load(env_id):
