@@ -7,11 +7,13 @@ over seeds.
 
     python algorithms/dam.py --env-id IcyRoad --method dam --model mdn --seed 0
     python algorithms/dam.py --env-id Intersection --method baseline --model gaussian --num-seeds 10
+    python algorithms/dam.py --env-id Intersection --method baseline --model true   # the planner's ceiling
     python algorithms/dam.py --evaluate runs/<run-name>      # planner episodes with the saved model
 
 Methods (Table 1): `baseline` = maximum-likelihood model, uncorrected values; `minvar` =
 minimum-variance model only; `disc` = discriminator-corrected planning only; `dam` = both.
-Models: `gaussian` (unimodal, diagonal) or `mdn` (mixture density network, K components).
+Models: `gaussian` (unimodal, diagonal) or `mdn` (mixture density network, K components);
+`true` plans with the env's own dynamics (nothing learned): the same planner's ceiling.
 
 What the paper fixes, and we follow:
 * ESTIMATEVALUE (Alg. 1, Eq. 4): rollouts through q; the reward of step t is multiplied by the
@@ -23,10 +25,31 @@ What the paper fixes, and we follow:
 * RSPLANNER (Alg. 3): K action sequences of horizon H, actions i.i.d. uniform over the 3 discrete
   actions, the first action of the best sequence executed, replanning at every step (MPC).
 * MBRL (Alg. 3): J = 10 rounds of (roll out the planner in the real env, add the trajectory,
-  retrain the model and the discriminator from freshly initialized parameters), starting from a
-  small random-policy dataset.
+  retrain the model and the discriminator from freshly initialized parameters).
 
 Choices where the paper is silent (and why):
+* The dataset starts from `init_episodes` random-policy episodes (Alg. 3 starts from an empty
+  one; a model cannot be fitted to nothing, so something must come first).
+* Evaluation: after the last round the final model drives `eval_episodes` (20) planner episodes
+  per seed that are not added to the data (Intersection: half with each turn); summary.json
+  reports their mean (eval/return), per turn, and the share that crashed. Table 1's entries are
+  averages of several episodes per run (15 of 16 are not multiples of 1/3), not one episode.
+* Common random numbers (`--common-noise`, default on): particle j of every candidate sequence
+  is rolled out with the same random draws, so candidates are compared on the same sampled
+  futures; without it, the argmax over K independently noisy estimates favours sequences whose
+  particles happened to draw the favourable outcome (e.g. the turn away from the agent), even
+  with the true dynamics (benchmarks/dam_planner_oracle.py).
+* Termination: a particle's rewards stop after its first terminal transition by the env's
+  `termination_fn` (Intersection's crash ends the episode, envs/intersection.py).
+* `--model true` samples p(s'|s, a) from an observation alone through `env.state_from_obs`
+  (Intersection's hidden turn drawn given the observation) and one `step_env`.
+* Normalizer: a dimension whose std over the data is below `min_input_std` (1e-2) is not scaled.
+  Intersection's agent heading is pi/2 in every state, but float32 sums give it a std of ~2.5e-6;
+  scaled by that, the model's ~0.01 noise on it lay thousands of std out and rollouts exploded
+  (planner values 1e21-1e32, NaN in 4 of 8 one-round runs). 1e-2 is the model's own noise floor
+  (`min_std`): a spread smaller than that cannot be resolved anyway.
+* Calibration: `disc/ratio_on_model_samples` = E_q[exp(logit)] over the discriminator's last
+  training batches, 1 for a calibrated density ratio p/q, logged every round.
 * Minimum-variance weights need R(tau) >= 0 (Eq. 9) while these envs have negative rewards. We
   shift every reward by the env's lowest possible reward r_min (IcyRoad -6: xdot - 6 with xdot
   >= 0; Intersection -10: vy - 10 with vy >= 0), i.e. R'(tau) = R(tau) - T r_min >= 0. With a fixed
@@ -50,8 +73,14 @@ Choices where the paper is silent (and why):
   the likelihood to infinity. The discriminator sees (normalized s, one-hot a, normalized s' - s).
 * Undiscounted returns (gamma = 1) for planning and for R(tau): the episodes are 5 and 25 steps.
 * Network sizes, learning rates, step counts, K, H, the particle count and the size of the random
-  dataset are not given in the paper; the defaults below are ours, chosen to make the full
-  Table 1 run (16 cells x 10 seeds) fit in 1.5 hours on 2 CPU cores (measured: 5056 s).
+  dataset are not given in the paper; the defaults below are ours. The planner's K, H and
+  particle count are the cheapest we measured to reach near the optimum with the true dynamics
+  (benchmarks/dam_planner_oracle.py, 2 seeds x 20-40 episodes): IcyRoad K 500, H 5, 20 particles
+  with common random numbers 9.82 (optimum 10; 7.35 without them); Intersection K 1000, H 25 (the
+  whole episode), 8 particles, common random numbers 201.7, 2% of episodes crashed (optimum
+  209.5 acting on the turn, 203 open loop, benchmarks/intersection_dp.py). The previous
+  Intersection preset (K 200, H 10) reached 135 with 45% crashed: a 10-step horizon does not see
+  the rest of the episode a crash loses.
 """
 
 import dataclasses
@@ -118,9 +147,9 @@ class Args:
 
     # planner (RSPLANNER + ESTIMATEVALUE)
     num_sequences: int | None = None
-    """K: action sequences sampled per planning step (preset 500 IcyRoad, 200 Intersection)"""
+    """K: action sequences sampled per planning step (preset 500 IcyRoad, 1000 Intersection)"""
     horizon: int | None = None
-    """H: planning horizon (preset 5 IcyRoad = whole episode, 10 Intersection)"""
+    """H: planning horizon (preset 5 IcyRoad, 25 Intersection: the whole episode)"""
     num_particles: int | None = None
     """model rollouts averaged per sequence (preset 20 IcyRoad, 8 Intersection)"""
     common_noise: bool = True
@@ -155,7 +184,7 @@ class Args:
 
 PRESETS = {
     "IcyRoad": dict(num_sequences=500, horizon=5, num_particles=20),
-    "Intersection": dict(num_sequences=200, horizon=10, num_particles=8),
+    "Intersection": dict(num_sequences=1000, horizon=25, num_particles=8),
 }
 
 
