@@ -77,7 +77,8 @@ Choices where the paper is silent (and why):
   particle count are the cheapest we measured to reach near the optimum with the true dynamics
   (benchmarks/dam_planner_oracle.py, 2 seeds x 20-40 episodes): IcyRoad K 500, H 5, 20 particles
   with common random numbers 9.82 (optimum 10; 7.35 without them); Intersection K 1000, H 25 (the
-  whole episode), 8 particles, common random numbers 201.7, 2% of episodes crashed (optimum
+  whole episode), 8 particles, common random numbers 201.7, 2% of episodes crashed (32
+  particles: 200.7, no gain; optimum
   209.5 acting on the turn, 203 open loop, benchmarks/intersection_dp.py). The previous
   Intersection preset (K 200, H 10) reached 135 with 45% crashed: a 10-step horizon does not see
   the rest of the episode a crash loses.
