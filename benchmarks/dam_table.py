@@ -1,13 +1,18 @@
 """Reproduction of DAM's Table 1 (Haghgoo et al. 2021): 2 envs x 2 model families x 4 methods,
-each cell one vmapped run of `--seeds` seeds with dam.py's defaults (J = 10 rounds), reported as
-mean +- standard error over seeds of the final round's return, next to the paper's numbers.
+each cell one vmapped run of `--seeds` seeds with dam.py's defaults (J = 10 rounds), plus per
+env the same planner with the true dynamics (`--model true`: its ceiling). Each seed's final
+model is evaluated on `--eval-episodes` planner episodes apart from data collection
+(Intersection: half with each turn); a cell reports their mean +- standard error over seeds,
+and each method's difference to the baseline of the same env and model, paired over seeds
+(seed i of every cell uses the same key), +- its standard error, next to the paper's numbers.
 
     python benchmarks/dam_table.py [--seeds 10] [--rounds 10] [--cells IcyRoad/mdn/dam ...]
     python benchmarks/dam_table.py --particles 1 --cells IcyRoad/gaussian/baseline ...  # Alg. 1's single draw
 
-Resumable: each finished cell is appended to benchmarks/results/dam_table.csv (one row per seed)
-and skipped on the next start; the markdown table (benchmarks/results/dam_table.md) is rebuilt
-from the CSV after every cell, with the wall-clock time of each cell.
+Resumable: each finished cell is appended to benchmarks/results/dam_table_eval.csv (one row per
+seed) and skipped on the next start; the markdown table (dam_table_eval.md) is rebuilt from the
+CSV after every cell, with the wall-clock time of each cell. (dam_table.{csv,md} and
+dam_table_p1.* are the previous code's tables: one collected episode per seed, old crash rule.)
 """
 
 import argparse
@@ -30,32 +35,47 @@ PAPER = {
     ("Intersection", "mdn"): {"baseline": "29.58 ± 0.105", "minvar": "31.30 ± 1.634", "disc": "60.18 ± 19.58",
                               "dam": "97.72 ± 5.127"},
 }
-CELLS = [(env, model, method) for env in dam.ENV_IDS for model in dam.MODELS for method in dam.METHODS]
+CELLS = [(env, model, method) for env in dam.ENV_IDS for model in ("true", "gaussian", "mdn")
+         for method in (("baseline",) if model == "true" else dam.METHODS)]
 
 
-def run_cell(env_id, model, method, seeds, rounds, particles):
+def run_cell(env_id, model, method, seeds, rounds, particles, eval_episodes):
     args = dam.resolve(dam.Args(env_id=env_id, model=model, method=method, num_seeds=seeds, rounds=rounds,
-                                num_particles=particles, progress=False))
-    train = jax.jit(jax.vmap(dam.make_train(args).train))
+                                num_particles=particles, eval_episodes=eval_episodes, progress=False))
+    trainer = dam.make_train(args)
     start = time.perf_counter()
-    _, metrics = jax.block_until_ready(train(dam.seed_keys(args)))
+    state, metrics = jax.block_until_ready(jax.jit(jax.vmap(trainer.train))(dam.seed_keys(args)))
+    _, evaluation = jax.jit(jax.vmap(trainer.evaluate))(state, dam.eval_keys(args))
     seconds = time.perf_counter() - start
-    metrics = jax.tree.map(np.asarray, metrics)
-    utils.assert_finite(metrics, f"{env_id}/{model}/{method}")
+    metrics, evaluation = jax.tree.map(np.asarray, (metrics, evaluation))
+    utils.assert_finite({**metrics, **evaluation}, f"{env_id}/{model}/{method}")
     returns = metrics["charts/episode_return"]  # (seeds, rounds)
+    crashes = evaluation.get("eval/crash_frac", np.full(seeds, np.nan))
     return pd.DataFrame({"env": env_id, "model": model, "method": method, "seed": np.arange(seeds),
+                         "eval_return": evaluation["eval/return"], "eval_crash_frac": crashes,
                          "final_return": returns[:, -1], "mean_return_all_rounds": returns.mean(1),
                          "seconds_cell": seconds})
 
 
+def mean_se(x):
+    x = np.asarray(x, float)
+    return x.mean(), (x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else float("nan"))
+
+
 def table(df):
-    lines = ["| env | model | method | ours: final return (mean ± s.e.) | seeds | paper (3 seeds) | cell wall-clock (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| env | model | method | ours: eval return (mean ± s.e.) | minus baseline, paired (mean ± s.e.) | crashed "
+             "| seeds | paper (3 seeds) | cell wall-clock (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for (env_id, model, method), cell in df.groupby(["env", "model", "method"], sort=False):
-        r = cell["final_return"].to_numpy()
-        se = r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else float("nan")
-        lines.append(f"| {env_id} | {model} | {method} | {r.mean():.2f} ± {se:.2f} | {len(r)} | "
-                     f"{PAPER[(env_id, model)][method]} | {cell['seconds_cell'].iloc[0]:.0f} |")
+        m, se = mean_se(cell["eval_return"])
+        base = df[(df.env == env_id) & (df.model == model) & (df.method == "baseline")].set_index("seed")["eval_return"]
+        paired = cell.set_index("seed")["eval_return"] - base
+        paired = paired.dropna()
+        diff = "-" if method == "baseline" or paired.empty else "{:+.2f} ± {:.2f}".format(*mean_se(paired))
+        crash = cell["eval_crash_frac"].mean()
+        paper = PAPER.get((env_id, model), {}).get(method, "-")
+        lines.append(f"| {env_id} | {model} | {method} | {m:.2f} ± {se:.2f} | {diff} | "
+                     f"{'-' if np.isnan(crash) else f'{crash:.0%}'} | {len(cell)} | {paper} | "
+                     f"{cell['seconds_cell'].iloc[0]:.0f} |")
     total = df.groupby(["env", "model", "method"])["seconds_cell"].first().sum()
     lines.append(f"\nWall-clock of these cells (compile + run): {total:.0f} s on {jax.devices()[0].platform}.")
     return "\n".join(lines)
@@ -67,22 +87,25 @@ def main():
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--cells", nargs="*", default=None, help="env/model/method, e.g. IcyRoad/mdn/dam")
     parser.add_argument("--particles", type=int, default=None,
-                        help="model rollouts per sequence (default: dam.py's preset); results go to dam_table_p<N>.*")
+                        help="model rollouts per sequence (default: dam.py's preset); results go to dam_table_eval_p<N>.*")
+    parser.add_argument("--eval-episodes", type=int, default=20, help="planner episodes per seed for the final model")
+    parser.add_argument("--out-dir", default=str(RESULTS))
     cli = parser.parse_args()
     suffix = "" if cli.particles is None else f"_p{cli.particles}"
-    csv, markdown = RESULTS / f"dam_table{suffix}.csv", RESULTS / f"dam_table{suffix}.md"
+    out = Path(cli.out_dir)
+    csv, markdown = out / f"dam_table_eval{suffix}.csv", out / f"dam_table_eval{suffix}.md"
     utils.enable_compilation_cache()
     cells = CELLS if cli.cells is None else [tuple(c.split("/")) for c in cli.cells]
-    RESULTS.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     done = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["env", "model", "method"])
     for env_id, model, method in cells:
         if ((done.env == env_id) & (done.model == model) & (done.method == method)).any():
             continue
-        cell = run_cell(env_id, model, method, cli.seeds, cli.rounds, cli.particles)
+        cell = run_cell(env_id, model, method, cli.seeds, cli.rounds, cli.particles, cli.eval_episodes)
         done = pd.concat([done, cell], ignore_index=True) if len(done) else cell
         done.to_csv(csv, index=False)
         markdown.write_text(table(done) + "\n")
-        print(f"{env_id}/{model}/{method}: {cell.final_return.mean():.2f} "
+        print(f"{env_id}/{model}/{method}: {cell.eval_return.mean():.2f} "
               f"({cell.seconds_cell.iloc[0]:.0f} s)", flush=True)
     print(table(done))
 
