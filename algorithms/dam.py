@@ -49,7 +49,10 @@ Choices where the paper is silent (and why):
   (planner values 1e21-1e32, NaN in 4 of 8 one-round runs). 1e-2 is the model's own noise floor
   (`min_std`): a spread smaller than that cannot be resolved anyway.
 * Calibration: `disc/ratio_on_model_samples` = E_q[exp(logit)] over the discriminator's last
-  training batches, 1 for a calibrated density ratio p/q, logged every round.
+  training batches, 1 for a calibrated density ratio p/q, logged every round. `--self-normalize`
+  averages each step's reward over the particles with weights w / sum_p w (self-normalised
+  importance sampling), which cancels a ratio that is off by a constant factor; it is off by
+  default (Eq. 4 as written) until Table 1 has measured it.
 * Minimum-variance weights need R(tau) >= 0 (Eq. 9) while these envs have negative rewards. We
   shift every reward by the env's lowest possible reward r_min (IcyRoad -6: xdot - 6 with xdot
   >= 0; Intersection -10: vy - 10 with vy >= 0), i.e. R'(tau) = R(tau) - T r_min >= 0. With a fixed
@@ -159,6 +162,8 @@ class Args:
     """importance weight from the logit: exp (Eq. 8, default) or sigmoid (as written in Alg. 1)"""
     max_log_weight: float = 10.0
     """cap on the running log importance weight (overflow guard)"""
+    self_normalize: bool = False
+    """self-normalised importance weights: step h's reward is averaged over particles with weights w_{1..h} / sum_p w_{1..h}, so a discriminator whose ratios are off by a constant factor (E_q[exp(logit)] != 1) changes nothing"""
 
     # dynamics model
     model_width: int = 128
@@ -403,7 +408,10 @@ def make_train(args: Args):
             next_state = jax.vmap(sample_next)(state, action, keys)  # one key per sequence: its p particles
             log_w = jnp.minimum(log_w + step_log_weight(state, action, next_state), args.max_log_weight)
             reward = env.reward_fn(state, action, next_state, env_params)
-            total = total + jnp.where((t + h < horizon_T) & ~ended, jnp.exp(log_w) * reward, 0.0)
+            # w_{1..h}: the plain product (Eq. 4), or normalised over the particles (times p, so
+            # that the mean over particles below is their weighted sum).
+            weight = p * jax.nn.softmax(log_w, axis=1) if args.self_normalize else jnp.exp(log_w)
+            total = total + jnp.where((t + h < horizon_T) & ~ended, weight * reward, 0.0)
             ended = ended | env.termination_fn(state, action, next_state, env_params)
             return (next_state, log_w, total, ended), None
 

@@ -235,6 +235,28 @@ def test_importance_weights_multiply_along_the_rollout_and_are_capped():
     assert float(log_w) == 2.5
 
 
+def test_self_normalised_weights_ignore_a_constant_factor():
+    """--self-normalize: log w + c for every transition (a ratio off by e^c) leaves the values
+    unchanged, where the plain product scales step h's reward by e^(c h); with unequal weights
+    across particles it is the weighted average."""
+    trainer = trainer_for(self_normalize=True, num_particles=2, common_noise=False)
+    still = lambda s, a, key: s  # reward xdot = 1 per step
+    plain = lambda s, a, s2: jnp.zeros(s.shape[:-1])
+    one = lambda s, a, s2: jnp.ones(s.shape[:-1])
+    start, sequence = jnp.array([0.0, 0, 1, 0]), jnp.zeros((1, 5), jnp.int32)
+    base, _ = trainer.estimate_values(still, plain, start, 0, sequence, jax.random.PRNGKey(0))
+    shifted, _ = trainer.estimate_values(still, one, start, 0, sequence, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(shifted, base, rtol=1e-6)
+    np.testing.assert_allclose(base, [5.0], rtol=1e-6)
+    # Particle 0 at xdot 1 (reward 1), particle 1 at xdot 3 (reward 3 + 8 bonus) with log-weight
+    # log 3 per step: after h steps the weights are 1 : 3^h, so step h earns (1 + 11 * 3^h) / (1 + 3^h).
+    two = lambda s, a, key: s.at[1, 2].set(3.0)
+    tilted = lambda s, a, s2: jnp.array([0.0, np.log(3.0)])
+    values, _ = trainer.estimate_values(two, tilted, start, 0, sequence, jax.random.PRNGKey(0))
+    expected = sum((1 + 11 * 3.0**h) / (1 + 3.0**h) for h in range(1, 6))
+    np.testing.assert_allclose(values, [expected], rtol=1e-5)
+
+
 # --- the whole loop --------------------------------------------------------------------------------
 def _run(tmp_path, **overrides):
     args = tiny_args(run_dir=str(tmp_path), run_name="run", **overrides)
