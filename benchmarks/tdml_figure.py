@@ -27,6 +27,7 @@ architectures, learning rates, kappa, d, tau and the critic's width are the pape
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -38,7 +39,9 @@ import pandas as pd  # noqa: E402
 
 from algorithms import tdml, utils  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "tdml"
+# Relative to the working directory (the repo root in the commands above), so the run directories
+# and the policy path stored in each run's args.json stay valid in any checkout.
+RESULTS = Path(os.path.relpath(Path(__file__).parent / "results" / "tdml"))
 COLUMNS = {"charts/model_updates": "model_updates", "eval/true_tdml": "true_tdml",
            "eval/final_step_error": "final_step_error",
            "eval/clipped_frac": "clipped_frac", "eval/one_step": "one_step",
@@ -81,6 +84,8 @@ def run_cell(args):
         done = json.loads((path / "checkpoint.json").read_text())["env_steps"] if (path / "checkpoint.json").exists() else 0
         if done >= args.total_steps:
             return path
+        utils.check(done == 0 or (path / "checkpoint.eqx").exists(),
+                    f"{path} has no checkpoint.eqx (checkpoints are not committed): delete the directory to rerun it")
         if done > 0:
             tdml.run(tdml.Args(resume=str(path)))
             return path
