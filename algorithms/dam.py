@@ -534,15 +534,15 @@ def make_train(args: Args):
         episodes, _ = jax.vmap(run_episode, (None, 0, 0))(policy, jax.random.split(key, args.eval_episodes), left)
         obs, action, reward, next_obs = episodes
         returns = jnp.sum(reward, 1)
+        crashed = jnp.any(env.termination_fn(obs, action, next_obs, env_params), 1)
         metrics = {"eval/return": jnp.mean(returns)}
         if args.env_id == "Intersection":
             metrics.update({
                 "eval/return_left_turn": jnp.sum(jnp.where(left, returns, 0)) / jnp.sum(left),
                 "eval/return_right_turn": jnp.sum(jnp.where(left, 0, returns)) / jnp.maximum(jnp.sum(~left), 1),
-                "eval/crash_frac": jnp.mean(jnp.any(env.termination_fn(obs, action, next_obs, env_params), 1))})
+                "eval/crash_frac": jnp.mean(crashed)})
         if per_episode:  # for benchmarks: every episode's return (and crash)
-            metrics.update({"eval/episode_returns": returns,
-                            "eval/episode_crashed": jnp.any(env.termination_fn(obs, action, next_obs, env_params), 1)})
+            metrics.update({"eval/episode_returns": returns, "eval/episode_crashed": crashed})
         return jnp.mean(returns), metrics
 
     return Trainer(init, round_, train, evaluate, fit_normalizer, fit_model, fit_discriminator, trajectory_weights,

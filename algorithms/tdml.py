@@ -646,7 +646,7 @@ def make_train(args: Args, system: System | None = None):
         def true_tdml_at(gamma):  # Eq. 3, per start state
             return jnp.sum(gamma ** jnp.arange(args.eval_horizon + 1)[:, None] * per_step, 0)
 
-        true_tdml = true_tdml_at(args.gamma)
+        true_tdml = jnp.sum(discount * per_step, 0)
         extra = {}
         if critic is not None:
             true_tail = jnp.sum(discount[:-2] * per_step[2:], 0)
