@@ -89,8 +89,6 @@ Choices where the paper is silent (and why):
 
 import dataclasses
 import json
-import time
-from pathlib import Path
 from typing import NamedTuple
 
 import distrax
@@ -99,8 +97,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
-from tqdm import tqdm
 
 import envs
 from algorithms import utils
@@ -140,6 +136,10 @@ class Args:
     """planner episodes per seed evaluating the final model (and of --evaluate), apart from data collection; Intersection: half with each turn"""
     progress: bool = True
     """show a progress bar"""
+    track: bool = False
+    """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (optional `pip install wandb`; WANDB_MODE=offline works offline)"""
 
     # MBRL loop (Algorithm 3)
     rounds: int = 10
@@ -582,71 +582,38 @@ def eval_keys(args):
 
 
 def run(args: Args):
-    """Train with a thin host loop over compiled rounds: log, check, checkpoint, resume."""
-    if args.resume:
-        run_dir = utils.RunDir(args.resume)
-        args = run_dir.load_args(Args)
-    else:
-        args = resolve(args)
-        name = args.run_name or utils.RunDir.new_name(args.env_id, f"dam-{args.method}-{args.model}", args.seed)
-        run_dir = utils.RunDir(Path(args.run_dir) / name, args)
+    """Train: the host loop of utils over compiled rounds (log, check, checkpoint, resume)."""
+    args, run_dir = utils.open_run(args, Args, f"dam-{args.method}-{args.model}", resolve)
     trainer = make_train(args)
-    steps_per_round = args.episodes_per_round * trainer.env.default_params.max_steps_in_episode
-    init_steps = args.init_episodes * trainer.env.default_params.max_steps_in_episode
-    one_round = jax.jit(jax.vmap(trainer.round, in_axes=(0, None)), donate_argnums=0)
     state = jax.jit(jax.vmap(trainer.init))(seed_keys(args))
-    loaded, done_steps = run_dir.load_checkpoint(state)
-    state = state if loaded is None else loaded
-    run_dir.truncate_metrics(done_steps)
-    done_rounds = max(0, (done_steps - init_steps) // steps_per_round)
-    bar = tqdm(total=args.rounds, initial=done_rounds, unit="round", disable=not args.progress)
-    metrics = {}
-    while done_rounds < args.rounds:
-        start = time.perf_counter()
-        state, metrics = one_round(state, jnp.int32(done_rounds))
-        metrics = jax.tree.map(np.asarray, metrics)
-        done_rounds += 1
-        metrics["charts/seconds_per_round"] = np.full(args.num_seeds, time.perf_counter() - start)
-        utils.assert_finite(metrics, f"round {done_rounds}")
-        run_dir.write_metrics(metrics, args.seed)
-        run_dir.save_checkpoint(state, int(metrics["env_steps"][0]))
-        bar.update(1)
-        bar.set_postfix(episode_return=f"{metrics['charts/episode_return'].mean():.2f}")
-    bar.close()
+    one_round = jax.jit(jax.vmap(trainer.round, in_axes=(0, None)), donate_argnums=0)
+    state, metrics, _ = utils.train_loop(run_dir, args, state, one_round, args.rounds, unit="round",
+                                         check_metrics=lambda m, rounds: utils.assert_finite(m, f"round {rounds}"),
+                                         show="charts/episode_return")
     final = metrics.get("charts/episode_return", np.full(args.num_seeds, np.nan))
     # The final model, evaluated apart from data collection (`eval_episodes` per seed).
     _, evaluation = jax.jit(jax.vmap(trainer.evaluate))(state, eval_keys(args))
     evaluation = jax.tree.map(np.asarray, evaluation)
     utils.assert_finite(evaluation, "the final evaluation")
-    summary = {"run_dir": str(run_dir.path), "env_id": args.env_id, "method": args.method, "model": args.model,
-               "rounds": done_rounds, "final_return_mean": float(np.mean(final)),
-               "final_return_per_seed": [float(x) for x in final], "eval_episodes": args.eval_episodes,
-               **{f"{k}_per_seed": [float(x) for x in v] for k, v in evaluation.items()},
-               "eval/return_mean": float(np.mean(evaluation["eval/return"]))}
-    run_dir.write_summary(summary)
-    print(json.dumps(summary))
+    run_dir.write_summary({"env_id": args.env_id, "method": args.method, "model": args.model, "rounds": args.rounds,
+                           "final_return_mean": float(np.mean(final)), "final_return_per_seed": [float(x) for x in final],
+                           "eval_episodes": args.eval_episodes,
+                           **{f"{k}_per_seed": [float(x) for x in v] for k, v in evaluation.items()},
+                           "eval/return_mean": float(np.mean(evaluation["eval/return"]))})
     return run_dir, metrics
 
 
 def evaluate_saved(path, eval_episodes):
-    run_dir = utils.RunDir(path)
-    args = dataclasses.replace(run_dir.load_args(Args), eval_episodes=eval_episodes)
-    trainer = make_train(args)
-    like = jax.eval_shape(jax.vmap(trainer.init), seed_keys(args))
-    state, steps = run_dir.load_checkpoint(like)
-    utils.check(state is not None, f"no checkpoint in {path}")
+    args, trainer, state, steps = utils.load_saved(path, Args, make_train, seed_keys, eval_episodes=eval_episodes)
     returns, _ = jax.jit(jax.vmap(trainer.evaluate))(state, eval_keys(args))
     print(json.dumps({"run_dir": path, "env_steps": steps, "eval_return_per_seed": [float(r) for r in returns]}))
     return returns
 
 
 def main():
-    utils.enable_compilation_cache()
-    args = tyro.cli(Args)
-    if args.evaluate:
-        evaluate_saved(args.evaluate, args.eval_episodes)
-    else:
-        run(args)
+    args = utils.cli(Args)
+    with utils.reported_failures():
+        evaluate_saved(args.evaluate, args.eval_episodes) if args.evaluate else run(args)
 
 
 if __name__ == "__main__":

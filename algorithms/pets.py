@@ -74,9 +74,7 @@ Choices where the paper is silent (and why):
 
 import dataclasses
 import json
-import time
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import equinox as eqx
@@ -84,8 +82,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
-from tqdm import tqdm
 
 import envs
 from algorithms import utils
@@ -122,6 +118,10 @@ class Args:
     """only run one planning episode per seed with the model saved in this run directory and print the returns"""
     progress: bool = True
     """show a progress bar"""
+    track: bool = False
+    """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (optional `pip install wandb`; WANDB_MODE=offline works offline)"""
 
     # model
     ensemble_size: int = 5
@@ -600,57 +600,29 @@ def seed_keys(args):
 
 
 def run(args: Args):
-    """Train with a thin host loop over compiled trials: log, check, checkpoint, resume."""
-    if args.resume:
-        run_dir = utils.RunDir(args.resume)
-        args = run_dir.load_args(Args)
-    else:
-        args = resolve(args)
-        name = args.run_name or utils.RunDir.new_name(args.env_id, "pets", args.seed)
-        run_dir = utils.RunDir(Path(args.run_dir) / name, args)
+    """Train: the host loop of utils over compiled trials (log, check, checkpoint, resume)."""
+    args, run_dir = utils.open_run(args, Args, "pets", resolve)
     trainer = make_train(args)
-    init = jax.jit(jax.vmap(trainer.init))
+    state = jax.jit(jax.vmap(trainer.init))(seed_keys(args))
     chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
-    state = init(seed_keys(args))
-    loaded, done_steps = run_dir.load_checkpoint(state)
-    if loaded is not None:
-        state = loaded
-    run_dir.truncate_metrics(done_steps)  # rows written after the checkpoint (all, if none)
-    done_trials = done_steps // args.episode_length
-    bar = tqdm(total=args.num_trials, initial=done_trials, unit="trial", disable=not args.progress)
-    metrics = {}
-    while done_trials < args.num_trials:
-        start = time.perf_counter()
-        state, metrics = chunk(state, jnp.int32(done_trials))
-        metrics = jax.tree.map(np.asarray, metrics)
-        metrics["charts/steps_per_second"] = metrics["charts/trial_length"] / (time.perf_counter() - start)
+
+    def check(metrics, trials):
         # Trial 0 has random actions: no planning statistics (NaN by design); all else must be finite.
-        utils.assert_finite({k: v for k, v in metrics.items() if done_trials > 0 or not k.startswith("plan/")},
-                            f"trial {done_trials} (env steps taken {metrics['charts/env_steps_taken'].tolist()})")
-        done_trials += 1
-        run_dir.write_metrics(metrics, args.seed)
-        run_dir.save_checkpoint(state, done_trials * args.episode_length)
-        bar.update(1)
-        bar.set_postfix(trial_return=f"{metrics['charts/trial_return'].mean():.1f}",
-                        sps=f"{metrics['charts/steps_per_second'][0]:.0f}")
-    bar.close()
-    summary = {"run_dir": str(run_dir.path), "env_id": args.env_id, "backend": args.backend,
-               "trials": done_trials, "env_steps": done_trials * args.episode_length,
-               "env_steps_taken_per_seed": [int(x) for x in metrics["charts/env_steps_taken"]],
-               "final_trial_return_mean": float(np.mean(metrics["charts/trial_return"])),
-               "final_trial_return_per_seed": [float(x) for x in metrics["charts/trial_return"]]}
-    run_dir.write_summary(summary)
-    print(json.dumps(summary))
+        utils.assert_finite({k: v for k, v in metrics.items() if trials > 1 or not k.startswith("plan/")},
+                            f"trial {trials - 1} (env steps taken {metrics['charts/env_steps_taken'].tolist()})")
+
+    state, metrics, _ = utils.train_loop(run_dir, args, state, chunk, args.num_trials, unit="trial",
+                                         check_metrics=check, show="charts/trial_return")
+    run_dir.write_summary({"env_id": args.env_id, "backend": args.backend, "trials": args.num_trials,
+                           "env_steps": args.num_trials * args.episode_length,
+                           "env_steps_taken_per_seed": [int(x) for x in metrics["charts/env_steps_taken"]],
+                           "final_trial_return_mean": float(np.mean(metrics["charts/trial_return"])),
+                           "final_trial_return_per_seed": [float(x) for x in metrics["charts/trial_return"]]})
     return run_dir, metrics
 
 
 def evaluate_saved(path):
-    run_dir = utils.RunDir(path)
-    args = run_dir.load_args(Args)
-    trainer = make_train(args)
-    like = jax.eval_shape(jax.vmap(trainer.init), seed_keys(args))
-    state, steps = run_dir.load_checkpoint(like)
-    utils.check(state is not None, f"no checkpoint in {path}")
+    args, trainer, state, steps = utils.load_saved(path, Args, make_train, seed_keys)
     keys = jax.vmap(jax.random.fold_in, (0, None))(seed_keys(args), 12345)
     returns = jax.jit(jax.vmap(trainer.evaluate))(state, keys)
     print(json.dumps({"run_dir": path, "env_steps": steps, "eval_return_per_seed": [float(r) for r in returns]}))
@@ -658,12 +630,9 @@ def evaluate_saved(path):
 
 
 def main():
-    utils.enable_compilation_cache()
-    args = tyro.cli(Args)
-    if args.evaluate:
-        evaluate_saved(args.evaluate)
-    else:
-        run(args)
+    args = utils.cli(Args)
+    with utils.reported_failures():
+        evaluate_saved(args.evaluate) if args.evaluate else run(args)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,7 @@ Choices (and why):
 
 import dataclasses
 import json
-import time
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import equinox as eqx
@@ -51,8 +49,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
-from tqdm import tqdm
 
 import envs
 from algorithms import utils
@@ -91,6 +87,10 @@ class Args:
     """only evaluate the policy saved in this run directory and print the returns"""
     progress: bool = True
     """show a progress bar"""
+    track: bool = False
+    """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (optional `pip install wandb`; WANDB_MODE=offline works offline)"""
 
     # agent (SAC)
     updates_per_step: int = 1
@@ -433,56 +433,29 @@ def seed_keys(args):
 
 
 def run(args: Args):
-    """Train with a thin host loop over compiled epochs: log, check, checkpoint, resume."""
-    if args.resume:
-        run_dir = utils.RunDir(args.resume)
-        args = run_dir.load_args(Args)
-    else:
-        args = resolve(args)
-        name = args.run_name or utils.RunDir.new_name(args.env_id, "sac", args.seed)
-        run_dir = utils.RunDir(Path(args.run_dir) / name, args)
+    """Train: the host loop of utils over compiled epochs (log, check, checkpoint, resume)."""
+    args, run_dir = utils.open_run(args, Args, "sac", resolve)
     trainer = make_train(args)
-    init = jax.jit(jax.vmap(trainer.init))
+    state = jax.jit(jax.vmap(trainer.init))(seed_keys(args))
     chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
-    state = init(seed_keys(args))
-    loaded, done_steps = run_dir.load_checkpoint(state)
-    if loaded is not None:
-        state = loaded
-    run_dir.truncate_metrics(done_steps)  # rows written after the checkpoint (all, if none)
-    bar = tqdm(total=args.total_timesteps, initial=done_steps, unit="step", disable=not args.progress)
-    metrics = {}
-    while done_steps < args.total_timesteps:
-        start = time.perf_counter()
-        state, metrics = chunk(state, jnp.int32(done_steps))
-        metrics = jax.tree.map(np.asarray, metrics)
-        done_steps += args.epoch_length
-        metrics["charts/steps_per_second"] = np.full(args.num_seeds, args.epoch_length / (time.perf_counter() - start))
+
+    def check(metrics, epochs):
         # Before learning starts the losses are NaN by design; after, every metric must be finite.
-        learning = done_steps > args.init_steps
+        learning = epochs * args.epoch_length > args.init_steps
         utils.assert_finite({k: v for k, v in metrics.items() if (learning or k == "eval/return")
-                             and k != "charts/train_return"},
-                            f"env step {done_steps} (epoch {done_steps // args.epoch_length})")
-        run_dir.write_metrics(metrics, args.seed)
-        run_dir.save_checkpoint(state, done_steps, actor=state.sac.actor)  # actor.eqx: see the docstring
-        bar.update(args.epoch_length)
-        bar.set_postfix(eval_return=f"{metrics['eval/return'].mean():.1f}",
-                        sps=f"{metrics['charts/steps_per_second'][0]:.0f}")
-    bar.close()
-    summary = {"run_dir": str(run_dir.path), "env_id": args.env_id, "backend": args.backend,
-               "env_steps": done_steps, "final_eval_return_mean": float(np.mean(metrics["eval/return"])),
-               "final_eval_return_per_seed": [float(x) for x in metrics["eval/return"]]}
-    run_dir.write_summary(summary)
-    print(json.dumps(summary))
+                             and k != "charts/train_return"}, f"env step {epochs * args.epoch_length} (epoch {epochs})")
+
+    state, metrics, done_steps = utils.train_loop(
+        run_dir, args, state, lambda s, i: chunk(s, i * args.epoch_length), args.total_timesteps // args.epoch_length,
+        unit="epoch", check_metrics=check, parts=lambda s: {"actor": s.sac.actor})  # actor.eqx: see the docstring
+    run_dir.write_summary({"env_id": args.env_id, "backend": args.backend, "env_steps": done_steps,
+                           "final_eval_return_mean": float(np.mean(metrics["eval/return"])),
+                           "final_eval_return_per_seed": [float(x) for x in metrics["eval/return"]]})
     return run_dir, metrics
 
 
 def evaluate_saved(path):
-    run_dir = utils.RunDir(path)
-    args = run_dir.load_args(Args)
-    trainer = make_train(args)
-    like = jax.eval_shape(jax.vmap(trainer.init), seed_keys(args))
-    state, steps = run_dir.load_checkpoint(like)
-    utils.check(state is not None, f"no checkpoint in {path}")
+    args, trainer, state, steps = utils.load_saved(path, Args, make_train, seed_keys)
     eval_keys = jax.vmap(jax.random.fold_in, (0, None))(seed_keys(args), 12345)
     returns = jax.jit(jax.vmap(trainer.evaluate))(state.sac.actor, eval_keys)
     print(json.dumps({"run_dir": path, "env_steps": steps, "eval_return_per_seed": [float(r) for r in returns]}))
@@ -490,12 +463,9 @@ def evaluate_saved(path):
 
 
 def main():
-    utils.enable_compilation_cache()
-    args = tyro.cli(Args)
-    if args.evaluate:
-        evaluate_saved(args.evaluate)
-    else:
-        run(args)
+    args = utils.cli(Args)
+    with utils.reported_failures():
+        evaluate_saved(args.evaluate) if args.evaluate else run(args)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,6 @@ Choices where the paper is silent (and why):
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -121,8 +120,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
-from tqdm import tqdm
 
 import envs
 from algorithms import utils
@@ -165,6 +162,10 @@ class Args:
     """only compute the true TDML of the models saved in this run directory and print it"""
     progress: bool = True
     """show a progress bar"""
+    track: bool = False
+    """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (optional `pip install wandb`; WANDB_MODE=offline works offline)"""
 
     # data set: the fixed replay buffer of a deterministic policy
     policy_run: str | None = None
@@ -784,56 +785,39 @@ def _setup(args, run_dir, fresh):
 
 
 def run(args: Args):
-    """Train with a thin host loop over compiled chunks: log, check, checkpoint, resume."""
+    """Train: the host loop of utils over compiled chunks (log, check, checkpoint, resume)."""
     resuming = args.resume is not None
-    if resuming:
-        run_dir = utils.RunDir(args.resume)
-        args = run_dir.load_args(Args)
-    else:
-        args = resolve(args)
-        name = args.run_name or utils.RunDir.new_name(args.env_id, f"tdml-{args.loss}-{args.arch}", args.seed)
-        run_dir = utils.RunDir(Path(args.run_dir) / name, args)
+    args, run_dir = utils.open_run(args, Args, f"tdml-{args.loss}-{args.arch}", resolve)
     # The saved policy, on resume (unless the run died before saving it).
     fresh = not (resuming and (run_dir.path / "policy.eqx").exists())
     env, trainer, policy, data = _setup(args, run_dir, fresh)
     stats = data_stats(env, data)
+    print(f"data: return {stats['data/return_mean']:.1f}, {stats['data/terminated_frac']:.0%} fell", flush=True)
     eval_batch = jax.jit(trainer.eval_batch)
     chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None, None, None, None)), donate_argnums=0)
     state = jax.jit(jax.vmap(trainer.init))(seed_keys(args))
-    loaded, done_steps = run_dir.load_checkpoint(state)
-    if loaded is not None:
-        state = loaded
-    run_dir.truncate_metrics(done_steps, column="steps")
-    bar = tqdm(total=args.total_steps, initial=done_steps, unit="step", disable=not args.progress)
-    bar.set_postfix(data_return=f"{stats['data/return_mean']:.1f}")
-    metrics = {}
-    while done_steps < args.total_steps:
-        start = time.perf_counter()
-        batch = eval_batch(data, policy, jnp.int32(done_steps // args.eval_every))
-        state, metrics = chunk(state, data, policy, batch, jnp.int32(done_steps))
-        metrics = jax.tree.map(np.asarray, metrics)
-        done_steps += args.eval_every
-        metrics["charts/steps_per_second"] = np.full(args.num_seeds, args.eval_every / (time.perf_counter() - start))
-        where = f"step {done_steps} (chunk {done_steps // args.eval_every})"
+
+    def check(metrics, chunks):
+        where = f"step {chunks * args.eval_every} (chunk {chunks})"
         first_bad = metrics.pop("debug/first_nonfinite_step")
         if (first_bad >= 0).any():
             raise utils.NonFiniteError(f"non-finite training loss first at step {first_bad[first_bad >= 0].min()}, "
                                        f"in {where} (seeds {np.nonzero(first_bad >= 0)[0].tolist()})")
         utils.assert_finite(metrics, where)
-        run_dir.write_metrics(metrics, args.seed)
-        run_dir.save_checkpoint(state, done_steps)
-        bar.update(args.eval_every)
-        bar.set_postfix(true_tdml=f"{metrics['eval/true_tdml'].mean():.4g}",
-                        sps=f"{metrics['charts/steps_per_second'][0]:.0f}")
-    bar.close()
+
+    def one_chunk(state, i):
+        return chunk(state, data, policy, eval_batch(data, policy, i), i * args.eval_every)
+
+    state, metrics, done_steps = utils.train_loop(run_dir, args, state, one_chunk, args.total_steps // args.eval_every,
+                                                  progress="steps", unit="chunk", check_metrics=check,
+                                                  show="eval/true_tdml")
     final = metrics.get("eval/true_tdml", np.full(args.num_seeds, np.nan))
-    summary = {"run_dir": str(run_dir.path), "env_id": args.env_id, "backend": args.backend, "arch": args.arch,
-               "loss": args.loss, "gamma": args.gamma, "steps": done_steps,
-               "policy": "random (untrained)" if args.random_policy else f"{args.policy_run} (seed index {args.policy_index})",
-               **stats, "final_true_tdml_mean": float(np.mean(final)),
-               "final_true_tdml_per_seed": [float(x) for x in final]}
-    run_dir.write_summary(summary)
-    print(json.dumps(summary))
+    run_dir.write_summary({"env_id": args.env_id, "backend": args.backend, "arch": args.arch, "loss": args.loss,
+                           "gamma": args.gamma, "steps": done_steps,
+                           "policy": "random (untrained)" if args.random_policy
+                           else f"{args.policy_run} (seed index {args.policy_index})",
+                           **stats, "final_true_tdml_mean": float(np.mean(final)),
+                           "final_true_tdml_per_seed": [float(x) for x in final]})
     return run_dir, metrics
 
 
@@ -854,12 +838,9 @@ def evaluate_saved(path):
 
 
 def main():
-    utils.enable_compilation_cache()
-    args = tyro.cli(Args)
-    if args.evaluate:
-        evaluate_saved(args.evaluate)
-    else:
-        run(args)
+    args = utils.cli(Args)
+    with utils.reported_failures():
+        evaluate_saved(args.evaluate) if args.evaluate else run(args)
 
 
 if __name__ == "__main__":

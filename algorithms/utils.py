@@ -1,18 +1,25 @@
 """The little every algorithm file needs and nothing algorithmic: argument checks, the run
-directory (arguments, metrics CSV, summary, checkpoints), non-finite detection, compile cache.
+directory (arguments, metrics CSV, summary, checkpoints), non-finite detection, compile cache,
+and the one host loop every algorithm runs around its compiled chunk (`open_run`, `train_loop`,
+`load_saved`, `cli`), with optional TensorBoard / W&B tracking.
 
-Kept tiny on purpose: each algorithm file stays readable and copyable with this one module.
+Kept small on purpose: each algorithm file stays readable and copyable with this one module.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
+import tyro
+from tqdm import tqdm
 
 
 def enable_compilation_cache():
@@ -58,6 +65,22 @@ def assert_finite(metrics: dict, where: str):
             raise NonFiniteError(f"non-finite {name} at {where} (seeds {seeds}): {value}")
 
 
+@contextlib.contextmanager
+def reported_failures():
+    """A run that hits a non-finite value ends with one line and exit status 1, not a traceback."""
+    try:
+        yield
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cli(args_cls):
+    """Parse the command line into `args_cls` (tyro) and turn the persistent compile cache on."""
+    enable_compilation_cache()
+    return tyro.cli(args_cls)
+
+
 class RunDir:
     """runs/<run-name>/: args.json, metrics.csv (one row per seed and chunk), summary.json,
     checkpoint.eqx + checkpoint.json (the whole training state at the last chunk boundary)."""
@@ -88,21 +111,22 @@ class RunDir:
                 values = [f"{float(np.asarray(metrics[n])[i]):.7g}" for n in names]
                 f.write(",".join([str(first_seed + i), *values]) + "\n")
 
-    def truncate_metrics(self, last_step: int, column: str = "env_steps"):
-        """On resume: drop rows written after the checkpoint (`column` > last_step)."""
+    def truncate_metrics(self, rows: int):
+        """On resume: keep the header and the first `rows` rows (those the checkpoint covers)."""
         file = self.path / "metrics.csv"
-        if not file.exists():
-            return
-        lines = file.read_text().splitlines()
-        column = lines[0].split(",").index(column)
-        kept = [lines[0]] + [line for line in lines[1:] if float(line.split(",")[column]) <= last_step]
-        file.write_text("\n".join(kept) + "\n")
+        if file.exists():
+            lines = file.read_text().splitlines()
+            file.write_text("\n".join(lines[:1 + rows]) + "\n" if rows else "")
+            if not rows:
+                file.unlink()
 
     def write_summary(self, summary: dict):
+        summary = {"run_dir": str(self.path), **summary}
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary))
 
     # --- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, state, env_steps: int, **parts):
+    def save_checkpoint(self, state, env_steps: int, chunks: int, **parts):
         """Atomically replace the checkpoint: a kill mid-write leaves the previous one intact.
         `parts` are pytrees saved alone as <name>.eqx beside it (e.g. sac.py's actor.eqx), so
         other programs can load them without this program's whole training state."""
@@ -110,12 +134,118 @@ class RunDir:
             tmp = self.path / f"{name}.eqx.tmp"
             eqx.tree_serialise_leaves(tmp, tree)
             os.replace(tmp, self.path / f"{name}.eqx")
-        (self.path / "checkpoint.json").write_text(json.dumps({"env_steps": env_steps}))
+        (self.path / "checkpoint.json").write_text(json.dumps({"env_steps": env_steps, "chunks": chunks}))
 
     def load_checkpoint(self, like):
-        """Returns (state, env_steps), or (None, 0) if there is no checkpoint yet."""
+        """Returns (state, {"env_steps", "chunks"}), or (None, zeros) if there is no checkpoint yet."""
         if not (self.path / "checkpoint.json").exists():
-            return None, 0
-        env_steps = json.loads((self.path / "checkpoint.json").read_text())["env_steps"]
-        return eqx.tree_deserialise_leaves(self.path / "checkpoint.eqx", like), env_steps
+            return None, {"env_steps": 0, "chunks": 0}
+        info = json.loads((self.path / "checkpoint.json").read_text())
+        check((self.path / "checkpoint.eqx").exists(), f"{self.path}: checkpoint.json without checkpoint.eqx")
+        return eqx.tree_deserialise_leaves(self.path / "checkpoint.eqx", like), info
+
+
+# --- the host loop ----------------------------------------------------------------------------------
+def open_run(args, args_cls, algo: str, resolve=lambda a: a, validate=lambda a: None):
+    """(args, run_dir): a new run directory for `args` (resolved, then validated before anything
+    is written), or, with `--resume DIR`, that run with the arguments it was started with."""
+    if args.resume:
+        check((Path(args.resume) / "args.json").exists(), f"--resume {args.resume}: no run there (no args.json)")
+        run_dir = RunDir(args.resume)
+        args = run_dir.load_args(args_cls)
+        validate(args)
+        return args, run_dir
+    args = resolve(args)
+    validate(args)
+    return args, RunDir(Path(args.run_dir) / (args.run_name or RunDir.new_name(args.env_id, algo, args.seed)), args)
+
+
+def load_saved(path, args_cls, make_train, seed_keys, **overrides):
+    """(args, trainer, state, env_steps) of a saved run, for --evaluate and --render."""
+    check((Path(path) / "args.json").exists(), f"{path}: no run there (no args.json)")
+    run_dir = RunDir(path)
+    args = dataclasses.replace(run_dir.load_args(args_cls), **overrides)
+    trainer = make_train(args)
+    state, info = run_dir.load_checkpoint(jax.eval_shape(jax.vmap(trainer.init), seed_keys(args)))
+    check(state is not None, f"no checkpoint in {path}")
+    return args, trainer, state, info["env_steps"]
+
+
+def train_loop(run_dir, args, state, chunk, num_chunks: int, *, progress="env_steps", unit="step",
+               check_metrics=None, parts=lambda state: {}, show="eval/return"):
+    """Resume from the checkpoint, then run `chunk(state, i) -> (state, metrics)` for the chunks
+    i left. Per chunk: time it, check it (`check_metrics(metrics, chunks_done)` raises
+    NonFiniteError naming the quantity; default: every metric finite), append one row per seed to
+    metrics.csv (and TensorBoard / W&B), replace the checkpoint (with `parts(state)` beside it),
+    update the progress bar. `metrics[progress]` counts the x-axis (env steps, or iterations).
+    Returns (state, metrics of the last chunk, progress)."""
+    loaded, info = run_dir.load_checkpoint(state)
+    state = state if loaded is None else loaded
+    done, position = info["chunks"], info["env_steps"]
+    run_dir.truncate_metrics(done * args.num_seeds)  # rows written after the checkpoint (all, if none)
+    check_metrics = check_metrics or (lambda m, i: assert_finite(m, f"{progress.replace('_', ' ')} {m[progress][0]}"))
+    tracker = Tracker(run_dir, args)
+    bar = tqdm(total=num_chunks, initial=done, unit=unit, disable=not args.progress)
+    metrics = {}
+    try:
+        while done < num_chunks:
+            start = time.perf_counter()
+            state, metrics = chunk(state, jnp.int32(done))
+            metrics = jax.tree.map(np.asarray, metrics)  # waits for the chunk, so the time below is real
+            done, previous, position = done + 1, position, int(metrics[progress][0])
+            metrics["charts/steps_per_second"] = np.full(args.num_seeds, (position - previous) / (time.perf_counter() - start))
+            try:
+                check_metrics(metrics, done)
+            except NonFiniteError as error:
+                raise NonFiniteError(f"{error}; run {run_dir.path}, its last good checkpoint (at {progress} {previous}) "
+                                     f"kept") from None
+            run_dir.write_metrics(metrics, args.seed)
+            tracker.log(metrics, position, args.seed)
+            run_dir.save_checkpoint(state, position, done, **parts(state))
+            bar.update(1)
+            bar.set_postfix({show.split("/")[-1]: f"{metrics[show].mean():.4g}",
+                             "sps": f"{metrics['charts/steps_per_second'][0]:.0f}"})
+    finally:
+        bar.close()
+        tracker.close()
+    return state, metrics, position
+
+
+class Tracker:
+    """`--track`: TensorBoard event files in <run>/tensorboard/seed<S> (no network).
+    `--wandb-project NAME`: one W&B run per run directory, resumed with it; WANDB_MODE=offline
+    writes it under <run>/wandb without network (`wandb sync` uploads it later). Both optional
+    packages are imported only when asked for."""
+
+    def __init__(self, run_dir, args):
+        self.tensorboard, self.wandb = [], None
+        if getattr(args, "track", False):
+            from tensorboardX import SummaryWriter
+            self.tensorboard = [SummaryWriter(str(run_dir.path / "tensorboard" / f"seed{args.seed + i}"))
+                                for i in range(args.num_seeds)]
+        if getattr(args, "wandb_project", None):
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("error: --wandb-project needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=args.wandb_project, name=run_dir.path.name, dir=str(run_dir.path),
+                                    id=run_dir.path.name.replace("/", "-")[-64:], resume="allow",
+                                    config=dataclasses.asdict(args))
+
+    def log(self, metrics, step, first_seed):
+        for i, writer in enumerate(self.tensorboard):
+            for name, value in metrics.items():
+                writer.add_scalar(name, float(value[i]), step)
+            writer.flush()
+        if self.wandb is not None:  # the mean over seeds, and each seed when there are several
+            row = {name: float(np.mean(value)) for name, value in metrics.items()}
+            if len(metrics[next(iter(metrics))]) > 1:
+                row |= {f"seed{first_seed + i}/{n}": float(v[i]) for n, v in metrics.items() for i in range(len(v))}
+            self.wandb.log(row, step=step)
+
+    def close(self):
+        for writer in self.tensorboard:
+            writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 

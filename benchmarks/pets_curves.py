@@ -30,19 +30,16 @@ values are printed and saved in args.json.
 import argparse
 import dataclasses
 import json
-import time
 import types
 import typing
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from algorithms import pets, utils  # noqa: E402
@@ -163,36 +160,31 @@ def main():
     print(f"{run_dir.path}: {json.dumps(as_json(args))}", flush=True)
     utils.enable_compilation_cache()
 
-    trainer = pets.make_train(args)
-    chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
-    state = jax.jit(jax.vmap(trainer.init))(pets.seed_keys(args))
-    loaded, done_steps = run_dir.load_checkpoint(state)
-    if loaded is not None:
-        state = loaded
-    run_dir.truncate_metrics(done_steps)  # rows written after the checkpoint (all, if none)
-    done_trials = done_steps // args.episode_length
+    checkpoint = run_dir.path / "checkpoint.json"
+    info = json.loads(checkpoint.read_text()) if checkpoint.exists() else {"env_steps": 0}
+    done_trials = info.get("chunks", info["env_steps"] // args.episode_length)  # older runs: no "chunks"
     write_curves(run_dir, args, out_dir)
     if done_trials:
         print(f"continuing after trial {done_trials - 1} of {args.num_trials}", flush=True)
-    new_trials = 0
-    while done_trials < args.num_trials and (cli.max_new_trials is None or new_trials < cli.max_new_trials):
-        start = time.perf_counter()
-        state, metrics = chunk(state, jnp.int32(done_trials))
-        metrics = jax.tree.map(np.asarray, metrics)
-        seconds = time.perf_counter() - start
-        metrics["charts/steps_per_second"] = metrics["charts/trial_length"] / seconds
-        # Trial 0 has random actions: no planning statistics (NaN by design); all else must be finite.
-        utils.assert_finite({k: v for k, v in metrics.items() if done_trials > 0 or not k.startswith("plan/")},
-                            f"{run_dir.path} trial {done_trials}")
-        done_trials += 1
-        new_trials += 1
-        run_dir.write_metrics(metrics, args.seed)
-        run_dir.save_checkpoint(state, done_trials * args.episode_length)
+    stop = args.num_trials if cli.max_new_trials is None else min(args.num_trials, done_trials + cli.max_new_trials)
+    if done_trials < stop:
+        trainer = pets.make_train(args)
+        chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
+        state = jax.jit(jax.vmap(trainer.init))(pets.seed_keys(args))
+
+        def check(metrics, trials):
+            # Trial 0 has random actions: no planning statistics (NaN by design); all else must be finite.
+            utils.assert_finite({k: v for k, v in metrics.items() if trials > 1 or not k.startswith("plan/")},
+                                f"{run_dir.path} trial {trials - 1}")
+            returns = metrics["charts/trial_return"]
+            print(f"trial {trials - 1}/{args.num_trials - 1}: return {returns.mean():.1f} ± {returns.std():.1f} "
+                  f"(per seed {[round(float(r), 1) for r in returns]}), length {metrics['charts/trial_length'].tolist()}",
+                  flush=True)
+
+        utils.train_loop(run_dir, args, state, chunk, stop, unit="trial", check_metrics=check,
+                         show="charts/trial_return")
+        done_trials = stop
         write_curves(run_dir, args, out_dir)
-        returns = metrics["charts/trial_return"]
-        print(f"trial {done_trials - 1}/{args.num_trials - 1}: return {returns.mean():.1f} ± {returns.std():.1f} "
-              f"(per seed {[round(float(r), 1) for r in returns]}), length {metrics['charts/trial_length'].tolist()}, "
-              f"{seconds:.1f} s{' (with compilation)' if new_trials == 1 else ''}", flush=True)
     if done_trials >= args.num_trials:
         final = pd.read_csv(run_dir.path / "metrics.csv")
         final = final[final["trial"] == final["trial"].max()]["charts/trial_return"]

@@ -204,7 +204,7 @@ def test_short_runs_stay_finite_on_intersection_for_every_seed(tmp_path):
     run_dir, df = _run(tmp_path, env_id="Intersection", method="dam", model="mdn", rounds=1, num_seeds=4, horizon=5,
                        eval_episodes=2)
     summary = json.loads((run_dir.path / "summary.json").read_text())
-    assert np.isfinite(df.drop(columns=["charts/seconds_per_round"]).to_numpy(float)).all()
+    assert np.isfinite(df.drop(columns=["charts/steps_per_second"]).to_numpy(float)).all()
     assert np.isfinite(summary["eval/return_per_seed"]).all()
     assert (df["disc/ratio_on_model_samples"] > 0).all()
 
@@ -288,7 +288,7 @@ def reference(tmp_path_factory):
 def test_same_seed_identical_and_vmapped_seed_equals_single_run(reference, tmp_path):
     _, both = reference
     _, again = _run(tmp_path / "again", method="dam", model="mdn", num_seeds=2)
-    cols = [c for c in both.columns if c != "charts/seconds_per_round"]
+    cols = [c for c in both.columns if c != "charts/steps_per_second"]
     pd.testing.assert_frame_equal(both[cols], again[cols])
     _, single = _run(tmp_path / "single", method="dam", model="mdn", seed=1)
     seed1 = both[both.seed == 1].reset_index(drop=True)
@@ -313,7 +313,7 @@ def test_killed_run_resumes_to_identical_results(reference, tmp_path, monkeypatc
     monkeypatch.setattr(utils.RunDir, "write_metrics", original)
     run_dir, _ = dam.run(dam.Args(resume=str(tmp_path / "run")))
     df = pd.read_csv(run_dir.path / "metrics.csv")
-    cols = [c for c in df.columns if c != "charts/seconds_per_round"]
+    cols = [c for c in df.columns if c != "charts/steps_per_second"]
     pd.testing.assert_frame_equal(df[cols], reference[1][cols])
 
 
