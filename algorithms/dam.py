@@ -132,6 +132,8 @@ class Args:
     """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
     evaluate: str | None = None
     """only run `eval_episodes` planner episodes with the model saved in this run directory"""
+    render: str | None = None
+    """only draw one planner episode of this run's first seed into its directory: episode.png"""
     eval_episodes: int = 20
     """planner episodes per seed evaluating the final model (and of --evaluate), apart from data collection; Intersection: half with each turn"""
     progress: bool = True
@@ -610,10 +612,24 @@ def evaluate_saved(path, eval_episodes):
     return returns
 
 
+def render_saved(path):
+    """--render: one planner episode with the first seed's saved model (and discriminator): a PNG."""
+    args, trainer, state, _ = utils.load_saved(path, Args, make_train, seed_keys)
+    runner = utils.first_seed(state)
+    policy = lambda obs, t, key: (trainer.plan(runner, obs, t, key)[0], t + 1)  # the carried state: the time step
+    file, total = envs.render_episode(trainer.env, policy, jnp.int32(0), jax.random.PRNGKey(args.seed), path)
+    print(json.dumps({"render": str(file), "episode_return": total}))
+
+
 def main():
     args = utils.cli(Args)
     with utils.reported_failures():
-        evaluate_saved(args.evaluate, args.eval_episodes) if args.evaluate else run(args)
+        if args.render:
+            render_saved(args.render)
+        elif args.evaluate:
+            evaluate_saved(args.evaluate, args.eval_episodes)
+        else:
+            run(args)
 
 
 if __name__ == "__main__":

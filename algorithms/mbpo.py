@@ -91,6 +91,8 @@ class Args:
     """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
     evaluate: str | None = None
     """only evaluate the policy saved in this run directory and print the returns"""
+    render: str | None = None
+    """only write one episode of this run's saved policy into its directory: episode.html (Brax's viewer)"""
     progress: bool = True
     """show a progress bar"""
     track: bool = False
@@ -801,10 +803,25 @@ def evaluate_saved(path):
     return returns
 
 
+def render_saved(path):
+    """--render: one episode of the first seed's deterministic policy, written into the run dir."""
+    args, _, state, _ = utils.load_saved(path, Args, make_train, seed_keys)
+    actor = utils.first_seed(state.sac.actor)
+    env = envs.make(args.env_id, backend=args.backend)[0]
+    policy = lambda obs, carry, key: (deterministic_action(actor, obs), carry)
+    file, total = envs.render_episode(env, policy, None, jax.random.PRNGKey(args.seed), path)
+    print(json.dumps({"render": str(file), "episode_return": total}))
+
+
 def main():
     args = utils.cli(Args)
     with utils.reported_failures():
-        evaluate_saved(args.evaluate) if args.evaluate else run(args)
+        if args.render:
+            render_saved(args.render)
+        elif args.evaluate:
+            evaluate_saved(args.evaluate)
+        else:
+            run(args)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,8 @@ class Args:
     """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
     evaluate: str | None = None
     """only run one planning episode per seed with the model saved in this run directory and print the returns"""
+    render: str | None = None
+    """only write one planning episode of this run's first seed into its directory: episode.html (Brax's viewer)"""
     progress: bool = True
     """show a progress bar"""
     track: bool = False
@@ -629,10 +631,31 @@ def evaluate_saved(path):
     return returns
 
 
+def render_saved(path):
+    """--render: one MPC episode with the first seed's saved model, written into the run dir."""
+    args, trainer, state, _ = utils.load_saved(path, Args, make_train, seed_keys)
+    model = utils.first_seed(state.model)
+    env = envs.make(args.env_id, backend=args.backend, max_steps_in_episode=args.episode_length)[0]
+    space = env.action_space()
+    middle = jnp.broadcast_to((jnp.asarray(space.low) + jnp.asarray(space.high)) / 2, (args.horizon, env.action_size))
+
+    def policy(obs, plan_mean, key):  # the planner's warm start is the carried state
+        action, plan_mean, _ = trainer.plan(partial(trainer.model_value, model, obs), plan_mean, key)
+        return action, plan_mean
+
+    file, total = envs.render_episode(env, policy, middle.astype(jnp.float32), jax.random.PRNGKey(args.seed), path)
+    print(json.dumps({"render": str(file), "episode_return": total}))
+
+
 def main():
     args = utils.cli(Args)
     with utils.reported_failures():
-        evaluate_saved(args.evaluate) if args.evaluate else run(args)
+        if args.render:
+            render_saved(args.render)
+        elif args.evaluate:
+            evaluate_saved(args.evaluate)
+        else:
+            run(args)
 
 
 if __name__ == "__main__":

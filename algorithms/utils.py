@@ -171,6 +171,11 @@ def load_saved(path, args_cls, make_train, seed_keys, **overrides):
     return args, trainer, state, info["env_steps"]
 
 
+def first_seed(tree):
+    """Seed index 0 of a vmapped pytree (e.g. the saved actor, for --render)."""
+    return jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, tree)
+
+
 def train_loop(run_dir, args, state, chunk, num_chunks: int, *, progress="env_steps", unit="step",
                check_metrics=None, parts=lambda state: {}, show="eval/return"):
     """Resume from the checkpoint, then run `chunk(state, i) -> (state, metrics)` for the chunks

@@ -18,6 +18,7 @@ returned `params` are also `env.default_params`, so the task functions use them 
 from envs.brax_tasks import BACKENDS, DEFAULT_BACKEND, TASKS as BRAX_TASKS, BraxTask
 from envs.icy_road import IcyRoad
 from envs.intersection import Intersection
+from envs.render import render_episode, rollout
 
 _NON_BRAX = {"IcyRoad": IcyRoad, "Intersection": Intersection}
 NAMES = (*_NON_BRAX, *BRAX_TASKS)
@@ -34,4 +35,4 @@ def make(name: str, **overrides):
     return env, env.default_params
 
 
-__all__ = ["make", "NAMES", "BRAX_TASKS", "BACKENDS", "DEFAULT_BACKEND", "BraxTask", "IcyRoad", "Intersection"]
+__all__ = ["make", "render_episode", "rollout", "NAMES", "BRAX_TASKS", "BACKENDS", "DEFAULT_BACKEND", "BraxTask", "IcyRoad", "Intersection"]

@@ -34,19 +34,35 @@ Brax clips observed velocities to [-10, 10]; our `termination_fn` checks every o
 against 100 (the original MBPO code's check was void: it took `abs` of a boolean).
 """
 
+import contextlib
+import io
+import warnings
 from functools import partial
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from brax import envs as brax_envs
-from brax.base import Transform
-from flax import struct
-from gymnax.environments import environment, spaces
-from jax.flatten_util import ravel_pytree
+# A quiet import. MJX prints "Failed to import warp" (twice) whenever NVIDIA Warp, an optional
+# GPU backend we never use, is absent; Brax warns on every model load that its pipelines are
+# unmaintained (the README's backend section says what we use and why), and imports JAXopt,
+# which warns that it is unmaintained (Brax's dependency, not ours). Anything else MJX prints
+# is passed through, and a failing import still raises.
+warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
+with contextlib.redirect_stdout(io.StringIO()) as _printed:
+    import mujoco.mjx  # noqa: F401
+for _line in _printed.getvalue().splitlines():
+    if not _line.startswith(("Failed to import warp:", "Failed to import mujoco_warp:")):
+        print(_line)
+warnings.filterwarnings("ignore", message="Brax System, piplines and environments are not actively being maintained")
 
-from envs._common import with_overrides
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from brax import envs as brax_envs  # noqa: E402
+from brax.base import Transform  # noqa: E402
+from flax import struct  # noqa: E402
+from gymnax.environments import environment, spaces  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+
+from envs._common import with_overrides  # noqa: E402
 
 BACKENDS = ("positional", "generalized", "spring", "mjx")
 # `positional` compiles and runs fastest on CPU (../shared/FACTS.md); returns differ across

@@ -150,6 +150,16 @@ class IcyRoad(FixedHorizonDiscreteEnv):
         bonus = jnp.where(xdot > params.speed_threshold, 8.0, 0.0)
         return jnp.where(on_road, xdot + bonus, xdot - 6.0).astype(jnp.float32)
 
+    def plot_trajectory(self, ax, obs, params: EnvParams | None = None):
+        """The car's path (x, y) over one episode's observations, the road's edges dashed."""
+        p = self.default_params if params is None else params
+        ax.axhspan(-p.road_half_width, p.road_half_width, color="0.9", label="road")
+        ax.plot(obs[:, 0], obs[:, 1], "o-", label="car")
+        for t, (x, y, xdot) in enumerate(obs[:, :3]):
+            ax.annotate(f"t{t} v{xdot:.0f}", (x, y), textcoords="offset points", xytext=(3, 5), fontsize=7)
+        ax.set(xlabel="x", ylabel="y", ylim=(-3 * p.road_half_width, 3 * p.road_half_width))
+        ax.legend(loc="upper left", fontsize=8)
+
     def observation_space(self, params: EnvParams | None = None) -> spaces.Box:
         p = self.default_params if params is None else params
         reach = p.max_steps_in_episode * p.dt

@@ -207,6 +207,15 @@ class Intersection(FixedHorizonDiscreteEnv):
         crash = self._collision(next_obs, params) & ~self._collision(obs, params)
         return (next_obs[..., 3] - 10.0 * crash).astype(jnp.float32)
 
+    def plot_trajectory(self, ax, obs, params: EnvParams | None = None):
+        """Both cars' paths over one episode's observations (the start of each is its lowest-t dot)."""
+        p = self.default_params if params is None else params
+        ax.axhspan(-p.turn_y, p.turn_y, color="0.93", label="intersection")
+        ax.plot(obs[:, 0], obs[:, 1], "o-", markersize=3, label="agent")
+        ax.plot(obs[:, 5], obs[:, 6], "s-", markersize=3, label="oncoming car")
+        ax.set(xlabel="x", ylabel="y", aspect="equal")
+        ax.legend(loc="upper left", fontsize=8)
+
     def observation_space(self, params: EnvParams | None = None) -> spaces.Box:
         p = self.default_params if params is None else params
         v = max(p.max_speed, p.speed)
