@@ -77,7 +77,8 @@ def run_cell(args):
         if stored["total_steps"] < wanted["total_steps"]:  # extend: the same run, continued further
             stored["total_steps"] = wanted["total_steps"]
             (path / "args.json").write_text(json.dumps(stored, indent=2))
-        diff = {k: (stored.get(k), v) for k, v in wanted.items() if k != "progress" and stored.get(k) != v}
+        diff = {k: (stored.get(k), v) for k, v in wanted.items()
+                if k not in ("progress", "track", "wandb_project") and stored.get(k) != v}  # host-only flags
         utils.check(not diff, f"{path} was started with other arguments (stored -> requested): "
                     + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
                     + "; use another --out-dir or delete the directory")

@@ -351,6 +351,11 @@ def test_cli_help_and_evaluate_saved(tmp_path):
         assert flag in help_text
     returns = dam.evaluate_saved(summary["run_dir"], eval_episodes=2)
     assert returns.shape == (1,) and np.isfinite(returns).all()
+    rendered = subprocess.run([sys.executable, str(ROOT / "algorithms" / "dam.py"), "--render", summary["run_dir"]],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600)  # --render, from the CLI
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    file = Path(json.loads(rendered.stdout.strip().splitlines()[-1])["render"])
+    assert file == Path(summary["run_dir"]) / "episode.png" and file.stat().st_size > 10_000
 
 
 def test_dam_learns_icy_road(tmp_path):

@@ -439,6 +439,8 @@ def test_cli_from_another_directory_and_evaluate_saved_policy(tmp_path):
         assert flag in help_text
     returns = mbpo.evaluate_saved(summary["run_dir"])
     assert returns.shape == (1,) and np.isfinite(returns).all()
+    mbpo.render_saved(summary["run_dir"])  # --render: Brax's HTML viewer of one episode
+    assert 'id="brax-viewer"' in (Path(summary["run_dir"]) / "episode.html").read_text()
 
 
 def test_mbpo_learns_inverted_pendulum(tmp_path):

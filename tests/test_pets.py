@@ -375,3 +375,5 @@ def test_cli_with_the_other_options_and_evaluate_saved_model(tmp_path):
     assert bad.returncode != 0 and "multiple of --ensemble-size" in bad.stderr
     returns = pets.evaluate_saved(summary["run_dir"])
     assert returns.shape == (1,) and np.isfinite(returns).all()
+    pets.render_saved(summary["run_dir"])  # --render: one MPC episode in Brax's HTML viewer
+    assert 'id="brax-viewer"' in (Path(summary["run_dir"]) / "episode.html").read_text()

@@ -9,6 +9,9 @@ the CLI subprocess of `seed1`; the persistent XLA cache of conftest.py serves th
 
 import functools
 import json
+import os
+import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -55,9 +58,11 @@ def two_seeds(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seed1(tmp_path_factory):
-    """SHORT, seed 1 alone, through the command line from another working directory."""
+    """SHORT, seed 1 alone, through the command line from another working directory, tracked."""
     run_dir = tmp_path_factory.mktemp("seed1")
-    result = subprocess.run([sys.executable, str(SCRIPT), *CLI_SHORT, "--seed", "1", "--run-dir", str(run_dir)],
+    # With both trackers on (W&B offline: no network), which must not change any result.
+    result = subprocess.run([sys.executable, str(SCRIPT), *CLI_SHORT, "--seed", "1", "--run-dir", str(run_dir),
+                             "--track", "--wandb-project", "mbrl-test"], env={**os.environ, "WANDB_MODE": "offline"},
                             cwd=run_dir, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = [p for p in run_dir.iterdir() if p.is_dir()]
@@ -239,3 +244,62 @@ def test_cli_smoke(seed1):
     assert df["env_steps"].tolist() == [250, 500, 750, 1000]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["env_steps"] == 1000 and summary == json.loads((path / "summary.json").read_text())
+
+
+def _tensorboard_scalars(directory):
+    """{tag: [(step, value), ...]} from TensorBoard event files (TFRecord: length, crc, event, crc)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for file in sorted(Path(directory).glob("events.out.tfevents.*")):
+        data, i = file.read_bytes(), 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+            i += 16 + length
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def _wandb_history(file):
+    """The logged rows of an offline W&B run file: a LevelDB-style log (7-byte ':W&B' header, then
+    32 KiB blocks of chunks: crc32, length, type (1 full, 2 first, 3 middle, 4 last)) of
+    wandb_internal_pb2.Record messages; wandb 0.31 ships no reader of its own."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, i, pending, rows = Path(file).read_bytes(), 7, b"", []
+    while i + 7 <= len(data):
+        room = 32768 - i % 32768
+        _, length, kind = struct.unpack("<IHB", data[i:i + 7]) if room >= 7 else (0, 0, 0)
+        if room < 7 or (length == 0 and kind == 0):  # padding to the end of the block
+            i += room
+            continue
+        pending, i = pending + data[i + 7:i + 7 + length], i + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_tracking_tensorboard_and_wandb_offline(seed1):
+    path, df, _ = seed1
+    scalars = _tensorboard_scalars(path / "tensorboard" / "seed1")
+    assert set(KEYS) <= set(scalars)  # every metric, one point per epoch at its env step
+    steps, values = zip(*scalars["eval/return"])
+    assert list(steps) == df["env_steps"].tolist()
+    np.testing.assert_allclose(values, df["eval/return"], rtol=1e-6)
+    (offline,) = (path / "wandb").glob("offline-run-*/run-*.wandb")
+    rows = _wandb_history(offline)
+    assert [row["_step"] for row in rows] == df["env_steps"].tolist() and set(KEYS) <= set(rows[-1])
+    np.testing.assert_allclose([row["eval/return"] for row in rows], df["eval/return"], rtol=1e-6)
+
+
+def test_render_writes_brax_html(seed1):
+    path, _, _ = seed1
+    sac.render_saved(str(path))
+    page = (path / "episode.html").read_text()
+    assert 'id="brax-viewer"' in page and re.search(r'var system = "[A-Za-z0-9+/=]{200,}"', page)
