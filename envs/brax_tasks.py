@@ -305,11 +305,13 @@ class BraxTask(environment.Environment[EnvState, EnvParams]):
     def snapshot(self, state: EnvState) -> jax.Array:
         """A flat float32 vector [time, obs, physics] from which `restore` rebuilds `state`.
 
-        `generalized`/`mjx`: physics = (q, qd), rebuilt with `pipeline_init` (exact up to float
-        error). `positional`/`spring`: rebuilding from (q, qd) is wrong (errors 0.2-1.1 after one
-        step, ../shared/FACTS.md), so physics = the whole pipeline state, flattened.
+        `generalized`: physics = (q, qd), rebuilt with `pipeline_init` (exact up to float error).
+        `positional`/`spring`: rebuilding from (q, qd) is wrong (errors 0.2-1.1 after one step,
+        ../shared/FACTS.md); `mjx`: so is it on contact tasks (hopper: 0.26 within 10 steps, as
+        the solver warm-starts from the stored accelerations). Those store the whole pipeline
+        state, flattened (integer fields round-trip exactly through float32 at their sizes).
         """
-        if self.backend in ("generalized", "mjx"):
+        if self.backend == "generalized":
             physics = jnp.concatenate([state.pipeline_state.q, state.pipeline_state.qd])
         else:
             physics = ravel_pytree(state.pipeline_state)[0]
@@ -326,7 +328,7 @@ class BraxTask(environment.Environment[EnvState, EnvParams]):
         time = snapshot[0].astype(jnp.int32)
         obs = snapshot[1 : 1 + self.obs_size]
         physics = snapshot[1 + self.obs_size :]
-        if self.backend in ("generalized", "mjx"):
+        if self.backend == "generalized":
             nq = template.pipeline_state.q.shape[0]
             pipeline_state = self.brax_env.pipeline_init(physics[:nq], physics[nq:])
             pipeline_state = jax.tree.map(
