@@ -114,11 +114,10 @@ class RunDir:
     def truncate_metrics(self, rows: int):
         """On resume: keep the header and the first `rows` rows (those the checkpoint covers)."""
         file = self.path / "metrics.csv"
-        if file.exists():
-            lines = file.read_text().splitlines()
-            file.write_text("\n".join(lines[:1 + rows]) + "\n" if rows else "")
-            if not rows:
-                file.unlink()
+        if file.exists() and rows:
+            file.write_text("\n".join(file.read_text().splitlines()[:1 + rows]) + "\n")
+        elif file.exists():
+            file.unlink()
 
     def write_summary(self, summary: dict):
         summary = {"run_dir": str(self.path), **summary}
@@ -127,22 +126,22 @@ class RunDir:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, state, env_steps: int, chunks: int, **parts):
-        """Atomically replace the checkpoint: a kill mid-write leaves the previous one intact.
-        `parts` are pytrees saved alone as <name>.eqx beside it (e.g. sac.py's actor.eqx), so
-        other programs can load them without this program's whole training state."""
-        for name, tree in {"checkpoint": state, **parts}.items():
-            tmp = self.path / f"{name}.eqx.tmp"
-            eqx.tree_serialise_leaves(tmp, tree)
-            os.replace(tmp, self.path / f"{name}.eqx")
+        """Atomically replace the checkpoint (the state and its counters in one file: a kill
+        mid-write leaves the previous one intact). `parts` are pytrees saved alone as <name>.eqx
+        (e.g. sac.py's actor.eqx), for programs that load them without the whole state;
+        checkpoint.json repeats the counters for scripts."""
+        for name, tree in {"checkpoint": (state, np.array([env_steps, chunks], np.int64)), **parts}.items():
+            eqx.tree_serialise_leaves(self.path / f"{name}.eqx.tmp", tree)
+            os.replace(self.path / f"{name}.eqx.tmp", self.path / f"{name}.eqx")
         (self.path / "checkpoint.json").write_text(json.dumps({"env_steps": env_steps, "chunks": chunks}))
 
     def load_checkpoint(self, like):
         """Returns (state, {"env_steps", "chunks"}), or (None, zeros) if there is no checkpoint yet."""
-        if not (self.path / "checkpoint.json").exists():
+        if not (self.path / "checkpoint.eqx").exists():
             return None, {"env_steps": 0, "chunks": 0}
-        info = json.loads((self.path / "checkpoint.json").read_text())
-        check((self.path / "checkpoint.eqx").exists(), f"{self.path}: checkpoint.json without checkpoint.eqx")
-        return eqx.tree_deserialise_leaves(self.path / "checkpoint.eqx", like), info
+        state, (env_steps, chunks) = eqx.tree_deserialise_leaves(self.path / "checkpoint.eqx",
+                                                                 (like, np.zeros(2, np.int64)))
+        return state, {"env_steps": int(env_steps), "chunks": int(chunks)}
 
 
 # --- the host loop ----------------------------------------------------------------------------------
