@@ -1,11 +1,15 @@
 """Compile time and steps/second of every Brax task through `envs` on this machine.
 
     python benchmarks/brax_speed.py [--backend positional] [--tasks hopper walker2d] [--steps 1000]
+    python benchmarks/brax_speed.py --compare positional generalized mjx --tasks inverted_pendulum hopper halfcheetah
 
 For each task: cold compile time (no persistent cache) of a jitted `reset` + `lax.scan` of
 `--steps` random-action steps, then the steady-state env steps per second for 1 env and for 64
 vmapped envs (best of 3 timed runs, so a noisy neighbour inflates less). Prints a markdown
 table and writes it to benchmarks/results/brax_speed_<backend>.md. Run nothing else meanwhile.
+`--compare`: every listed backend on every task in one run, with each one's speed as a ratio of
+the first backend's (ratios from one run, as the machine changes between sessions), written to
+benchmarks/results/brax_speed_compare.md.
 """
 
 import argparse
@@ -66,8 +70,11 @@ def main():
     parser.add_argument("--backend", default=envs.DEFAULT_BACKEND, choices=envs.BACKENDS)
     parser.add_argument("--tasks", nargs="+", default=list(envs.BRAX_TASKS), choices=envs.BRAX_TASKS)
     parser.add_argument("--steps", type=int, default=1000, help="scan length per timed call")
+    parser.add_argument("--compare", nargs="+", default=None, choices=envs.BACKENDS, metavar="BACKEND")
     args = parser.parse_args()
     jax.config.update("jax_enable_compilation_cache", False)  # measure cold compiles
+    if args.compare:
+        return compare(args)
 
     lines = [
         f"Brax tasks through `envs.make`, backend `{args.backend}`, jax {jax.__version__}, "
@@ -89,6 +96,27 @@ def main():
         kept = [line for line in out.read_text().splitlines()[4:] if line.split("|")[1].strip() not in measured]
         order = {task: i for i, task in enumerate(envs.BRAX_TASKS)}
         lines = lines[:4] + sorted(kept + lines[4:], key=lambda line: order[line.split("|")[1].strip()])
+    out.write_text("\n".join(lines) + "\n")
+    print(f"written to {out}")
+
+
+def compare(args):
+    lines = [f"Backends side by side, jax {jax.__version__}, {jax.devices()[0].platform}, {args.steps}-step scans "
+             f"(64 envs: {max(args.steps // 10, 10)}), random actions; x = steps/s relative to `{args.compare[0]}` "
+             f"in this run.", "",
+             "| task | backend | compile 1 env (s) | steps/s 1 env | x | compile 64 envs (s) | steps/s 64 envs | x |",
+             "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for task in args.tasks:
+        base = None
+        for backend in args.compare:
+            c1, s1 = measure(task, backend, 1, args.steps)
+            c64, s64 = measure(task, backend, 64, max(args.steps // 10, 10))
+            base = base or (s1, s64)
+            lines.append(f"| {task} | {backend} | {c1:.1f} | {s1:,.0f} | {s1 / base[0]:.2f} | {c64:.1f} | {s64:,.0f} "
+                         f"| {s64 / base[1]:.2f} |")
+            print(lines[-1], flush=True)
+    out = Path(__file__).parent / "results" / "brax_speed_compare.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"written to {out}")
 
