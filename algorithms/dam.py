@@ -291,6 +291,29 @@ def make_train(args: Args):
     capacity = args.init_episodes + args.rounds * args.episodes_per_round
     model_out = num_components * (1 + 2 * obs_size)  # logits, means, raw scales
 
+    # --- COLLECT (Alg. 3, ROLLOUT) ----------------------------------------------------------------
+    def run_episode(policy, key, turn_left=None):
+        """One fixed-horizon episode; `policy(obs, t, key) -> (action, info)`: exactly T steps of
+        `step_env`, no auto-reset (after Intersection's crash the frozen cars earn 0, so the
+        return is the terminated episode's). `turn_left` fixes Intersection's hidden turn."""
+        reset_key, key = jax.random.split(key)
+        obs, env_state = env.reset(reset_key, env_params)
+        if turn_left is not None and hasattr(env_state, "turn_left"):
+            env_state = env_state.replace(turn_left=turn_left)
+
+        def step(carry, t):
+            obs, env_state, key = carry
+            key, action_key, step_key = jax.random.split(key, 3)
+            action, info = policy(obs, t, action_key)
+            next_obs, env_state, reward, _, _ = env.step_env(step_key, env_state, action, env_params)
+            return (next_obs, env_state, key), (obs, action, reward, next_obs, info)
+
+        _, (obs, action, reward, next_obs, info) = jax.lax.scan(step, (obs, env_state, key), jnp.arange(horizon_T))
+        return (obs, action.astype(jnp.int32), reward, next_obs), info
+
+    def random_policy(obs, t, key):
+        return jax.random.randint(key, (), 0, NUM_ACTIONS), {}
+
     # --- dynamics model q(s'|s, a) ------------------------------------------------------------
     def predictive(model, norm, obs, action):
         """The mixture q(z | s, a) over the normalized change z = (s' - s - mean) / std."""
@@ -453,29 +476,7 @@ def make_train(args: Args):
         best = jnp.argmax(values)
         return sequences[best, 0], {"plan/value": values[best], "plan/log_weight": log_w}
 
-    # --- COLLECT (Alg. 3, ROLLOUT) ----------------------------------------------------------------
-    def run_episode(policy, key, turn_left=None):
-        """One fixed-horizon episode; `policy(obs, t, key) -> (action, info)`: exactly T steps of
-        `step_env`, no auto-reset (after Intersection's crash the frozen cars earn 0, so the
-        return is the terminated episode's). `turn_left` fixes Intersection's hidden turn."""
-        reset_key, key = jax.random.split(key)
-        obs, env_state = env.reset(reset_key, env_params)
-        if turn_left is not None and hasattr(env_state, "turn_left"):
-            env_state = env_state.replace(turn_left=turn_left)
-
-        def step(carry, t):
-            obs, env_state, key = carry
-            key, action_key, step_key = jax.random.split(key, 3)
-            action, info = policy(obs, t, action_key)
-            next_obs, env_state, reward, _, _ = env.step_env(step_key, env_state, action, env_params)
-            return (next_obs, env_state, key), (obs, action, reward, next_obs, info)
-
-        _, (obs, action, reward, next_obs, info) = jax.lax.scan(step, (obs, env_state, key), jnp.arange(horizon_T))
-        return (obs, action.astype(jnp.int32), reward, next_obs), info
-
-    def random_policy(obs, t, key):
-        return jax.random.randint(key, (), 0, NUM_ACTIONS), {}
-
+    # --- init and one round ---------------------------------------------------------------------
     def fit(runner, key):
         """Refit the normalizer, the model and (if the method uses it) the discriminator."""
         model_key, disc_key = jax.random.split(key)
@@ -490,7 +491,6 @@ def make_train(args: Args):
             runner, metrics = runner._replace(disc=disc), {**metrics, **disc_metrics}
         return runner, metrics
 
-    # --- init and one round ---------------------------------------------------------------------
     def init(key):
         key, data_key, model_key, disc_key = jax.random.split(key, 4)
         empty = Dataset(jnp.zeros((capacity, horizon_T, obs_size)), jnp.zeros((capacity, horizon_T), jnp.int32),

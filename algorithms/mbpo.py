@@ -427,6 +427,24 @@ def make_train(args: Args):
     sac_optimizer = optax.adam(args.sac_lr)
     bs = args.model_batch_size
 
+    # --- COLLECT --------------------------------------------------------------------------------
+    def collect(runner, random_actions, key):
+        action_key, step_key = jax.random.split(key)
+        action = jax.lax.cond(
+            random_actions,
+            lambda: jax.random.uniform(action_key, (action_size,), minval=-1.0, maxval=1.0),
+            lambda: sample_action(runner.sac.actor, runner.obs, action_key)[0],
+        )
+        next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, runner.env_state, action, env_params)
+        # The model learns from the true next observation, never the post-reset one.
+        transition = (runner.obs[None], action[None], reward[None], info["final_observation"][None], terminated[None])
+        real = runner.real.add_batch(transition, jnp.ones(1, bool))
+        done = terminated | truncated
+        episode_return = runner.episode_return + reward
+        runner = runner._replace(env_state=env_state, obs=next_obs, real=real,
+                                 episode_return=jnp.where(done, 0.0, episode_return))
+        return runner, jnp.where(done, episode_return, jnp.nan)
+
     # --- FIT MODEL --------------------------------------------------------------------------
     def model_loss(model, inputs, targets, weights):
         """Gaussian NLL per member (mean over its valid rows and the dims) + log-var bound term +
@@ -638,24 +656,6 @@ def make_train(args: Args):
             model=model, model_opt=model_optimizer.init(eqx.filter(model, eqx.is_array)),
             elites=jnp.arange(args.num_elites), sac=sac, episode_return=jnp.float32(0.0), key=key,
         )
-
-    # --- COLLECT --------------------------------------------------------------------------------
-    def collect(runner, random_actions, key):
-        action_key, step_key = jax.random.split(key)
-        action = jax.lax.cond(
-            random_actions,
-            lambda: jax.random.uniform(action_key, (action_size,), minval=-1.0, maxval=1.0),
-            lambda: sample_action(runner.sac.actor, runner.obs, action_key)[0],
-        )
-        next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, runner.env_state, action, env_params)
-        # The model learns from the true next observation, never the post-reset one.
-        transition = (runner.obs[None], action[None], reward[None], info["final_observation"][None], terminated[None])
-        real = runner.real.add_batch(transition, jnp.ones(1, bool))
-        done = terminated | truncated
-        episode_return = runner.episode_return + reward
-        runner = runner._replace(env_state=env_state, obs=next_obs, real=real,
-                                 episode_return=jnp.where(done, 0.0, episode_return))
-        return runner, jnp.where(done, episode_return, jnp.nan)
 
     # --- one epoch ------------------------------------------------------------------------------
     empty_fit = {"model/holdout_mse": jnp.nan, "model/train_nll": jnp.nan, "model/epochs": jnp.int32(0),
