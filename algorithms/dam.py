@@ -138,6 +138,14 @@ class Args:
     """planner episodes per seed evaluating the final model (and of --evaluate), apart from data collection; Intersection: half with each turn"""
     progress: bool = True
     """show a progress bar"""
+    devices: int | None = None
+    """devices to split the seeds over (default: all of every process); --num-seeds must be a multiple"""
+    num_processes: int = 1
+    """processes of a multi-host run (jax.distributed); each trains the seeds of its devices, process 0 writes"""
+    coordinator: str | None = None
+    """HOST:PORT of process 0 in a multi-process run, or `auto` (SLURM and others: JAX reads the cluster's environment)"""
+    process_id: int | None = None
+    """this process's index in a multi-process run (0 .. num_processes - 1)"""
     track: bool = False
     """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
     wandb_project: str | None = None
@@ -587,8 +595,9 @@ def run(args: Args):
     """Train: the host loop of utils over compiled rounds (log, check, checkpoint, resume)."""
     args, run_dir = utils.open_run(args, Args, f"dam-{args.method}-{args.model}", resolve)
     trainer = make_train(args)
-    state = jax.jit(jax.vmap(trainer.init))(seed_keys(args))
-    one_round = jax.jit(jax.vmap(trainer.round, in_axes=(0, None)), donate_argnums=0)
+    mesh = utils.seed_mesh(args)  # seeds split over the devices: each trains its own
+    state = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)(utils.on_devices(seed_keys(args), mesh))
+    one_round = utils.over_devices(jax.vmap(trainer.round, in_axes=(0, None)), mesh, replicated=1)
     state, metrics, _ = utils.train_loop(run_dir, args, state, one_round, args.rounds, unit="round",
                                          check_metrics=lambda m, rounds: utils.assert_finite(m, f"round {rounds}"),
                                          show="charts/episode_return")
