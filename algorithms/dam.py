@@ -138,6 +138,14 @@ class Args:
     """planner episodes per seed evaluating the final model (and of --evaluate), apart from data collection; Intersection: half with each turn"""
     progress: bool = True
     """show a progress bar"""
+    devices: int | None = None
+    """devices to split the seeds over (default: all of every process); --num-seeds must be a multiple"""
+    num_processes: int = 1
+    """processes of a multi-host run (jax.distributed); each trains the seeds of its devices, process 0 writes"""
+    coordinator: str | None = None
+    """HOST:PORT of process 0 in a multi-process run, or `auto` (SLURM and others: JAX reads the cluster's environment)"""
+    process_id: int | None = None
+    """this process's index in a multi-process run (0 .. num_processes - 1)"""
     track: bool = False
     """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
     wandb_project: str | None = None
@@ -290,6 +298,29 @@ def make_train(args: Args):
     corrected = args.method in ("disc", "dam")
     capacity = args.init_episodes + args.rounds * args.episodes_per_round
     model_out = num_components * (1 + 2 * obs_size)  # logits, means, raw scales
+
+    # --- COLLECT (Alg. 3, ROLLOUT) ----------------------------------------------------------------
+    def run_episode(policy, key, turn_left=None):
+        """One fixed-horizon episode; `policy(obs, t, key) -> (action, info)`: exactly T steps of
+        `step_env`, no auto-reset (after Intersection's crash the frozen cars earn 0, so the
+        return is the terminated episode's). `turn_left` fixes Intersection's hidden turn."""
+        reset_key, key = jax.random.split(key)
+        obs, env_state = env.reset(reset_key, env_params)
+        if turn_left is not None and hasattr(env_state, "turn_left"):
+            env_state = env_state.replace(turn_left=turn_left)
+
+        def step(carry, t):
+            obs, env_state, key = carry
+            key, action_key, step_key = jax.random.split(key, 3)
+            action, info = policy(obs, t, action_key)
+            next_obs, env_state, reward, _, _ = env.step_env(step_key, env_state, action, env_params)
+            return (next_obs, env_state, key), (obs, action, reward, next_obs, info)
+
+        _, (obs, action, reward, next_obs, info) = jax.lax.scan(step, (obs, env_state, key), jnp.arange(horizon_T))
+        return (obs, action.astype(jnp.int32), reward, next_obs), info
+
+    def random_policy(obs, t, key):
+        return jax.random.randint(key, (), 0, NUM_ACTIONS), {}
 
     # --- dynamics model q(s'|s, a) ------------------------------------------------------------
     def predictive(model, norm, obs, action):
@@ -453,29 +484,7 @@ def make_train(args: Args):
         best = jnp.argmax(values)
         return sequences[best, 0], {"plan/value": values[best], "plan/log_weight": log_w}
 
-    # --- COLLECT (Alg. 3, ROLLOUT) ----------------------------------------------------------------
-    def run_episode(policy, key, turn_left=None):
-        """One fixed-horizon episode; `policy(obs, t, key) -> (action, info)`: exactly T steps of
-        `step_env`, no auto-reset (after Intersection's crash the frozen cars earn 0, so the
-        return is the terminated episode's). `turn_left` fixes Intersection's hidden turn."""
-        reset_key, key = jax.random.split(key)
-        obs, env_state = env.reset(reset_key, env_params)
-        if turn_left is not None and hasattr(env_state, "turn_left"):
-            env_state = env_state.replace(turn_left=turn_left)
-
-        def step(carry, t):
-            obs, env_state, key = carry
-            key, action_key, step_key = jax.random.split(key, 3)
-            action, info = policy(obs, t, action_key)
-            next_obs, env_state, reward, _, _ = env.step_env(step_key, env_state, action, env_params)
-            return (next_obs, env_state, key), (obs, action, reward, next_obs, info)
-
-        _, (obs, action, reward, next_obs, info) = jax.lax.scan(step, (obs, env_state, key), jnp.arange(horizon_T))
-        return (obs, action.astype(jnp.int32), reward, next_obs), info
-
-    def random_policy(obs, t, key):
-        return jax.random.randint(key, (), 0, NUM_ACTIONS), {}
-
+    # --- init and one round ---------------------------------------------------------------------
     def fit(runner, key):
         """Refit the normalizer, the model and (if the method uses it) the discriminator."""
         model_key, disc_key = jax.random.split(key)
@@ -490,7 +499,6 @@ def make_train(args: Args):
             runner, metrics = runner._replace(disc=disc), {**metrics, **disc_metrics}
         return runner, metrics
 
-    # --- init and one round ---------------------------------------------------------------------
     def init(key):
         key, data_key, model_key, disc_key = jax.random.split(key, 4)
         empty = Dataset(jnp.zeros((capacity, horizon_T, obs_size)), jnp.zeros((capacity, horizon_T), jnp.int32),
@@ -587,8 +595,9 @@ def run(args: Args):
     """Train: the host loop of utils over compiled rounds (log, check, checkpoint, resume)."""
     args, run_dir = utils.open_run(args, Args, f"dam-{args.method}-{args.model}", resolve)
     trainer = make_train(args)
-    state = jax.jit(jax.vmap(trainer.init))(seed_keys(args))
-    one_round = jax.jit(jax.vmap(trainer.round, in_axes=(0, None)), donate_argnums=0)
+    mesh = utils.seed_mesh(args)  # seeds split over the devices: each trains its own
+    state = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)(utils.on_devices(seed_keys(args), mesh))
+    one_round = utils.over_devices(jax.vmap(trainer.round, in_axes=(0, None)), mesh, replicated=1)
     state, metrics, _ = utils.train_loop(run_dir, args, state, one_round, args.rounds, unit="round",
                                          check_metrics=lambda m, rounds: utils.assert_finite(m, f"round {rounds}"),
                                          show="charts/episode_return")

@@ -95,6 +95,14 @@ class Args:
     """only write one episode of this run's saved policy into its directory: episode.html (Brax's viewer)"""
     progress: bool = True
     """show a progress bar"""
+    devices: int | None = None
+    """devices to split the seeds over (default: all of every process); --num-seeds must be a multiple"""
+    num_processes: int = 1
+    """processes of a multi-host run (jax.distributed); each trains the seeds of its devices, process 0 writes"""
+    coordinator: str | None = None
+    """HOST:PORT of process 0 in a multi-process run, or `auto` (SLURM and others: JAX reads the cluster's environment)"""
+    process_id: int | None = None
+    """this process's index in a multi-process run (0 .. num_processes - 1)"""
     track: bool = False
     """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
     wandb_project: str | None = None
@@ -427,6 +435,24 @@ def make_train(args: Args):
     sac_optimizer = optax.adam(args.sac_lr)
     bs = args.model_batch_size
 
+    # --- COLLECT --------------------------------------------------------------------------------
+    def collect(runner, random_actions, key):
+        action_key, step_key = jax.random.split(key)
+        action = jax.lax.cond(
+            random_actions,
+            lambda: jax.random.uniform(action_key, (action_size,), minval=-1.0, maxval=1.0),
+            lambda: sample_action(runner.sac.actor, runner.obs, action_key)[0],
+        )
+        next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, runner.env_state, action, env_params)
+        # The model learns from the true next observation, never the post-reset one.
+        transition = (runner.obs[None], action[None], reward[None], info["final_observation"][None], terminated[None])
+        real = runner.real.add_batch(transition, jnp.ones(1, bool))
+        done = terminated | truncated
+        episode_return = runner.episode_return + reward
+        runner = runner._replace(env_state=env_state, obs=next_obs, real=real,
+                                 episode_return=jnp.where(done, 0.0, episode_return))
+        return runner, jnp.where(done, episode_return, jnp.nan)
+
     # --- FIT MODEL --------------------------------------------------------------------------
     def model_loss(model, inputs, targets, weights):
         """Gaussian NLL per member (mean over its valid rows and the dims) + log-var bound term +
@@ -639,24 +665,6 @@ def make_train(args: Args):
             elites=jnp.arange(args.num_elites), sac=sac, episode_return=jnp.float32(0.0), key=key,
         )
 
-    # --- COLLECT --------------------------------------------------------------------------------
-    def collect(runner, random_actions, key):
-        action_key, step_key = jax.random.split(key)
-        action = jax.lax.cond(
-            random_actions,
-            lambda: jax.random.uniform(action_key, (action_size,), minval=-1.0, maxval=1.0),
-            lambda: sample_action(runner.sac.actor, runner.obs, action_key)[0],
-        )
-        next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, runner.env_state, action, env_params)
-        # The model learns from the true next observation, never the post-reset one.
-        transition = (runner.obs[None], action[None], reward[None], info["final_observation"][None], terminated[None])
-        real = runner.real.add_batch(transition, jnp.ones(1, bool))
-        done = terminated | truncated
-        episode_return = runner.episode_return + reward
-        runner = runner._replace(env_state=env_state, obs=next_obs, real=real,
-                                 episode_return=jnp.where(done, 0.0, episode_return))
-        return runner, jnp.where(done, episode_return, jnp.nan)
-
     # --- one epoch ------------------------------------------------------------------------------
     empty_fit = {"model/holdout_mse": jnp.nan, "model/train_nll": jnp.nan, "model/epochs": jnp.int32(0),
                  "model/bootstrap_distinct": jnp.nan}
@@ -767,10 +775,12 @@ def run(args: Args):
     """Train: the host loop of utils over compiled epochs (log, check, checkpoint, resume)."""
     args, run_dir = utils.open_run(args, Args, "mbpo", resolve, validate=check_memory)
     trainer = make_train(args)
-    state = jax.jit(jax.vmap(trainer.init))(seed_keys(args))
-    # Seeds in batches of `seed_batch`, vmapped within a batch, one batch after another.
-    chunk = jax.jit(lambda state, start: jax.lax.map(lambda s: trainer.chunk(s, start), state, batch_size=args.seed_batch),
-                    donate_argnums=0)
+    mesh = utils.seed_mesh(args)  # seeds split over the devices: each trains its own
+    state = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)(utils.on_devices(seed_keys(args), mesh))
+    # Each device's seeds in batches of `seed_batch`, vmapped within a batch, one batch after another.
+    chunk = utils.over_devices(
+        lambda state, start: jax.lax.map(lambda s: trainer.chunk(s, start), state, batch_size=args.seed_batch),
+        mesh, replicated=1)
 
     def check(metrics, epochs):
         # Before learning starts the losses are NaN by design; after, every metric must be finite.

@@ -120,6 +120,14 @@ class Args:
     """only write one planning episode of this run's first seed into its directory: episode.html (Brax's viewer)"""
     progress: bool = True
     """show a progress bar"""
+    devices: int | None = None
+    """devices to split the seeds over (default: all of every process); --num-seeds must be a multiple"""
+    num_processes: int = 1
+    """processes of a multi-host run (jax.distributed); each trains the seeds of its devices, process 0 writes"""
+    coordinator: str | None = None
+    """HOST:PORT of process 0 in a multi-process run, or `auto` (SLURM and others: JAX reads the cluster's environment)"""
+    process_id: int | None = None
+    """this process's index in a multi-process run (0 .. num_processes - 1)"""
     track: bool = False
     """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
     wandb_project: str | None = None
@@ -391,6 +399,46 @@ def make_train(args: Args):
     num_particles = 1 if args.propagation == "expectation" else args.num_particles
     model_optimizer = optax.adam(args.model_lr)
 
+    # --- COLLECT --------------------------------------------------------------------------------
+    def episode(runner, random_actions, key):
+        """One trial in the real env until termination or the time limit: random actions, or MPC
+        with the runner's model. Adds every transition (with the true next observation) to the
+        buffer; `random_actions` must be unbatched (a real branch under vmap)."""
+        reset_key, key = jax.random.split(key)
+        obs, env_state = env.reset(reset_key, env_params)
+        plan_mean = jnp.broadcast_to(middle, (args.horizon, action_size))
+        stat_sums = jax.tree.map(lambda x: jnp.zeros((), x.dtype), empty_stats)
+
+        def act(obs, plan_mean, key):
+            def random_branch():
+                return jax.random.uniform(key, (action_size,), minval=lower, maxval=upper), plan_mean, empty_stats
+
+            def mpc_branch():
+                return plan(partial(model_value, runner.model, obs), plan_mean, key)
+
+            return jax.lax.cond(random_actions, random_branch, mpc_branch)
+
+        def step(carry):
+            t, env_state, obs, plan_mean, buffer, total, sq_err, sums, _, key = carry
+            key, act_key, step_key = jax.random.split(key, 3)
+            action, plan_mean, stats = act(obs, plan_mean, act_key)
+            next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, env_state, action, env_params)
+            # The model learns from the true next observation, never the post-reset one.
+            true_next = info["final_observation"]
+            buffer = buffer.add((obs, action, reward, true_next, terminated))
+            predicted, _ = runner.model(jnp.broadcast_to(jnp.concatenate([obs, action]), (B, 1, obs_size + action_size)))
+            sq_err = sq_err + jnp.mean((jnp.mean(predicted[:, 0, :obs_size], 0) - (true_next - obs)) ** 2)
+            sums = jax.tree.map(jnp.add, sums, stats)
+            return t + 1, env_state, next_obs, plan_mean, buffer, total + reward, sq_err, sums, terminated | truncated, key
+
+        init = (jnp.int32(0), env_state, obs, plan_mean, runner.buffer, jnp.float32(0), jnp.float32(0), stat_sums,
+                jnp.bool_(False), key)
+        t, _, _, _, buffer, total, sq_err, sums, _, _ = jax.lax.while_loop(
+            lambda c: ~c[-2] & (c[0] < args.episode_length), step, init)
+        metrics = {"charts/trial_return": total, "charts/trial_length": t, "model/trial_mse": sq_err / t,
+                   **{k: v / t for k, v in sums.items()}}
+        return buffer, metrics
+
     # --- FIT MODEL --------------------------------------------------------------------------
     def model_io(buffer):
         inputs = jnp.concatenate([buffer.obs, buffer.action], -1)
@@ -511,46 +559,6 @@ def make_train(args: Args):
     empty_stats = {"plan/best_value": jnp.float32(jnp.nan), "plan/mean_value": jnp.float32(jnp.nan),
                    "plan/iterations": jnp.int32(0), "plan/final_std": jnp.float32(jnp.nan)}
 
-    # --- COLLECT --------------------------------------------------------------------------------
-    def episode(runner, random_actions, key):
-        """One trial in the real env until termination or the time limit: random actions, or MPC
-        with the runner's model. Adds every transition (with the true next observation) to the
-        buffer; `random_actions` must be unbatched (a real branch under vmap)."""
-        reset_key, key = jax.random.split(key)
-        obs, env_state = env.reset(reset_key, env_params)
-        plan_mean = jnp.broadcast_to(middle, (args.horizon, action_size))
-        stat_sums = jax.tree.map(lambda x: jnp.zeros((), x.dtype), empty_stats)
-
-        def act(obs, plan_mean, key):
-            def random_branch():
-                return jax.random.uniform(key, (action_size,), minval=lower, maxval=upper), plan_mean, empty_stats
-
-            def mpc_branch():
-                return plan(partial(model_value, runner.model, obs), plan_mean, key)
-
-            return jax.lax.cond(random_actions, random_branch, mpc_branch)
-
-        def step(carry):
-            t, env_state, obs, plan_mean, buffer, total, sq_err, sums, _, key = carry
-            key, act_key, step_key = jax.random.split(key, 3)
-            action, plan_mean, stats = act(obs, plan_mean, act_key)
-            next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, env_state, action, env_params)
-            # The model learns from the true next observation, never the post-reset one.
-            true_next = info["final_observation"]
-            buffer = buffer.add((obs, action, reward, true_next, terminated))
-            predicted, _ = runner.model(jnp.broadcast_to(jnp.concatenate([obs, action]), (B, 1, obs_size + action_size)))
-            sq_err = sq_err + jnp.mean((jnp.mean(predicted[:, 0, :obs_size], 0) - (true_next - obs)) ** 2)
-            sums = jax.tree.map(jnp.add, sums, stats)
-            return t + 1, env_state, next_obs, plan_mean, buffer, total + reward, sq_err, sums, terminated | truncated, key
-
-        init = (jnp.int32(0), env_state, obs, plan_mean, runner.buffer, jnp.float32(0), jnp.float32(0), stat_sums,
-                jnp.bool_(False), key)
-        t, _, _, _, buffer, total, sq_err, sums, _, _ = jax.lax.while_loop(
-            lambda c: ~c[-2] & (c[0] < args.episode_length), step, init)
-        metrics = {"charts/trial_return": total, "charts/trial_length": t, "model/trial_mse": sq_err / t,
-                   **{k: v / t for k, v in sums.items()}}
-        return buffer, metrics
-
     # --- init -------------------------------------------------------------------------------
     def init(key):
         key, model_key = jax.random.split(key)
@@ -605,8 +613,9 @@ def run(args: Args):
     """Train: the host loop of utils over compiled trials (log, check, checkpoint, resume)."""
     args, run_dir = utils.open_run(args, Args, "pets", resolve)
     trainer = make_train(args)
-    state = jax.jit(jax.vmap(trainer.init))(seed_keys(args))
-    chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
+    mesh = utils.seed_mesh(args)  # seeds split over the devices: each trains its own
+    state = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)(utils.on_devices(seed_keys(args), mesh))
+    chunk = utils.over_devices(jax.vmap(trainer.chunk, in_axes=(0, None)), mesh, replicated=1)
 
     def check(metrics, trials):
         # Trial 0 has random actions: no planning statistics (NaN by design); all else must be finite.

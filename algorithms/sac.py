@@ -89,6 +89,14 @@ class Args:
     """only write one episode of this run's saved policy into its directory: episode.html (Brax's viewer)"""
     progress: bool = True
     """show a progress bar"""
+    devices: int | None = None
+    """devices to split the seeds over (default: all of every process); --num-seeds must be a multiple"""
+    num_processes: int = 1
+    """processes of a multi-host run (jax.distributed); each trains the seeds of its devices, process 0 writes"""
+    coordinator: str | None = None
+    """HOST:PORT of process 0 in a multi-process run, or `auto` (SLURM and others: JAX reads the cluster's environment)"""
+    process_id: int | None = None
+    """this process's index in a multi-process run (0 .. num_processes - 1)"""
     track: bool = False
     """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
     wandb_project: str | None = None
@@ -438,8 +446,9 @@ def run(args: Args):
     """Train: the host loop of utils over compiled epochs (log, check, checkpoint, resume)."""
     args, run_dir = utils.open_run(args, Args, "sac", resolve)
     trainer = make_train(args)
-    state = jax.jit(jax.vmap(trainer.init))(seed_keys(args))
-    chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)
+    mesh = utils.seed_mesh(args)  # seeds split over the devices: each trains its own
+    state = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)(utils.on_devices(seed_keys(args), mesh))
+    chunk = utils.over_devices(jax.vmap(trainer.chunk, in_axes=(0, None)), mesh, replicated=1)
 
     def check(metrics, epochs):
         # Before learning starts the losses are NaN by design; after, every metric must be finite.

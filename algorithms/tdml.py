@@ -162,6 +162,14 @@ class Args:
     """only compute the true TDML of the models saved in this run directory and print it"""
     progress: bool = True
     """show a progress bar"""
+    devices: int | None = None
+    """devices to split the seeds over (default: all of every process); --num-seeds must be a multiple"""
+    num_processes: int = 1
+    """processes of a multi-host run (jax.distributed); each trains the seeds of its devices, process 0 writes"""
+    coordinator: str | None = None
+    """HOST:PORT of process 0 in a multi-process run, or `auto` (SLURM and others: JAX reads the cluster's environment)"""
+    process_id: int | None = None
+    """this process's index in a multi-process run (0 .. num_processes - 1)"""
     track: bool = False
     """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
     wandb_project: str | None = None
@@ -794,8 +802,9 @@ def run(args: Args):
     stats = data_stats(env, data)
     print(f"data: return {stats['data/return_mean']:.1f}, {stats['data/terminated_frac']:.0%} fell", flush=True)
     eval_batch = jax.jit(trainer.eval_batch)
-    chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None, None, None, None)), donate_argnums=0)
-    state = jax.jit(jax.vmap(trainer.init))(seed_keys(args))
+    mesh = utils.seed_mesh(args)  # seeds split over the devices: each trains its own
+    state = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)(utils.on_devices(seed_keys(args), mesh))
+    chunk = utils.over_devices(jax.vmap(trainer.chunk, in_axes=(0, None, None, None, None)), mesh, replicated=4)
 
     def check(metrics, chunks):
         where = f"step {chunks * args.eval_every} (chunk {chunks})"

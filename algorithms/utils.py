@@ -16,7 +16,6 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tyro
 from tqdm import tqdm
@@ -76,9 +75,57 @@ def reported_failures():
 
 
 def cli(args_cls):
-    """Parse the command line into `args_cls` (tyro) and turn the persistent compile cache on."""
+    """Parse the command line into `args_cls` (tyro), turn the persistent compile cache on, and
+    join a multi-process run (`--num-processes`) before anything touches a device."""
     enable_compilation_cache()
-    return tyro.cli(args_cls)
+    args = tyro.cli(args_cls)
+    if args.num_processes > 1 or args.coordinator == "auto":
+        check(args.run_name is not None, "a multi-process run needs --run-name (every process opens the same run)")
+        if args.coordinator == "auto":  # SLURM, Open MPI, Cloud TPU...: JAX reads the cluster's environment
+            jax.distributed.initialize()
+        else:
+            check(args.coordinator is not None and args.process_id is not None,
+                  "--num-processes > 1 needs --coordinator HOST:PORT and --process-id (or --coordinator auto)")
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    return args
+
+
+# --- seeds over devices and processes ---------------------------------------------------------------
+def seed_mesh(args):
+    """A 1-D mesh ("seed") over the first `--devices` devices of all processes (default: all):
+    each device trains num_seeds / D of the seeds."""
+    devices = jax.devices()
+    count = args.devices or len(devices)
+    check(0 < count <= len(devices), f"--devices {args.devices}: there are {len(devices)} devices")
+    check(args.num_seeds % count == 0, f"--num-seeds {args.num_seeds} must be a multiple of the {count} devices "
+                                       f"(--devices, default: all)")
+    return jax.sharding.Mesh(np.array(devices[:count]), ("seed",))
+
+
+def over_devices(fn, mesh, replicated=0, donate=True):
+    """jit of `fn(seed_batch, *others)` with the leading seed axis of its first argument and of
+    every output split over `mesh`: each device runs `fn` on its own seeds (shard_map), so nothing
+    is gathered and no device talks to another. `replicated` other arguments are copied to all."""
+    P = jax.sharding.PartitionSpec
+    # check_vma off: per-seed code mixes values from the split and the replicated inputs freely
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P("seed"),) + (P(),) * replicated, out_specs=P("seed"),
+                           check_vma=False)
+    return jax.jit(mapped, donate_argnums=0 if donate else ())
+
+
+def on_devices(tree, mesh):
+    """Place host (or single-device) arrays with their leading seed axis split over `mesh`."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+    return jax.tree.map(lambda x: jax.device_put(x, sharding) if eqx.is_array(x) else x, tree)
+
+
+def to_host(tree):
+    """numpy copies of (possibly sharded, possibly other processes') arrays: every process gets all."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(lambda x: np.asarray(x) if eqx.is_array(x) else x, tree)
 
 
 class RunDir:
@@ -87,6 +134,9 @@ class RunDir:
 
     def __init__(self, path, args=None):
         self.path = Path(path)
+        self.writer = jax.process_index() == 0  # in a multi-process run, process 0 writes for all
+        if not self.writer:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         if args is not None:
             (self.path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
@@ -101,6 +151,8 @@ class RunDir:
     # --- metrics: a CSV that `pandas.read_csv(path)` reads in one line ---------------------
     def write_metrics(self, metrics: dict, first_seed: int):
         """Append one row per seed; `metrics` maps names to arrays of shape (num_seeds,)."""
+        if not self.writer:
+            return
         names = sorted(metrics)
         file = self.path / "metrics.csv"
         new = not file.exists()
@@ -114,13 +166,18 @@ class RunDir:
     def truncate_metrics(self, rows: int):
         """On resume: keep the header and the first `rows` rows (those the checkpoint covers)."""
         file = self.path / "metrics.csv"
+        if not self.writer:
+            return
         if file.exists() and rows:
             file.write_text("\n".join(file.read_text().splitlines()[:1 + rows]) + "\n")
         elif file.exists():
             file.unlink()
 
     def write_summary(self, summary: dict):
-        summary = {"run_dir": str(self.path), **summary}
+        summary = {"run_dir": str(self.path), "num_devices": jax.device_count(), "num_processes": jax.process_count(),
+                   **summary}
+        if not self.writer:
+            return
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary))
 
@@ -129,19 +186,29 @@ class RunDir:
         """Atomically replace the checkpoint (the state and its counters in one file: a kill
         mid-write leaves the previous one intact). `parts` are pytrees saved alone as <name>.eqx
         (e.g. sac.py's actor.eqx), for programs that load them without the whole state;
-        checkpoint.json repeats the counters for scripts."""
+        checkpoint.json repeats the counters for scripts. Sharded states are gathered to the host
+        (every process takes part), and process 0 writes."""
+        state, parts = to_host(state), to_host(parts)
+        if not self.writer:
+            return
         for name, tree in {"checkpoint": (state, np.array([env_steps, chunks], np.int64)), **parts}.items():
             eqx.tree_serialise_leaves(self.path / f"{name}.eqx.tmp", tree)
             os.replace(self.path / f"{name}.eqx.tmp", self.path / f"{name}.eqx")
         (self.path / "checkpoint.json").write_text(json.dumps({"env_steps": env_steps, "chunks": chunks}))
 
     def load_checkpoint(self, like):
-        """Returns (state, {"env_steps", "chunks"}), or (None, zeros) if there is no checkpoint yet."""
+        """Returns (state, {"env_steps", "chunks"}), or (None, zeros) if there is no checkpoint yet.
+        The state is placed as `like` is (its sharding), whatever the devices that wrote it."""
         if not (self.path / "checkpoint.eqx").exists():
             return None, {"env_steps": 0, "chunks": 0}
+        host = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype) if hasattr(x, "dtype") else x, like)
         state, (env_steps, chunks) = eqx.tree_deserialise_leaves(self.path / "checkpoint.eqx",
-                                                                 (like, np.zeros(2, np.int64)))
-        return state, {"env_steps": int(env_steps), "chunks": int(chunks)}
+                                                                 (host, np.zeros(2, np.int64)))
+        placed = jax.tree.map(lambda x, y: jax.device_put(x, y.sharding) if isinstance(y, jax.Array) else x, state, like)
+        return placed, {"env_steps": int(env_steps), "chunks": int(chunks)}
+
+
+HOST_FLAGS = ("devices", "num_processes", "coordinator", "process_id", "progress", "track", "wandb_project")
 
 
 # --- the host loop ----------------------------------------------------------------------------------
@@ -151,7 +218,8 @@ def open_run(args, args_cls, algo: str, resolve=lambda a: a, validate=lambda a: 
     if args.resume:
         check((Path(args.resume) / "args.json").exists(), f"--resume {args.resume}: no run there (no args.json)")
         run_dir = RunDir(args.resume)
-        args = run_dir.load_args(args_cls)
+        # The run's own arguments, but where and how it runs now: devices, processes, progress, tracking.
+        args = dataclasses.replace(run_dir.load_args(args_cls), **{k: getattr(args, k) for k in HOST_FLAGS})
         validate(args)
         return args, run_dir
     args = resolve(args)
@@ -194,8 +262,8 @@ def train_loop(run_dir, args, state, chunk, num_chunks: int, *, progress="env_st
     try:
         while done < num_chunks:
             start = time.perf_counter()
-            state, metrics = chunk(state, jnp.int32(done))
-            metrics = jax.tree.map(np.asarray, metrics)  # waits for the chunk, so the time below is real
+            state, metrics = chunk(state, np.int32(done))
+            metrics = to_host(metrics)  # waits for the chunk, so the time below is real
             done, previous, position = done + 1, position, int(metrics[progress][0])
             metrics["charts/steps_per_second"] = np.full(args.num_seeds, (position - previous) / (time.perf_counter() - start))
             try:
@@ -223,11 +291,11 @@ class Tracker:
 
     def __init__(self, run_dir, args):
         self.tensorboard, self.wandb = [], None
-        if getattr(args, "track", False):
+        if getattr(args, "track", False) and run_dir.writer:
             from tensorboardX import SummaryWriter
             self.tensorboard = [SummaryWriter(str(run_dir.path / "tensorboard" / f"seed{args.seed + i}"))
                                 for i in range(args.num_seeds)]
-        if getattr(args, "wandb_project", None):
+        if getattr(args, "wandb_project", None) and run_dir.writer:
             try:
                 import wandb
             except ImportError:
