@@ -96,13 +96,7 @@ class Args:
     progress: bool = True
     """show a progress bar"""
     devices: int | None = None
-    """devices to split the seeds over (default: all of every process); --num-seeds must be a multiple"""
-    num_processes: int = 1
-    """processes of a multi-host run (jax.distributed); each trains the seeds of its devices, process 0 writes"""
-    coordinator: str | None = None
-    """HOST:PORT of process 0 in a multi-process run, or `auto` (SLURM and others: JAX reads the cluster's environment)"""
-    process_id: int | None = None
-    """this process's index in a multi-process run (0 .. num_processes - 1)"""
+    """devices to split the seeds over (default: all); --num-seeds must be a multiple of it"""
     track: bool = False
     """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
     wandb_project: str | None = None

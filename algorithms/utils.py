@@ -75,24 +75,14 @@ def reported_failures():
 
 
 def cli(args_cls):
-    """Parse the command line into `args_cls` (tyro), turn the persistent compile cache on, and
-    join a multi-process run (`--num-processes`) before anything touches a device."""
+    """Parse the command line into `args_cls` (tyro) and turn the persistent compile cache on."""
     enable_compilation_cache()
-    args = tyro.cli(args_cls)
-    if args.num_processes > 1 or args.coordinator == "auto":
-        check(args.run_name is not None, "a multi-process run needs --run-name (every process opens the same run)")
-        if args.coordinator == "auto":  # SLURM, Open MPI, Cloud TPU...: JAX reads the cluster's environment
-            jax.distributed.initialize()
-        else:
-            check(args.coordinator is not None and args.process_id is not None,
-                  "--num-processes > 1 needs --coordinator HOST:PORT and --process-id (or --coordinator auto)")
-            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    return args
+    return tyro.cli(args_cls)
 
 
-# --- seeds over devices and processes ---------------------------------------------------------------
+# --- seeds over devices ---------------------------------------------------------------
 def seed_mesh(args):
-    """A 1-D mesh ("seed") over the first `--devices` devices of all processes (default: all):
+    """A 1-D mesh ("seed") over the first `--devices` devices (default: all):
     each device trains num_seeds / D of the seeds."""
     devices = jax.devices()
     count = args.devices or len(devices)
@@ -116,7 +106,7 @@ def over_devices(fn, mesh, replicated=0, donate=True):
 def on_devices(tree, mesh):
     """Place host (or single-device) arrays with their leading seed axis split over `mesh`."""
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
-    return jax.tree.map(lambda x: jax.device_put(x, sharding) if eqx.is_array(x) else x, tree)
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding) if eqx.is_array(x) else x, tree)
 
 
 def to_host(tree):
@@ -208,7 +198,7 @@ class RunDir:
         return placed, {"env_steps": int(env_steps), "chunks": int(chunks)}
 
 
-HOST_FLAGS = ("devices", "num_processes", "coordinator", "process_id", "progress", "track", "wandb_project")
+HOST_FLAGS = ("devices", "progress", "track", "wandb_project")
 
 
 # --- the host loop ----------------------------------------------------------------------------------
@@ -218,7 +208,7 @@ def open_run(args, args_cls, algo: str, resolve=lambda a: a, validate=lambda a: 
     if args.resume:
         check((Path(args.resume) / "args.json").exists(), f"--resume {args.resume}: no run there (no args.json)")
         run_dir = RunDir(args.resume)
-        # The run's own arguments, but where and how it runs now: devices, processes, progress, tracking.
+        # The run's own arguments, but where and how it runs now: devices, progress, tracking.
         args = dataclasses.replace(run_dir.load_args(args_cls), **{k: getattr(args, k) for k in HOST_FLAGS})
         validate(args)
         return args, run_dir
