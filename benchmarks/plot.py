@@ -8,7 +8,8 @@ chunk). The metric defaults to the first of eval/return (sac, mbpo), charts/tria
 charts/episode_return (dam) and eval/true_tdml (tdml) that the run has; the x-axis is env_steps,
 or steps (tdml's iterations) where there is no env_steps column. The line is the mean over the
 run's seeds at each x, the band its min-max (`--spread std` for mean +- std); the legend gives
-each run's seed count.
+each line's seed count. Runs given the same `--label` are pooled into one line (e.g. one seed
+per run: `--label mbpo mbpo mbpo sac sac sac`).
 """
 
 import argparse
@@ -50,12 +51,17 @@ def main():
     if cli.label is not None and len(cli.label) != len(cli.runs):
         fail(f"{len(cli.label)} labels for {len(cli.runs)} runs")
     loaded = [load(run, cli.metric) for run in cli.runs]  # every run checked before anything is drawn
+    labels = cli.label or [Path(run).name if [Path(r).name for r in cli.runs].count(Path(run).name) == 1
+                           else "/".join(Path(run).parts[-2:]) for run in cli.runs]
+    lines = {}  # label -> that label's runs, pooled (a seed is identified by its run and seed number)
+    for i, (label, (data, _, _)) in enumerate(zip(labels, loaded)):
+        lines.setdefault(label, []).append(data.assign(seed=data["seed"].astype(str) + f"@{i}"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (run, (data, x, metric)) in enumerate(zip(cli.runs, loaded)):
+    for label, frames in lines.items():
+        data = pd.concat(frames)
         stats = data.groupby("x")["y"].agg(["mean", "std", "min", "max"])
         low, high = ((stats["min"], stats["max"]) if cli.spread == "minmax"
                      else (stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0)))
-        label = cli.label[i] if cli.label else Path(run).name
         ax.plot(stats.index, stats["mean"], label=f"{label} ({data['seed'].nunique()} seeds)")
         ax.fill_between(stats.index, low, high, alpha=0.2)
     metrics = sorted({m for _, _, m in loaded})

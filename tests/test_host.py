@@ -173,6 +173,9 @@ def test_plot_script_compares_runs(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert matplotlib.image.imread(out)[..., :3].std() > 0.05
+    pooled = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), *map(str, runs), "--label", "x", "x",
+                             "--out", str(tmp_path / "pooled.png")], capture_output=True, text=True, timeout=120)
+    assert pooled.returncode == 0 and (tmp_path / "pooled.png").exists(), pooled.stderr
     missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and missing.stderr.strip().startswith("error:") and "Traceback" not in missing.stderr
