@@ -832,7 +832,8 @@ def evaluate_saved(path):
     utils.check((run_dir.path / "checkpoint.json").exists(), f"no checkpoint in {path}")
     _, trainer, policy, data = _setup(args, run_dir, fresh=False)
     like = jax.eval_shape(jax.vmap(trainer.init), seed_keys(args))
-    state, steps = run_dir.load_checkpoint(like)
+    state, info = run_dir.load_checkpoint(like)
+    steps = info["env_steps"]  # tdml counts iterations in this field
     batch = jax.jit(trainer.eval_batch)(data, policy, jnp.int32(10**6))
     metrics = jax.jit(jax.vmap(trainer.evaluate, in_axes=(0, None, None, 0)))(state.model, policy, batch, state.critic)
     out = {"run_dir": path, "steps": steps, **{k: [float(x) for x in v] for k, v in metrics.items()}}
