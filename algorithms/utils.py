@@ -86,7 +86,7 @@ def seed_mesh(args):
     each device trains num_seeds / D of the seeds."""
     devices = jax.devices()
     count = args.devices or len(devices)
-    check(0 < count <= len(devices), f"--devices {args.devices}: there are {len(devices)} devices")
+    check(0 < count <= len(devices), f"--devices {args.devices}: this machine has {len(devices)} device(s)")
     check(args.num_seeds % count == 0, f"--num-seeds {args.num_seeds} must be a multiple of the {count} devices "
                                        f"(--devices, default: all)")
     return jax.sharding.Mesh(np.array(devices[:count]), ("seed",))
