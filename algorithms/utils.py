@@ -110,11 +110,7 @@ def on_devices(tree, mesh):
 
 
 def to_host(tree):
-    """numpy copies of (possibly sharded, possibly other processes') arrays: every process gets all."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree, tiled=True)
+    """numpy copies of (possibly sharded) arrays: gathered from every device to the host."""
     return jax.tree.map(lambda x: np.asarray(x) if eqx.is_array(x) else x, tree)
 
 
@@ -124,9 +120,6 @@ class RunDir:
 
     def __init__(self, path, args=None):
         self.path = Path(path)
-        self.writer = jax.process_index() == 0  # in a multi-process run, process 0 writes for all
-        if not self.writer:
-            return
         self.path.mkdir(parents=True, exist_ok=True)
         if args is not None:
             (self.path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
@@ -141,8 +134,6 @@ class RunDir:
     # --- metrics: a CSV that `pandas.read_csv(path)` reads in one line ---------------------
     def write_metrics(self, metrics: dict, first_seed: int):
         """Append one row per seed; `metrics` maps names to arrays of shape (num_seeds,)."""
-        if not self.writer:
-            return
         names = sorted(metrics)
         file = self.path / "metrics.csv"
         new = not file.exists()
@@ -156,18 +147,14 @@ class RunDir:
     def truncate_metrics(self, rows: int):
         """On resume: keep the header and the first `rows` rows (those the checkpoint covers)."""
         file = self.path / "metrics.csv"
-        if not self.writer:
-            return
         if file.exists() and rows:
             file.write_text("\n".join(file.read_text().splitlines()[:1 + rows]) + "\n")
         elif file.exists():
             file.unlink()
 
     def write_summary(self, summary: dict):
-        summary = {"run_dir": str(self.path), "num_devices": jax.device_count(), "num_processes": jax.process_count(),
-                   **summary}
-        if not self.writer:
-            return
+        used = json.loads((self.path / "args.json").read_text()).get("devices") or jax.device_count()  # --devices
+        summary = {"run_dir": str(self.path), "num_devices": used, "num_processes": jax.process_count(), **summary}
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary))
 
@@ -176,11 +163,8 @@ class RunDir:
         """Atomically replace the checkpoint (the state and its counters in one file: a kill
         mid-write leaves the previous one intact). `parts` are pytrees saved alone as <name>.eqx
         (e.g. sac.py's actor.eqx), for programs that load them without the whole state;
-        checkpoint.json repeats the counters for scripts. Sharded states are gathered to the host
-        (every process takes part), and process 0 writes."""
+        checkpoint.json repeats the counters for scripts. Sharded states are gathered to the host."""
         state, parts = to_host(state), to_host(parts)
-        if not self.writer:
-            return
         for name, tree in {"checkpoint": (state, np.array([env_steps, chunks], np.int64)), **parts}.items():
             eqx.tree_serialise_leaves(self.path / f"{name}.eqx.tmp", tree)
             os.replace(self.path / f"{name}.eqx.tmp", self.path / f"{name}.eqx")
@@ -211,7 +195,7 @@ def open_run(args, args_cls, algo: str, resolve=lambda a: a, validate=lambda a: 
         # The run's own arguments, but where and how it runs now: devices, progress, tracking.
         args = dataclasses.replace(run_dir.load_args(args_cls), **{k: getattr(args, k) for k in HOST_FLAGS})
         validate(args)
-        return args, run_dir
+        return args, RunDir(run_dir.path, args)  # args.json now records where it runs
     args = resolve(args)
     validate(args)
     return args, RunDir(Path(args.run_dir) / (args.run_name or RunDir.new_name(args.env_id, algo, args.seed)), args)
@@ -281,11 +265,11 @@ class Tracker:
 
     def __init__(self, run_dir, args):
         self.tensorboard, self.wandb = [], None
-        if getattr(args, "track", False) and run_dir.writer:
+        if getattr(args, "track", False):
             from tensorboardX import SummaryWriter
             self.tensorboard = [SummaryWriter(str(run_dir.path / "tensorboard" / f"seed{args.seed + i}"))
                                 for i in range(args.num_seeds)]
-        if getattr(args, "wandb_project", None) and run_dir.writer:
+        if getattr(args, "wandb_project", None):
             try:
                 import wandb
             except ImportError:
