@@ -11,8 +11,10 @@ compiled by XLA as one call and vmapped over seeds.
 
 What the paper and its reference code (kchua/handful-of-trials, configs per task) fix, and we follow:
 * Model (PE): B = 5 probabilistic MLPs (swish) predicting a diagonal Gaussian over next_obs - obs
-  from normalized (obs, action); log-variance softly bounded by learned max/min bounds (+0.01 *
-  their difference as regularizer); per-layer weight decay 0.5 * wd * ||W||^2; each member fit to
+  from normalized (obs, action), with the reference's per-task transforms (PREPROCESS below,
+  `--no-preprocess` for the raw form): halfcheetah's model sees sin/cos of the root angle instead
+  of the angle, not the x-velocity, and predicts the next x-velocity itself (the rest as deltas);
+  log-variance softly bounded by learned max/min bounds (+0.01 * their difference as regularizer); per-layer weight decay 0.5 * wd * ||W||^2; each member fit to
   its own bootstrap resample of all data; Adam 1e-3, batch 32, 5 epochs after every trial,
   continuing from the previous weights (and Adam state); normalizer refit on all data each time.
 * Trajectory sampling with P = 20 particles per candidate action sequence: TS-inf (a particle's
@@ -60,6 +62,19 @@ Choices where the paper is silent (and why):
 * The `env_steps` column is the step budget through the trial ((trial + 1) x episode_length, the
   same for all seeds, which is what checkpoints and `--resume` count); the real per-seed count of
   env steps is `charts/env_steps_taken` (smaller when episodes terminate).
+* Per-task transforms: halfcheetah's are the reference's (`obs_preproc`, `targ_proc`,
+  `obs_postproc` of dmbrl/config/halfcheetah.py) on our layout: the reference's observation is
+  [x-velocity, root z, root angle, ...], ours Brax's [root z, root angle, ...] with the
+  x-velocity feature appended last (index 17), so the same entries by other indices. The
+  reference's cartpole feeds sin/cos of the pole angle; inverted_pendulum has the same layout but
+  terminates at |angle| > 0.2, where sin(angle) ~ angle and cos ~ 1, so it stays raw. Other tasks:
+  raw, as the reference's reacher and pusher.
+* Floor on SGD steps per fit (`--model-min-sgd-steps`, ours; 0 = the reference's 5 epochs only):
+  a fit runs whole epochs, at least `model_epochs` and at least as many as reach the floor. The
+  reference's cartpole never terminates, so every trial adds 200 transitions and 5 epochs are
+  >= 35 steps; the stand-in's first trials end after 20-60 steps, so 5 epochs are 5-10 SGD steps
+  and the model is barely trained (planned values of ~2: every particle falls within two steps).
+  The inverted_pendulum preset sets a floor (see PRESETS); it costs seconds per fit on CPU.
 * Input normalizer: inputs whose std over the data is below `min_input_std` (1e-2) get std 1,
   where the reference's rule is std < 1e-12. Brax reacher showed why: in the first trials its
   tip-to-target z coordinate spreads by 2e-4 and the target's x, y by ~4e-3 (rounding noise
@@ -83,8 +98,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from algorithms import utils  # first: a multi-process run joins before Brax starts JAX
 import envs
-from algorithms import utils
 
 PROPAGATIONS = ("ts-inf", "ts1", "expectation")
 OPTIMIZERS = ("cem", "random")
@@ -122,6 +137,12 @@ class Args:
     """show a progress bar"""
     devices: int | None = None
     """devices to split the seeds over (default: all); --num-seeds must be a multiple of it"""
+    coordinator: str | None = None
+    """join a multi-process run (jax.distributed): HOST:PORT of process 0, or "auto" (SLURM, Open MPI...)"""
+    num_processes: int | None = None
+    """processes of a multi-process run (with --coordinator HOST:PORT); the seeds split over all their devices"""
+    process_id: int | None = None
+    """this process's index, 0 .. num_processes - 1 (process 0 writes the run directory)"""
     track: bool = False
     """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
     wandb_project: str | None = None
@@ -146,6 +167,10 @@ class Args:
     """inputs whose std over the data is below this are not scaled (std 1); see the docstring's input normalizer"""
     learn_reward: bool = False
     """learn the reward as an extra model output and plan with it instead of the env's reward_fn"""
+    preprocess: bool = True
+    """the task's model input/target transforms (PREPROCESS, the reference's); False: raw obs in, next - obs out"""
+    model_min_sgd_steps: int | None = None
+    """floor on SGD steps per fit, in whole epochs (ours; 0 = only --model-epochs; preset: 0, inverted_pendulum see PRESETS)"""
 
     # planning
     propagation: str = "ts-inf"
@@ -169,12 +194,40 @@ class Args:
 
 
 PRESETS = {  # PETS' reference configuration per task (see the module docstring for the stand-ins)
-    "inverted_pendulum": dict(num_trials=15, episode_length=200, horizon=25, population=400, num_elites=40),
+    # inverted_pendulum: a floor of 500 SGD steps per fit (ours, see the docstring).
+    "inverted_pendulum": dict(num_trials=15, episode_length=200, horizon=25, population=400, num_elites=40,
+                              model_min_sgd_steps=500),
     "reacher": dict(num_trials=100, episode_length=50, horizon=25, population=400, num_elites=40),
     "pusher": dict(num_trials=100, episode_length=150, horizon=25, population=500, num_elites=50),
     "halfcheetah": dict(num_trials=300, episode_length=1000, horizon=30, population=500, num_elites=50),
 }
-DEFAULTS = dict(num_trials=100, horizon=25, population=400, num_elites=40)  # other tasks: envs' episode length
+DEFAULTS = dict(num_trials=100, horizon=25, population=400, num_elites=40, model_min_sgd_steps=0)  # + envs' episode length
+
+# The model's input and target per task (the reference's obs_preproc / targ_proc / obs_postproc),
+# indices into envs' observation: `angles` enter the model as (sin, cos), `dropped` do not enter
+# it, `absolute` are predicted as their next value (the rest as next - obs). Tasks not listed: raw.
+PREPROCESS = {
+    "halfcheetah": dict(angles=(1,), dropped=(17,), absolute=(17,)),  # root angle; x-velocity feature
+}
+
+
+def transforms(spec, obs_size):
+    """(preprocess(obs) -> model input, target(obs, next_obs) -> model target, postprocess(obs,
+    prediction) -> next_obs) of a PREPROCESS entry ({}: raw), batched over leading dims."""
+    angles = np.array(spec.get("angles", ()), int)
+    kept = np.array([i for i in range(obs_size) if i not in (*spec.get("angles", ()), *spec.get("dropped", ()))], int)
+    absolute = np.isin(np.arange(obs_size), spec.get("absolute", ()))
+
+    def preprocess(obs):
+        return jnp.concatenate([obs[..., kept], jnp.sin(obs[..., angles]), jnp.cos(obs[..., angles])], -1)
+
+    def target(obs, next_obs):
+        return jnp.where(absolute, next_obs, next_obs - obs)
+
+    def postprocess(obs, prediction):
+        return jnp.where(absolute, prediction, obs + prediction)
+
+    return preprocess, target, postprocess
 
 
 def resolve(args: Args) -> Args:
@@ -202,6 +255,7 @@ def resolve(args: Args) -> Args:
           f"--cem-epsilon must be in [0, 0.25) (below CEM's initial variance), got {args.cem_epsilon}")
     check(args.model_lr > 0.0, f"--model-lr must be positive, got {args.model_lr}")
     check(args.min_input_std >= 0.0, f"--min-input-std must be >= 0, got {args.min_input_std}")
+    check(args.model_min_sgd_steps >= 0, f"--model-min-sgd-steps must be >= 0, got {args.model_min_sgd_steps}")
     check(len(args.model_weight_decay) == args.model_depth + 1,
           f"--model-weight-decay needs {args.model_depth + 1} values (hidden layers + output)")
     return args
@@ -385,7 +439,10 @@ def make_train(args: Args):
     lower = jnp.broadcast_to(jnp.asarray(space.low, jnp.float32), (action_size,))
     upper = jnp.broadcast_to(jnp.asarray(space.high, jnp.float32), (action_size,))
     middle = (lower + upper) / 2
-    model_out = obs_size + int(args.learn_reward)  # (next_obs - obs[, reward])
+    preprocess, model_target, postprocess = transforms(PREPROCESS.get(args.env_id, {}) if args.preprocess else {},
+                                                       obs_size)
+    model_in = preprocess(jnp.zeros(obs_size)).shape[-1] + action_size
+    model_out = obs_size + int(args.learn_reward)  # (next_obs - obs, or the task's target[, reward])
     capacity = args.num_trials * args.episode_length
     B, bs = args.ensemble_size, args.model_batch_size
     padded = -(-capacity // bs) * bs  # bootstrap index rows, a whole number of minibatches
@@ -420,8 +477,8 @@ def make_train(args: Args):
             # The model learns from the true next observation, never the post-reset one.
             true_next = info["final_observation"]
             buffer = buffer.add((obs, action, reward, true_next, terminated))
-            predicted, _ = runner.model(jnp.broadcast_to(jnp.concatenate([obs, action]), (B, 1, obs_size + action_size)))
-            sq_err = sq_err + jnp.mean((jnp.mean(predicted[:, 0, :obs_size], 0) - (true_next - obs)) ** 2)
+            predicted, _ = runner.model(jnp.broadcast_to(jnp.concatenate([preprocess(obs), action]), (B, 1, model_in)))
+            sq_err = sq_err + jnp.mean((postprocess(obs, jnp.mean(predicted[:, 0, :obs_size], 0)) - true_next) ** 2)
             sums = jax.tree.map(jnp.add, sums, stats)
             return t + 1, env_state, next_obs, plan_mean, buffer, total + reward, sq_err, sums, terminated | truncated, key
 
@@ -435,8 +492,8 @@ def make_train(args: Args):
 
     # --- FIT MODEL --------------------------------------------------------------------------
     def model_io(buffer):
-        inputs = jnp.concatenate([buffer.obs, buffer.action], -1)
-        targets = buffer.next_obs - buffer.obs
+        inputs = jnp.concatenate([preprocess(buffer.obs), buffer.action], -1)
+        targets = model_target(buffer.obs, buffer.next_obs)
         if args.learn_reward:
             targets = jnp.concatenate([targets, buffer.reward[:, None]], -1)
         return inputs, targets
@@ -459,9 +516,10 @@ def make_train(args: Args):
         return eqx.apply_updates(model, updates), opt_state, nll, mse
 
     def fit_model(model, opt_state, buffer, key):
-        """`model_epochs` epochs over all n stored transitions, each member on its own bootstrap
-        resample (n draws with replacement, reshuffled every epoch). Shapes are those of the full
-        buffer; the number of minibatches, ceil(n / batch) per epoch, is traced."""
+        """`model_epochs` epochs (or more, up to `model_min_sgd_steps` SGD steps) over all n stored
+        transitions, each member on its own bootstrap resample (n draws with replacement,
+        reshuffled every epoch). Shapes are those of the full buffer; the number of minibatches,
+        ceil(n / batch) per epoch, and of epochs are traced."""
         n = buffer.size
         valid = (jnp.arange(capacity) < n).astype(jnp.float32)[:, None]
         inputs, targets = model_io(buffer)
@@ -475,6 +533,7 @@ def make_train(args: Args):
         boot_key, key = jax.random.split(key)
         boot = jax.random.randint(boot_key, (B, padded), 0, n)  # member b's resample: boot[b, :n]
         steps_per_epoch = (n + bs - 1) // bs
+        num_epochs = jnp.maximum(args.model_epochs, -(-args.model_min_sgd_steps // steps_per_epoch))
 
         def epoch(_, carry):
             model, opt_state, key, _ = carry
@@ -495,21 +554,22 @@ def make_train(args: Args):
             return model, opt_state, key, (nll / steps_per_epoch, mse / steps_per_epoch)
 
         init = (model, opt_state, key, (jnp.float32(jnp.nan), jnp.float32(jnp.nan)))
-        model, opt_state, _, (nll, mse) = jax.lax.fori_loop(0, args.model_epochs, epoch, init)
-        metrics = {"model/train_nll": nll, "model/train_mse": mse, "model/sgd_steps": args.model_epochs * steps_per_epoch}
+        model, opt_state, _, (nll, mse) = jax.lax.fori_loop(0, num_epochs, epoch, init)
+        metrics = {"model/train_nll": nll, "model/train_mse": mse, "model/sgd_steps": num_epochs * steps_per_epoch}
         return model, opt_state, metrics
 
     # --- PLAN -----------------------------------------------------------------------------------
     def model_step(model, obs, action, members, key):
-        """One model step of (N, P) particles: next_obs (N, P, obs) and predicted reward (N, P)
-        (zeros unless --learn-reward). TS: particle (n, p) is propagated by member members[n, p],
-        sampling the Gaussian; expectation: the mean over members of their mean predictions."""
+        """One model step of (N, P) particles: next_obs (N, P, obs) (the model's output through the
+        task's postprocess) and predicted reward (N, P) (zeros unless --learn-reward). TS: particle
+        (n, p) is propagated by member members[n, p], sampling the Gaussian; expectation: the mean
+        over members of their mean predictions."""
         n, p = members.shape
-        inputs = jnp.concatenate([obs, action], -1)
+        inputs = jnp.concatenate([preprocess(obs), action], -1)
         if args.propagation == "expectation":
             flat = inputs.reshape(1, n * p, -1)
             mean, _ = model(jnp.broadcast_to(flat, (B, *flat.shape[1:])))
-            delta = jnp.mean(mean, 0).reshape(n, p, -1)
+            out = jnp.mean(mean, 0).reshape(n, p, -1)
         else:
             # Group each candidate's particles by member (P / B each, see particle_members) so that
             # every member runs once on its block: (N, P, in) -> (B, N * P / B, in).
@@ -520,9 +580,9 @@ def make_train(args: Args):
             mean, logvar = model(grouped)
             sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
             sample = sample.reshape(B, n, k, -1).transpose(1, 0, 2, 3).reshape(n, p, -1)
-            delta = jnp.take_along_axis(sample, jnp.argsort(order, axis=-1)[..., None], 1)  # undo the grouping
-        reward = delta[..., obs_size] if args.learn_reward else jnp.zeros((n, p))
-        return obs + delta[..., :obs_size], reward
+            out = jnp.take_along_axis(sample, jnp.argsort(order, axis=-1)[..., None], 1)  # undo the grouping
+        reward = out[..., obs_size] if args.learn_reward else jnp.zeros((n, p))
+        return postprocess(obs, out[..., :obs_size]), reward
 
     def model_value(model, obs, action_seqs, key):
         """Values (N,) of candidate action sequences (N, H, A) from `obs` by trajectory sampling."""
@@ -556,7 +616,7 @@ def make_train(args: Args):
     # --- init -------------------------------------------------------------------------------
     def init(key):
         key, model_key = jax.random.split(key)
-        model = Ensemble(model_key, B, obs_size + action_size, model_out, args.model_width, args.model_depth)
+        model = Ensemble(model_key, B, model_in, model_out, args.model_width, args.model_depth)
         return RunnerState(buffer=Buffer.empty(capacity, obs_size, action_size), model=model,
                            model_opt=model_optimizer.init(eqx.filter(model, eqx.is_array)), key=key)
 

@@ -27,7 +27,7 @@ TINY = dict(
     cem_iterations=3, num_particles=5, model_width=32, model_depth=2, model_weight_decay=(1e-5, 1e-5, 1e-5),
     # More and faster model training than the paper's 5 epochs at 1e-3: the pendulum's trials end
     # after ~10-40 steps at first, so 5 epochs would be a handful of SGD steps per trial.
-    model_epochs=80, model_lr=3e-3, progress=False,
+    model_epochs=80, model_lr=3e-3, model_min_sgd_steps=0, progress=False,
 )
 
 
@@ -127,9 +127,9 @@ def test_ts_inf_keeps_each_particles_member_and_ts1_resamples_it():
     assert not np.all(inf[0] == inf[0, 0])  # random assignments differ across candidates
 
 
-def _member_index_model(b, out):
+def _member_index_model(b, out, in_size=5):
     """An ensemble whose member m predicts exactly m for every output (no noise to speak of)."""
-    model = pets.Ensemble(jax.random.PRNGKey(0), b, 5, out, 8, 1)
+    model = pets.Ensemble(jax.random.PRNGKey(0), b, in_size, out, 8, 1)
     model = pets.eqx.tree_at(lambda m: m.weights, model, [jnp.zeros_like(w) for w in model.weights])
     bias = jnp.concatenate([jnp.repeat(jnp.arange(b, dtype=jnp.float32)[:, None], out, 1), jnp.full((b, out), -100.0)], 1)
     return pets.eqx.tree_at(lambda m: (m.biases[-1], m.min_logvar), model, (bias, jnp.full(out, -40.0)))
@@ -178,7 +178,9 @@ def _noisy_buffer(key, n, capacity):
 
 
 def test_fit_learns_obs_and_reward_and_compiles_once_as_the_buffer_grows():
-    args, trainer = _trainer(learn_reward=True, num_trials=4, episode_length=100, model_epochs=60)
+    # The floor of 500 SGD steps binds at 100 transitions (4 minibatches: 125 epochs), not at 400.
+    args, trainer = _trainer(learn_reward=True, num_trials=4, episode_length=100, model_epochs=60,
+                             model_min_sgd_steps=500)
     traces = []
 
     def counted(*a):
@@ -189,9 +191,9 @@ def test_fit_learns_obs_and_reward_and_compiles_once_as_the_buffer_grows():
     full = _noisy_buffer(jax.random.PRNGKey(0), 400, 400)
     model = pets.Ensemble(jax.random.PRNGKey(1), args.ensemble_size, 5, 5, args.model_width, args.model_depth)
     opt = optax.adam(args.model_lr).init(pets.eqx.filter(model, pets.eqx.is_array))
-    for size in (100, 400):  # continuing training on more data, as after each trial
+    for size, epochs in ((100, 125), (400, args.model_epochs)):  # continuing on more data, as after each trial
         model, opt, metrics = fit(model, opt, full._replace(size=jnp.int32(size)), jax.random.PRNGKey(size))
-        assert int(metrics["model/sgd_steps"]) == args.model_epochs * math.ceil(size / args.model_batch_size)
+        assert int(metrics["model/sgd_steps"]) == epochs * math.ceil(size / args.model_batch_size)
     assert len(traces) == 1
     # Near-constant inputs are not divided by their tiny spread (that made reacher explode).
     assert float(model.input_std[3]) == 1.0 and float(model.input_std[0]) < 1.0
@@ -202,7 +204,76 @@ def test_fit_learns_obs_and_reward_and_compiles_once_as_the_buffer_grows():
     assert float(metrics["model/train_mse"]) < 0.01
 
 
-# --- planning with the true dynamics ---------------------------------------------------------------
+# --- the reference's per-task preprocessing -----------------------------------------------------------
+def _reference_halfcheetah(obs, next_obs):
+    """dmbrl/config/halfcheetah.py's obs_preproc and targ_proc, and its obs_postproc as a function,
+    on the reference's layout [x-velocity, root z, root angle, joints (6), qvel (9)] (MODEL_IN 24
+    with the 6 actions, MODEL_OUT 18)."""
+    preproc = np.concatenate([obs[:, 1:2], np.sin(obs[:, 2:3]), np.cos(obs[:, 2:3]), obs[:, 3:]], axis=1)
+    targ = np.concatenate([next_obs[:, :1], next_obs[:, 1:] - obs[:, 1:]], axis=1)
+    postproc = lambda o, pred: np.concatenate([pred[:, :1], o[:, 1:] + pred[:, 1:]], axis=1)
+    return preproc, targ, postproc
+
+
+def test_halfcheetah_preprocessing_is_the_references_and_gives_back_the_observation_layout():
+    """Oracles: the reference's transforms (its config, on its observation layout) and real
+    transitions of the env: postprocess(obs, target(obs, next_obs)) must be the env's next
+    observation, on which `reward_fn` gives `step`'s reward."""
+    env, params = pets.envs.make("halfcheetah")
+    preprocess, target, postprocess = pets.transforms(pets.PREPROCESS["halfcheetah"], env.obs_size)
+
+    @jax.jit
+    def transitions(key):
+        _, state = env.reset(key, params)
+
+        def step(state, key):
+            action = jax.random.uniform(key, (env.action_size,), minval=-1, maxval=1)
+            _, next_state, reward, *_ = env.step(key, state, action, params)
+            return next_state, (state.obs, action, next_state.obs, reward)
+
+        return jax.lax.scan(step, state, jax.random.split(key, 30))[1]
+
+    obs, action, next_obs, reward = map(np.array, transitions(jax.random.PRNGKey(0)))
+    obs[:, 1] += np.linspace(-4, 4, len(obs))  # root angles of a flipped cheetah too
+    next_obs[:, 1] += np.linspace(-4, 4, len(obs))
+    # Ours keeps Brax's layout with the x-velocity appended (index 17); the reference's has it first.
+    to_reference = np.r_[17, 0:17]
+    ref_in, ref_target, ref_postproc = _reference_halfcheetah(obs[:, to_reference], next_obs[:, to_reference])
+    ours_in = np.asarray(preprocess(obs))
+    assert ours_in.shape[1] + env.action_size == 24 and np.asarray(target(obs, next_obs)).shape[1] == 18
+    for column in ref_in.T:  # the same model inputs (the order of an MLP's inputs is immaterial)
+        assert np.any(np.all(np.isclose(ours_in, column[:, None], rtol=0, atol=1e-6), 0)), column[:3]
+    np.testing.assert_allclose(np.asarray(target(obs, next_obs))[:, to_reference], ref_target, atol=1e-6)
+    predicted = np.asarray(postprocess(obs, target(obs, next_obs)))
+    np.testing.assert_allclose(predicted[:, to_reference], ref_postproc(obs[:, to_reference], ref_target), atol=1e-6)
+    np.testing.assert_array_equal(predicted[:, 17], next_obs[:, 17])  # predicted directly, not as a delta
+    np.testing.assert_allclose(predicted, next_obs, atol=1e-5)
+    np.testing.assert_allclose(env.reward_fn(obs, action, predicted), reward, atol=1e-4)
+    # The raw form: observation in, next - obs out.
+    raw_in, raw_target, raw_post = pets.transforms({}, env.obs_size)
+    np.testing.assert_array_equal(raw_in(obs), obs)
+    np.testing.assert_allclose(raw_post(obs, raw_target(obs, next_obs)), next_obs, atol=1e-5)
+
+
+@pytest.mark.parametrize("preprocess", [True, False])
+def test_model_step_and_model_fit_use_the_tasks_transforms(preprocess):
+    """A constant model c (zero weights) moves every particle to postprocess(obs, c); the model's
+    inputs are the preprocessed observation and the action, its targets the task's."""
+    args = pets.resolve(pets.Args(env_id="halfcheetah", preprocess=preprocess, num_trials=1, episode_length=10,
+                                  propagation="expectation", model_width=8, model_depth=1,
+                                  model_weight_decay=(0.0, 0.0)))
+    trainer = pets.make_train(args)
+    model = _member_index_model(args.ensemble_size, 18, in_size=24)  # member m predicts m; the mean is 2
+    obs = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 18))
+    next_obs, _ = trainer.model_step(model, obs, jnp.zeros((2, 1, 6)), jnp.zeros((2, 1), jnp.int32), None)
+    expected = np.asarray(obs) + 2.0
+    if preprocess:
+        expected[..., 17] = 2.0
+    np.testing.assert_allclose(next_obs, expected, atol=1e-4)
+    state = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
+    assert state.model.weights[0].shape == (args.ensemble_size, 24, 8)
+
+
 def test_planner_with_the_true_dynamics_balances_inverted_pendulum():
     """The planner (CEM + particle values with termination) using the real env as its model."""
     args, trainer = _trainer(population=64, num_elites=8, horizon=12, cem_iterations=3)
@@ -333,6 +404,7 @@ def test_bad_arguments_fail_before_compiling():
         (dict(model_weight_decay=(1e-5,)), "--model-weight-decay needs 3 values"),
         (dict(backend="nope"), "unknown backend"),
         (dict(min_input_std=-1.0), "--min-input-std must be >= 0"),
+        (dict(model_min_sgd_steps=-1), "--model-min-sgd-steps must be >= 0"),
     ]:
         with pytest.raises(SystemExit, match=message):
             tiny_args(**overrides)
@@ -346,8 +418,10 @@ def test_presets_fill_unset_fields_and_the_cli_overrides_them():
         "inverted_pendulum", 200, 25, 400, 40)
     assert (args.num_particles, args.propagation, args.cem_iterations, args.cem_alpha, args.ensemble_size) == (
         20, "ts-inf", 5, 0.1, 5)
+    assert args.model_min_sgd_steps == 500 and args.preprocess  # the stand-in's floor (ours)
     cheetah = pets.resolve(pets.Args(env_id="halfcheetah", horizon=10))
     assert (cheetah.episode_length, cheetah.horizon, cheetah.population, cheetah.num_elites) == (1000, 10, 500, 50)
+    assert cheetah.model_min_sgd_steps == 0
 
 
 def test_nonfinite_metrics_are_reported_with_where():
