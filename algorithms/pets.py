@@ -112,17 +112,17 @@ NONFINITE_RETURN = -1e6  # the reference replaces NaN costs by 1e6
 class Args:
     # experiment
     env_id: str = "inverted_pendulum"
-    """task: inverted_pendulum, reacher, pusher, halfcheetah (presets), or any continuous envs.BRAX_TASKS"""
+    """task: inverted_pendulum, pendulum, reacher, pusher, halfcheetah (presets), or any envs.CONTINUOUS"""
     seed: int = 0
     """seed of the first run; vmapped seed i uses seed + i"""
     num_seeds: int = 1
     """independent seeds trained at once in one vmapped program"""
     num_trials: int | None = None
-    """trials (episodes) including the first random-action one (preset: 15 inverted_pendulum, 100 reacher/pusher, 300 halfcheetah)"""
+    """trials (episodes) including the first random-action one (preset: 15 (inverted_)pendulum, 100 reacher/pusher, 300 halfcheetah)"""
     episode_length: int | None = None
-    """task horizon: env steps per trial unless it terminates (preset: 200 inverted_pendulum, 50 reacher, 150 pusher, 1000 halfcheetah)"""
+    """task horizon: env steps per trial unless it terminates (preset: 200 (inverted_)pendulum, 50 reacher, 150 pusher, 1000 halfcheetah)"""
     backend: str = envs.DEFAULT_BACKEND
-    """Brax physics backend (recorded with the run; returns differ across backends)"""
+    """Brax physics backend (recorded with the run; returns differ across backends; unused by pendulum)"""
     run_dir: str = "runs"
     """where runs/<run-name>/ is created"""
     run_name: str | None = None
@@ -197,6 +197,7 @@ PRESETS = {  # PETS' reference configuration per task (see the module docstring 
     # inverted_pendulum: a floor of 500 SGD steps per fit (ours, see the docstring).
     "inverted_pendulum": dict(num_trials=15, episode_length=200, horizon=25, population=400, num_elites=40,
                               model_min_sgd_steps=500),
+    "pendulum": dict(num_trials=15, episode_length=200, horizon=25, population=400, num_elites=40),
     "reacher": dict(num_trials=100, episode_length=50, horizon=25, population=400, num_elites=40),
     "pusher": dict(num_trials=100, episode_length=150, horizon=25, population=500, num_elites=50),
     "halfcheetah": dict(num_trials=300, episode_length=1000, horizon=30, population=500, num_elites=50),
@@ -234,8 +235,10 @@ def resolve(args: Args) -> Args:
     """Fill `None` fields from the env's preset and check every argument (one-line errors)."""
     check = utils.check
     check(args.env_id in envs.NAMES, f"unknown env {args.env_id!r}; valid: {', '.join(envs.NAMES)}")
-    check(args.env_id in envs.BRAX_TASKS, f"PETS needs a continuous-action Brax task, not {args.env_id}")
-    preset = {**DEFAULTS, "episode_length": envs.brax_tasks.EPISODE_LENGTH[args.env_id], **PRESETS.get(args.env_id, {})}
+    check(args.env_id in envs.CONTINUOUS, f"PETS needs a continuous-action task ({', '.join(envs.CONTINUOUS)}), "
+                                          f"not {args.env_id}")
+    preset = {**DEFAULTS, "episode_length": envs.brax_tasks.EPISODE_LENGTH.get(args.env_id),
+              **PRESETS.get(args.env_id, {})}
     filled = {k: (preset[k] if v is None and k in preset else v) for k, v in dataclasses.asdict(args).items()}
     args = Args(**filled)
     check(args.propagation in PROPAGATIONS, f"unknown --propagation {args.propagation!r}; valid: {', '.join(PROPAGATIONS)}")
@@ -259,6 +262,12 @@ def resolve(args: Args) -> Args:
     check(len(args.model_weight_decay) == args.model_depth + 1,
           f"--model-weight-decay needs {args.model_depth + 1} values (hidden layers + output)")
     return args
+
+
+def make_env(args):
+    """The task with the run's time limit (and Brax backend)."""
+    backend = {"backend": args.backend} if args.env_id in envs.BRAX_TASKS else {}
+    return envs.make(args.env_id, max_steps_in_episode=args.episode_length, **backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +442,7 @@ def make_train(args: Args):
     * `evaluate(state, key) -> return`: one planning episode with the state's model, no data kept.
     * `train(key) -> (state, metrics)`: the whole run as one pure function, `jax.vmap`-able over keys.
     """
-    env, env_params = envs.make(args.env_id, backend=args.backend, max_steps_in_episode=args.episode_length)
+    env, env_params = make_env(args)
     obs_size, action_size = env.obs_size, env.action_size
     space = env.action_space(env_params)
     lower = jnp.broadcast_to(jnp.asarray(space.low, jnp.float32), (action_size,))
@@ -698,7 +707,7 @@ def render_saved(path):
     """--render: one MPC episode with the first seed's saved model, written into the run dir."""
     args, trainer, state, _ = utils.load_saved(path, Args, make_train, seed_keys)
     model = utils.first_seed(state.model)
-    env = envs.make(args.env_id, backend=args.backend, max_steps_in_episode=args.episode_length)[0]
+    env = make_env(args)[0]
     space = env.action_space()
     middle = jnp.broadcast_to((jnp.asarray(space.low) + jnp.asarray(space.high)) / 2, (args.horizon, env.action_size))
 

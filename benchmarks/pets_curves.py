@@ -43,6 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from algorithms import pets, utils  # noqa: E402
+from pets_reference import oracle_row  # noqa: E402  (this folder is on the path of a script run from it)
 
 RESULTS = Path(__file__).parent / "results" / "curves"
 ALIASES = {"trials": "num_trials", "elites": "num_elites", "particles": "num_particles",
@@ -125,6 +126,14 @@ def write_curves(run_dir, args, out_dir):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(stats.index, stats["mean"], marker="o", markersize=3, label=f"PETS ({int(stats['count'].max())} seeds)")
     ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
+    oracle = oracle_row(args)
+    if oracle is None:
+        print(f"no true-dynamics row for this planner in benchmarks/results/pets_oracle.csv: run pets_reference.py "
+              f"--env-id {args.env_id} --population {args.population} --elites {args.num_elites} "
+              f"--horizon {args.horizon} --iterations {args.cem_iterations}")
+    else:
+        ax.axhline(oracle["oracle_mean"], color="black", linestyle="--", linewidth=1,
+                   label=f"same planner, true dynamics ({int(oracle['episodes'])} episodes)")
     ax.set(xlabel="trial (0: random actions)", ylabel="trial return (mean ± std over seeds)",
            title=f"PETS {args.env_id} ({args.backend}): pop {args.population}, P={args.num_particles}, "
                  f"H={args.horizon}, B={args.ensemble_size}x{args.model_depth}x{args.model_width}",

@@ -7,15 +7,41 @@ dynamics (the real env as its model, one particle: the env is deterministic), pe
 What a learned model can reach is at most about what the planner reaches with the true model,
 so this separates "the model is not good enough" from "the planner (or the task's reward over
 the planning horizon) does not do better".
+
+Each call stores its row in benchmarks/results/pets_oracle.csv (replacing a row with the same
+task and planner settings); `pets_curves.py` draws the row matching its curve's planner as a
+horizontal line.
 """
 
 import argparse
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 
 from algorithms import pets, utils
+
+ORACLE_FILE = Path(__file__).parent / "results" / "pets_oracle.csv"
+KEY = ["env_id", "backend", "episode_length", "population", "num_elites", "horizon", "cem_iterations"]
+
+
+def oracle_row(args):
+    """The stored true-dynamics row for the task and planner of `args` (pets.Args), or None."""
+    if not ORACLE_FILE.exists():
+        return None
+    rows = pd.read_csv(ORACLE_FILE)
+    match = rows[np.all([rows[k] == getattr(args, k) for k in KEY], axis=0)]
+    return None if match.empty else match.iloc[-1]
+
+
+def store_row(args, row):
+    rows = pd.read_csv(ORACLE_FILE) if ORACLE_FILE.exists() else pd.DataFrame(columns=[*KEY, *row])
+    rows = rows[~np.all([rows[k] == getattr(args, k) for k in KEY], axis=0)]
+    new = pd.DataFrame([{**{k: getattr(args, k) for k in KEY}, **row}])
+    pd.concat([rows, new] if len(rows) else [new]).sort_values(KEY).to_csv(ORACLE_FILE, index=False)
 
 
 def main():
@@ -31,7 +57,7 @@ def main():
     given = dict(population=cli.population, num_elites=cli.elites, horizon=cli.horizon, cem_iterations=cli.iterations)
     args = pets.resolve(pets.Args(env_id=cli.env_id, progress=False, **{k: v for k, v in given.items() if v is not None}))
     trainer = pets.make_train(args)
-    env, params = pets.envs.make(args.env_id, backend=args.backend, max_steps_in_episode=args.episode_length)
+    env, params = pets.make_env(args)
     batched_step = jax.vmap(jax.vmap(env.step_env, (None, 0, 0, None)), (None, 0, 0, None))
 
     def true_step(states, actions, t, key):  # the planner's model interface: (N, P) particles
@@ -59,11 +85,19 @@ def main():
     keys = jax.random.split(jax.random.PRNGKey(0), cli.episodes)
     zero = jax.jit(jax.vmap(lambda k: episode(k, False)))(keys)
     planned_episode = jax.jit(lambda k: episode(k, True))  # compiled once, run per episode (memory)
+    start = time.time()
     planned = np.array([float(planned_episode(k)) for k in keys])
+    seconds = (time.time() - start) / cli.episodes
     print(f"{args.env_id}, {args.episode_length}-step episodes, {cli.episodes} episodes (seeds 0..{cli.episodes - 1})")
-    print(f"zero actions: mean {float(zero.mean()):.2f} (per episode {np.round(np.asarray(zero), 2).tolist()})")
+    print(f"zero actions: mean {float(zero.mean()):.2f} (per episode {[round(float(x), 2) for x in zero]})")
     print(f"true-dynamics CEM (population {args.population}, elites {args.num_elites}, horizon {args.horizon}, "
-          f"{args.cem_iterations} iterations): mean {planned.mean():.2f} (per episode {np.round(planned, 2).tolist()})")
+          f"{args.cem_iterations} iterations): mean {planned.mean():.2f} (per episode {np.round(planned, 2).tolist()}; "
+          f"{seconds:.0f} s per episode with compilation)")
+    store_row(args, {"episodes": cli.episodes, "zero_action_mean": round(float(zero.mean()), 3),
+                     "oracle_mean": round(float(planned.mean()), 3), "oracle_min": round(float(planned.min()), 3),
+                     "oracle_per_episode": " ".join(f"{x:.2f}" for x in planned),
+                     "seconds_per_episode": round(seconds, 1)})
+    print(f"stored in {ORACLE_FILE}")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ returned `params` are also `env.default_params`, so the task functions use them 
 from envs.brax_tasks import BACKENDS, DEFAULT_BACKEND, TASKS as BRAX_TASKS, BraxTask
 from envs.icy_road import IcyRoad
 from envs.intersection import Intersection
+from envs.pendulum import Pendulum
 from envs.render import render_episode, rollout
 
-_NON_BRAX = {"IcyRoad": IcyRoad, "Intersection": Intersection}
+_NON_BRAX = {"IcyRoad": IcyRoad, "Intersection": Intersection, "pendulum": Pendulum}
 NAMES = (*_NON_BRAX, *BRAX_TASKS)
+CONTINUOUS = ("pendulum", *BRAX_TASKS)  # continuous actions, with `obs_size` and `action_size`
 
 
 def make(name: str, **overrides):
@@ -35,4 +37,5 @@ def make(name: str, **overrides):
     return env, env.default_params
 
 
-__all__ = ["make", "render_episode", "rollout", "NAMES", "BRAX_TASKS", "BACKENDS", "DEFAULT_BACKEND", "BraxTask", "IcyRoad", "Intersection"]
+__all__ = ["make", "render_episode", "rollout", "NAMES", "BRAX_TASKS", "CONTINUOUS", "BACKENDS", "DEFAULT_BACKEND", "BraxTask",
+           "IcyRoad", "Intersection", "Pendulum"]

@@ -389,7 +389,7 @@ def test_killed_run_resumes_to_identical_results(reference, tmp_path, monkeypatc
 def test_bad_arguments_fail_before_compiling():
     for overrides, message in [
         (dict(env_id="Hopper-v4"), "unknown env"),
-        (dict(env_id="IcyRoad"), "continuous-action Brax task"),
+        (dict(env_id="IcyRoad"), "continuous-action task"),
         (dict(num_particles=7), "--num-particles 7 must be a multiple of --ensemble-size 5 for --propagation ts-inf"),
         (dict(num_particles=7, propagation="ts1"), "multiple of --ensemble-size"),
         (dict(num_elites=60), "--num-elites 60 > --population 50"),
