@@ -4,6 +4,7 @@ file, with each trial (an episode of MPC planning in the real env, then a model 
 compiled by XLA as one call and vmapped over seeds.
 
     python algorithms/pets.py --seed 0                           # inverted_pendulum (cartpole-like)
+    python algorithms/pets.py --env-id pendulum --num-seeds 3    # swing-up, never terminates (as the paper's cartpole)
     python algorithms/pets.py --env-id halfcheetah --num-seeds 4
     python algorithms/pets.py --propagation ts1 --optimizer random
     python algorithms/pets.py --resume runs/<run-name>           # continue a killed run
@@ -49,11 +50,14 @@ Choices where the paper is silent (and why):
 * Same network for every task (4 x 200 swish, the paper's halfcheetah model and weight decays);
   the reference code uses 3 x 500 for cartpole and 3-4 x 200 with larger decays for reacher/pusher
   (and Adam 7.5e-4 for reacher).
-* inverted_pendulum (Brax, reward 1 per step until |angle| > 0.2) stands in for the paper's
-  cartpole: 200-step episodes, 15 trials (the reference runs 50 cartpole iterations). Its first
-  trials end after ~10-40 steps, so 5 epochs are only a few SGD steps per fit: the model's
-  variance shrinks slowly and learning takes ~10-15 trials (measured with a 3 x 64 model,
-  population 100, P = 10: returns reached 200 at trial 14; with 50 epochs at trial 5).
+* The paper's cartpole (a 200-step swing-up with a dense cost; 50 iterations in the reference)
+  has two stand-ins here, 200-step episodes and 15 trials each. `pendulum` (gymnax's
+  Pendulum-v1 swing-up, dense reward) never terminates, as the reference's cartpole: every trial
+  adds 200 transitions. inverted_pendulum (Brax, reward 1 per step until |angle| > 0.2)
+  terminates, so its first trials hold 20-60 transitions (see the SGD floor below), and its
+  reward does not see the cart: with the true dynamics as its model, CEM at 50 candidates and
+  H = 15, 25 or 35 lets the cart drift into the end of its rail and drop the pole in some
+  episodes; H = 50 held all of them (benchmarks/README.md, PETS curves).
   reacher uses Brax's 50-step episodes (the paper's 3D reacher has 150), 100 trials; pusher 150
   steps and 100 trials, halfcheetah 1000 and 300 trials (the reference's counts).
 * A trial ends at the env's termination or time limit (`episode_length`); the episode is a

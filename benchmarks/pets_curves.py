@@ -13,6 +13,9 @@ during trial 7 redoes trial 7). Started with arguments that resolve differently 
 args.json it stops with the differences listed (use another --out-dir, or delete the run dir to
 start over). `--max-new-trials K` stops after K trials in this invocation (for time-boxed sessions).
 
+`--plot-only` redraws them from the stored run (with the true-dynamics line of
+benchmarks/results/pets_oracle.csv, `pets_reference.py`'s rows, where one matches the planner).
+
 After every trial it rewrites benchmarks/results/curves/pets_<env>.csv (trial, env_steps, seed,
 return; trial 0 is the random-action trial, env_steps the step budget through the trial,
 (trial + 1) x episode_length, as pets.py counts it) and pets_<env>.png (return, mean ± std over
@@ -135,8 +138,9 @@ def write_curves(run_dir, args, out_dir):
         ax.axhline(oracle["oracle_mean"], color="black", linestyle="--", linewidth=1,
                    label=f"same planner, true dynamics ({int(oracle['episodes'])} episodes)")
     ax.set(xlabel="trial (0: random actions)", ylabel="trial return (mean ± std over seeds)",
-           title=f"PETS {args.env_id} ({args.backend}): pop {args.population}, P={args.num_particles}, "
-                 f"H={args.horizon}, B={args.ensemble_size}x{args.model_depth}x{args.model_width}",
+           title=f"PETS {args.env_id}{f' ({args.backend})' if args.env_id in pets.envs.BRAX_TASKS else ''}: "
+                 f"pop {args.population}, P={args.num_particles}, H={args.horizon}, {args.cem_iterations} it., "
+                 f"B={args.ensemble_size}x{args.model_depth}x{args.model_width}",
            xlim=(-0.5, args.num_trials - 0.5))
     ax.title.set_fontsize(9)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -161,7 +165,15 @@ def main():
     parser.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="any other pets.Args field")
     parser.add_argument("--max-new-trials", type=int, default=None, help="stop after this many trials in this call")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where pets_<env>/, .csv and .png go")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="only redraw the .csv and .png of the stored run from its args.json (no other flag used)")
     cli = parser.parse_args()
+    if cli.plot_only:  # e.g. after a new true-dynamics row; a run stored by an older pets.Args redraws too
+        path = Path(cli.out_dir) / f"pets_{cli.env_id}" / "pets"
+        utils.check((path / "args.json").exists(), f"--plot-only: no run in {path}")
+        stored = types.SimpleNamespace(**json.loads((path / "args.json").read_text()))
+        write_curves(types.SimpleNamespace(path=path), stored, Path(cli.out_dir))
+        return
     args = pets.resolve(pets.Args(env_id=cli.env_id, num_seeds=cli.num_seeds, seed=cli.seed, progress=False,
                                   **overrides_from(cli)))
     out_dir = Path(cli.out_dir)

@@ -54,7 +54,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import envs
 from algorithms import pets
 from mbpo_throughput import best_time, cpu_name, flops, matmul_flops_per_s, run_mbrl_lib  # same timing helpers, one place
 
@@ -116,6 +115,7 @@ def planning_call(trainer):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env-id", default="halfcheetah", help="task (its observation and action sizes)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 4], help="vmapped seed counts to time")
     parser.add_argument("--population", type=int, default=400)
     parser.add_argument("--elites", type=int, default=None, help="default: 10%% of the population")
@@ -132,14 +132,14 @@ def main():
     cli = parser.parse_args()
     elites = cli.elites or max(1, cli.population // 10)
     args = pets.resolve(pets.Args(
-        env_id="halfcheetah", num_trials=2, population=cli.population, num_elites=elites, horizon=cli.horizon,
+        env_id=cli.env_id, num_trials=2, population=cli.population, num_elites=elites, horizon=cli.horizon,
         num_particles=cli.particles, cem_iterations=cli.iterations, cem_epsilon=cli.epsilon,
         propagation="ts-inf", optimizer="cem", progress=False))
     trainer = pets.make_train(args)
     count_trainer = pets.make_train(dataclasses.replace(args, cem_iterations=1))  # one CEM iteration
-    env, env_params = envs.make(args.env_id, backend=args.backend)
+    env, env_params = pets.make_env(args)
 
-    lines = [f"PETS planning latency (one MPC step = one full planning call), halfcheetah: CEM population "
+    lines = [f"PETS planning latency (one MPC step = one full planning call), {args.env_id}: CEM population "
              f"{args.population} / {args.num_elites} elites, horizon {args.horizon}, {args.num_particles} particles, "
              f"{args.cem_iterations} iterations (early stop {'disabled' if args.cem_epsilon == 0 else f'at var < {args.cem_epsilon}'}), "
              f"{args.propagation}, B={args.ensemble_size} x {args.model_depth}x{args.model_width} swish "
