@@ -274,10 +274,9 @@ def test_model_step_and_model_fit_use_the_tasks_transforms(preprocess):
     assert state.model.weights[0].shape == (args.ensemble_size, 24, 8)
 
 
-def test_planner_with_the_true_dynamics_balances_inverted_pendulum():
-    """The planner (CEM + particle values with termination) using the real env as its model."""
-    args, trainer = _trainer(population=64, num_elites=8, horizon=12, cem_iterations=3)
-    env, params = pets.envs.make("inverted_pendulum", max_steps_in_episode=1000)
+def _true_dynamics_episode(trainer, args, env, params, key, steps, start=lambda state: state):
+    """`steps` MPC steps of the planner using the real env as its model, from `start` of a reset
+    state: (terminated, obs) per step."""
 
     def true_step(states, actions, t, key):
         obs, states, reward, terminated, _ = jax.vmap(jax.vmap(env.step_env, (None, 0, 0, None)), (None, 0, 0, None))(
@@ -286,21 +285,40 @@ def test_planner_with_the_true_dynamics_balances_inverted_pendulum():
 
     @jax.jit
     def episode(key):
-        obs, state = env.reset(key, params)
+        state = start(env.reset(key, params)[1])
 
         def step(carry, key):
             state, plan_mean = carry
             plan_key, step_key = jax.random.split(key)
             value = lambda seqs, k: pets.trajectory_values(true_step, state, seqs, k, num_particles=1)
             action, plan_mean, stats = trainer.plan(value, plan_mean, plan_key)
-            _, state, reward, terminated, _ = env.step_env(step_key, state, action, params)
-            return (state, plan_mean), (terminated, state.obs[1])
+            obs, state, reward, terminated, _ = env.step_env(step_key, state, action, params)
+            return (state, plan_mean), (terminated, obs)
 
-        _, (terminated, angle) = jax.lax.scan(step, (state, jnp.zeros((args.horizon, 1))), jax.random.split(key, 80))
-        return terminated, angle
+        init = (state, jnp.zeros((args.horizon, env.action_size)))
+        return jax.lax.scan(step, init, jax.random.split(key, steps))[1]
 
-    terminated, angle = episode(jax.random.PRNGKey(0))
-    assert not np.any(terminated) and np.max(np.abs(angle)) < 0.2
+    return map(np.asarray, episode(key))
+
+
+def test_planner_with_the_true_dynamics_balances_inverted_pendulum():
+    """The planner (CEM + particle values with termination) using the real env as its model."""
+    args, trainer = _trainer(population=64, num_elites=8, horizon=12, cem_iterations=3)
+    env, params = pets.envs.make("inverted_pendulum", max_steps_in_episode=1000)
+    terminated, obs = _true_dynamics_episode(trainer, args, env, params, jax.random.PRNGKey(0), 80)
+    assert not np.any(terminated) and np.max(np.abs(obs[:, 1])) < 0.2
+
+
+def test_planner_with_the_true_dynamics_swings_up_pendulum():
+    """The pendulum curve's planner (50 candidates, H = 25, 5 iterations) with the real env as its
+    model swings the pole up from hanging at rest (several swings: the torque is too weak to lift
+    it) and holds it (angle 0 is up)."""
+    args, trainer = _trainer(env_id="pendulum", population=50, num_elites=5, horizon=25, cem_iterations=5)
+    env, params = pets.envs.make("pendulum")
+    hanging = lambda state: state.replace(theta=jnp.float32(np.pi - 0.01), theta_dot=jnp.float32(0.0))
+    _, obs = _true_dynamics_episode(trainer, args, env, params, jax.random.PRNGKey(0), 200, start=hanging)
+    angle = np.arctan2(obs[:, 1], obs[:, 0])
+    assert np.max(np.abs(angle[-20:])) < 0.1, angle[::10]  # up by step 180 (about 9 s)
 
 
 # --- the whole loop ----------------------------------------------------------------------------------
