@@ -56,8 +56,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from algorithms import utils  # first: a multi-process run joins before Brax starts JAX
 import envs
-from algorithms import utils
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +97,12 @@ class Args:
     """show a progress bar"""
     devices: int | None = None
     """devices to split the seeds over (default: all); --num-seeds must be a multiple of it"""
+    coordinator: str | None = None
+    """join a multi-process run (jax.distributed): HOST:PORT of process 0, or "auto" (SLURM, Open MPI...)"""
+    num_processes: int | None = None
+    """processes of a multi-process run (with --coordinator HOST:PORT); the seeds split over all their devices"""
+    process_id: int | None = None
+    """this process's index, 0 .. num_processes - 1 (process 0 writes the run directory)"""
     track: bool = False
     """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
     wandb_project: str | None = None

@@ -121,8 +121,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from algorithms import utils  # first: a multi-process run joins before Brax starts JAX
 import envs
-from algorithms import utils
 
 ARCHS = {  # App. C, Table 1
     "metrpo": dict(model_layers=(1024, 1024), model_batch_size=1000, model_l2=0.0, weight_norm=False),
@@ -164,6 +164,12 @@ class Args:
     """show a progress bar"""
     devices: int | None = None
     """devices to split the seeds over (default: all); --num-seeds must be a multiple of it"""
+    coordinator: str | None = None
+    """join a multi-process run (jax.distributed): HOST:PORT of process 0, or "auto" (SLURM, Open MPI...)"""
+    num_processes: int | None = None
+    """processes of a multi-process run (with --coordinator HOST:PORT); the seeds split over all their devices"""
+    process_id: int | None = None
+    """this process's index, 0 .. num_processes - 1 (process 0 writes the run directory)"""
     track: bool = False
     """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
     wandb_project: str | None = None

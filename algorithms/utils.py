@@ -4,8 +4,11 @@ and the one host loop every algorithm runs around its compiled chunk (`open_run`
 `load_saved`, `cli`), with optional TensorBoard / W&B tracking.
 
 Kept small on purpose: each algorithm file stays readable and copyable with this one module.
+Import it before `envs`: a multi-process run must join `jax.distributed` before Brax's import
+starts JAX's backend (`join_processes`, run at import).
 """
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -77,16 +80,40 @@ def reported_failures():
 def cli(args_cls):
     """Parse the command line into `args_cls` (tyro) and turn the persistent compile cache on."""
     enable_compilation_cache()
-    return tyro.cli(args_cls)
+    args = tyro.cli(args_cls)
+    check(jax.process_count() == 1 or args.run_name or args.resume or args.evaluate or args.render,
+          "a multi-process run needs --run-name: every process opens the same run directory")
+    return args
 
 
-# --- seeds over devices ---------------------------------------------------------------
+# --- seeds over devices and processes -----------------------------------------------
+def join_processes(argv):
+    """Join a multi-process run (`jax.distributed`) if the command line asks for one:
+    `--coordinator HOST:PORT --num-processes N --process-id I`, or `--coordinator auto` where JAX
+    reads them from the cluster (SLURM, Open MPI, Kubernetes). Runs when this module is imported,
+    since it must come before anything starts JAX's backend (importing Brax does); the same flags
+    are fields of every Args, so `--help` documents them and tyro accepts them."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--coordinator")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    flags = parser.parse_known_args(argv)[0]
+    if flags.coordinator is None:
+        check(flags.num_processes in (None, 1), "--num-processes > 1 needs --coordinator HOST:PORT (or auto)")
+        return
+    auto = flags.coordinator == "auto"
+    check(auto or None not in (flags.num_processes, flags.process_id),
+          "--coordinator HOST:PORT needs --num-processes and --process-id (or use --coordinator auto)")
+    jax.distributed.initialize(None if auto else flags.coordinator, flags.num_processes, flags.process_id)
+
+
 def seed_mesh(args):
-    """A 1-D mesh ("seed") over the first `--devices` devices (default: all):
+    """A 1-D mesh ("seed") over the first `--devices` devices of all processes (default: all):
     each device trains num_seeds / D of the seeds."""
     devices = jax.devices()
     count = args.devices or len(devices)
-    check(0 < count <= len(devices), f"--devices {args.devices}: this machine has {len(devices)} device(s)")
+    check(0 < count <= len(devices), f"--devices {args.devices}: there are {len(devices)} device(s)")
+    check(count == len(devices) or jax.process_count() == 1, "--devices: a multi-process run uses every device")
     check(args.num_seeds % count == 0, f"--num-seeds {args.num_seeds} must be a multiple of the {count} devices "
                                        f"(--devices, default: all)")
     return jax.sharding.Mesh(np.array(devices[:count]), ("seed",))
@@ -103,15 +130,40 @@ def over_devices(fn, mesh, replicated=0, donate=True):
     return jax.jit(mapped, donate_argnums=0 if donate else ())
 
 
+def place(x, sharding):
+    """A host array (the same in every process) as a jax.Array with `sharding`: each device, in
+    whichever process, takes its own slice."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def on_devices(tree, mesh):
-    """Place host (or single-device) arrays with their leading seed axis split over `mesh`."""
+    """Place host arrays with their leading seed axis split over `mesh`."""
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
-    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding) if eqx.is_array(x) else x, tree)
+    return jax.tree.map(lambda x: place(x, sharding) if eqx.is_array(x) else x, tree)
 
 
 def to_host(tree):
-    """numpy copies of (possibly sharded) arrays: gathered from every device to the host."""
-    return jax.tree.map(lambda x: np.asarray(x) if eqx.is_array(x) else x, tree)
+    """numpy copies of (possibly sharded) arrays, gathered from every device and process."""
+    arrays, rest = eqx.partition(tree, eqx.is_array)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return eqx.combine(multihost_utils.process_allgather(arrays, tiled=True), rest)
+    return eqx.combine(jax.tree.map(np.asarray, arrays), rest)
+
+
+def is_writer():
+    """In a multi-process run, process 0 writes the run directory, trackers and progress bar for
+    all (the run directory must be on a filesystem every process reads, for --resume)."""
+    return jax.process_index() == 0
+
+
+def writer_only(method):
+    def write(*args, **kwargs):
+        return method(*args, **kwargs) if is_writer() else None
+
+    return write
 
 
 class RunDir:
@@ -120,8 +172,9 @@ class RunDir:
 
     def __init__(self, path, args=None):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        if args is not None:
+        if is_writer():
+            self.path.mkdir(parents=True, exist_ok=True)
+        if args is not None and is_writer():
             (self.path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
     @staticmethod
@@ -132,6 +185,7 @@ class RunDir:
         return args_cls(**json.loads((self.path / "args.json").read_text()))
 
     # --- metrics: a CSV that `pandas.read_csv(path)` reads in one line ---------------------
+    @writer_only
     def write_metrics(self, metrics: dict, first_seed: int):
         """Append one row per seed; `metrics` maps names to arrays of shape (num_seeds,)."""
         names = sorted(metrics)
@@ -144,6 +198,7 @@ class RunDir:
                 values = [f"{float(np.asarray(metrics[n])[i]):.7g}" for n in names]
                 f.write(",".join([str(first_seed + i), *values]) + "\n")
 
+    @writer_only
     def truncate_metrics(self, rows: int):
         """On resume: keep the header and the first `rows` rows (those the checkpoint covers)."""
         file = self.path / "metrics.csv"
@@ -152,6 +207,7 @@ class RunDir:
         elif file.exists():
             file.unlink()
 
+    @writer_only
     def write_summary(self, summary: dict):
         used = json.loads((self.path / "args.json").read_text()).get("devices") or jax.device_count()  # --devices
         summary = {"run_dir": str(self.path), "num_devices": used, "num_processes": jax.process_count(), **summary}
@@ -164,7 +220,9 @@ class RunDir:
         mid-write leaves the previous one intact). `parts` are pytrees saved alone as <name>.eqx
         (e.g. sac.py's actor.eqx), for programs that load them without the whole state;
         checkpoint.json repeats the counters for scripts. Sharded states are gathered to the host."""
-        state, parts = to_host(state), to_host(parts)
+        state, parts = to_host(state), to_host(parts)  # every process takes part in the gather
+        if not is_writer():
+            return
         for name, tree in {"checkpoint": (state, np.array([env_steps, chunks], np.int64)), **parts}.items():
             eqx.tree_serialise_leaves(self.path / f"{name}.eqx.tmp", tree)
             os.replace(self.path / f"{name}.eqx.tmp", self.path / f"{name}.eqx")
@@ -178,11 +236,11 @@ class RunDir:
         host = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype) if hasattr(x, "dtype") else x, like)
         state, (env_steps, chunks) = eqx.tree_deserialise_leaves(self.path / "checkpoint.eqx",
                                                                  (host, np.zeros(2, np.int64)))
-        placed = jax.tree.map(lambda x, y: jax.device_put(x, y.sharding) if isinstance(y, jax.Array) else x, state, like)
+        placed = jax.tree.map(lambda x, y: place(x, y.sharding) if isinstance(y, jax.Array) else x, state, like)
         return placed, {"env_steps": int(env_steps), "chunks": int(chunks)}
 
 
-HOST_FLAGS = ("devices", "progress", "track", "wandb_project")
+HOST_FLAGS = ("devices", "coordinator", "num_processes", "process_id", "progress", "track", "wandb_project")
 
 
 # --- the host loop ----------------------------------------------------------------------------------
@@ -231,7 +289,7 @@ def train_loop(run_dir, args, state, chunk, num_chunks: int, *, progress="env_st
     run_dir.truncate_metrics(done * args.num_seeds)  # rows written after the checkpoint (all, if none)
     check_metrics = check_metrics or (lambda m, i: assert_finite(m, f"{progress.replace('_', ' ')} {m[progress][0]}"))
     tracker = Tracker(run_dir, args)
-    bar = tqdm(total=num_chunks, initial=done, unit=unit, disable=not args.progress)
+    bar = tqdm(total=num_chunks, initial=done, unit=unit, disable=not (args.progress and is_writer()))
     metrics = {}
     try:
         while done < num_chunks:
@@ -265,6 +323,8 @@ class Tracker:
 
     def __init__(self, run_dir, args):
         self.tensorboard, self.wandb = [], None
+        if not is_writer():
+            return
         if getattr(args, "track", False):
             from tensorboardX import SummaryWriter
             self.tensorboard = [SummaryWriter(str(run_dir.path / "tensorboard" / f"seed{args.seed + i}"))
@@ -295,3 +355,5 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.finish()
 
+
+join_processes(sys.argv[1:])

@@ -39,6 +39,7 @@ import io
 import warnings
 from functools import partial
 from typing import Any
+from unittest import mock
 
 # A quiet import. MJX prints "Failed to import warp" (twice) whenever NVIDIA Warp, an optional
 # GPU backend we never use, is absent; Brax warns on every model load that its pipelines are
@@ -47,7 +48,7 @@ from typing import Any
 # is passed through, and a failing import still raises.
 warnings.filterwarnings("ignore", message="JAXopt is no longer maintained", category=DeprecationWarning)
 with contextlib.redirect_stdout(io.StringIO()) as _printed:
-    import mujoco.mjx  # noqa: F401
+    import mujoco.mjx
 for _line in _printed.getvalue().splitlines():
     if not _line.startswith(("Failed to import warp:", "Failed to import mujoco_warp:")):
         print(_line)
@@ -65,6 +66,17 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 from envs._common import with_overrides  # noqa: E402
 
 BACKENDS = ("positional", "generalized", "spring", "mjx")
+
+
+def _load(name, backend):
+    """`brax.envs.get_environment`, with the model on this process's own first device. Brax's
+    loader calls MJX's `put_model` without a device, which then picks `jax.devices()[0]`: in a
+    multi-process run (jax.distributed) that device belongs to process 0, so every other process
+    would hold a model with no data and fail to compile ("closing over a jax.Array that spans
+    non-addressable devices")."""
+    local_put = partial(mujoco.mjx.put_model, device=jax.local_devices()[0])
+    with mock.patch.object(mujoco.mjx, "put_model", local_put):
+        return brax_envs.get_environment(name, backend=backend)
 # `positional` compiles and runs fastest on CPU (../shared/FACTS.md); returns differ across
 # backends, so every run records the backend it used.
 DEFAULT_BACKEND = "positional"
@@ -137,7 +149,7 @@ class BraxTask(environment.Environment[EnvState, EnvParams]):
             name, EnvParams(max_steps_in_episode=EPISODE_LENGTH[name]), param_overrides
         )
         self.task, self.backend = name, backend
-        self.brax_env = brax_envs.get_environment(name, backend=backend)
+        self.brax_env = _load(name, backend)
         self.action_size = self.brax_env.action_size
         self.brax_obs_size = jax.eval_shape(self.brax_env.reset, jax.random.PRNGKey(0)).obs.shape[-1]
         self._features = REWARD_FEATURES.get(name, lambda env, before, after: jnp.zeros(0))

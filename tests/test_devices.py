@@ -1,10 +1,12 @@
 """Seeds split over devices (algorithms/utils.py: seed_mesh, over_devices): on 4 forced CPU
 devices, 4 seeds on 4 devices give the metrics of 4 seeds vmapped on one device (to the rounding
 of batch-size-dependent XLA kernels), the state really is split, and a run killed on 4 devices
-resumes on 1. Each case runs in a subprocess, since the device count is fixed at JAX's start."""
+resumes on 1; and 2 processes under jax.distributed give the metrics of one process. Each case
+runs in subprocesses, since the device count is fixed at JAX's start."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+from helpers import as_cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -54,7 +60,7 @@ SCRIPT = textwrap.dedent('''
 def test_seeds_split_over_devices_match_one_device_and_resume_on_another_count(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=1200, cwd=Path(__file__).resolve().parent.parent)
+                          timeout=1200, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["shard_devices"] == 4 and out["shard_shapes"] == [[1, *out["full_shape"][1:]]] * 4
@@ -74,3 +80,60 @@ def test_seeds_split_over_devices_match_one_device_and_resume_on_another_count(t
     assert resumed[8:].notna().all().all() and (resumed["env_steps"] == d4["env_steps"]).all()  # losses: NaN before learning
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["num_devices"] == 1 and summary["num_processes"] == 1  # what the resumed part ran on
+
+
+# --- across processes (jax.distributed): 2 processes on 127.0.0.1, one CPU device each --------------
+SAC_TINY = dict(env_id="inverted_pendulum", total_timesteps=1000, buffer_size=1000, epoch_length=250, init_steps=500,
+                updates_per_step=2, sac_width=64, sac_batch_size=128)
+MBPO_TINY = dict(env_id="inverted_pendulum", total_timesteps=750, epoch_length=250, init_steps=250,
+                 model_train_freq=250, rollout_batch_size=500, ensemble_size=3, num_elites=2, model_width=32,
+                 model_depth=2, sac_width=32, updates_per_step=2, model_max_epochs=5, max_holdout=100, eval_episodes=2,
+                 rollout_schedule=(0, 2, 1, 3))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("algo, config, random_rows", [("sac", SAC_TINY, 4), ("mbpo", MBPO_TINY, 2)])
+def test_two_processes_match_one_process(tmp_path, algo, config, random_rows):
+    """The same file under jax.distributed (2 processes, 1 device each: the global mesh spans both,
+    each process trains its seed, process 0 writes) gives the metrics of the 2-seed run in one
+    process, to the rounding of batch-size-dependent kernels (as above)."""
+    script = [sys.executable, str(ROOT / "algorithms" / f"{algo}.py"),
+              *as_cli({**config, "num_seeds": 2, "run_dir": str(tmp_path), "progress": False})]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    port = free_port()
+    workers = [subprocess.Popen(script + ["--run-name", "two", "--coordinator", f"127.0.0.1:{port}",
+                                          "--num-processes", "2", "--process-id", str(i)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+               for i in range(2)]
+    single = subprocess.run(script + ["--run-name", "one"], env=env, capture_output=True, text=True, timeout=1200,
+                            cwd=tmp_path)
+    outputs = [w.communicate(timeout=1200) for w in workers]
+    for worker, (_, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-3000:]
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert '"run_dir"' in outputs[0][0] and '"run_dir"' not in outputs[1][0]  # process 0 writes the summary for both
+    two, one = (pd.read_csv(tmp_path / name / "metrics.csv").drop(columns="charts/steps_per_second")
+                for name in ("two", "one"))
+    assert len(two) == len(one) == 2 * config["total_timesteps"] // config["epoch_length"]
+    assert sorted(two["seed"].unique()) == [0, 1]
+    # Random-action epochs (collect, buffers, evaluation) equal to physics rounding; once SAC learns,
+    # the losses, loosely (batch-dependent rounding grows as above).
+    pd.testing.assert_frame_equal(two[:random_rows], one[:random_rows], rtol=1e-4, atol=1e-4)
+    for name in ["losses/critic", "losses/actor", "charts/alpha"]:
+        np.testing.assert_allclose(two[name][random_rows:], one[name][random_rows:], rtol=0.05)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["num_devices"] == 2
+    assert (tmp_path / "two" / "checkpoint.eqx").exists()
+
+
+def test_multi_process_flags_are_checked_before_anything_starts():
+    for flags, message in [(["--num-processes", "2"], "needs --coordinator"),
+                           (["--coordinator", "127.0.0.1:1234"], "needs --num-processes and --process-id")]:
+        done = subprocess.run([sys.executable, str(ROOT / "algorithms" / "sac.py"), *flags], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
