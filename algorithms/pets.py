@@ -15,9 +15,10 @@ What the paper and its reference code (kchua/handful-of-trials, configs per task
   from normalized (obs, action), with the reference's per-task transforms (PREPROCESS below,
   `--no-preprocess` for the raw form): halfcheetah's model sees sin/cos of the root angle instead
   of the angle, not the x-velocity, and predicts the next x-velocity itself (the rest as deltas);
-  log-variance softly bounded by learned max/min bounds (+0.01 * their difference as regularizer); per-layer weight decay 0.5 * wd * ||W||^2; each member fit to
-  its own bootstrap resample of all data; Adam 1e-3, batch 32, 5 epochs after every trial,
-  continuing from the previous weights (and Adam state); normalizer refit on all data each time.
+  log-variance softly bounded by learned max/min bounds (+0.01 * their difference as
+  regularizer); per-layer weight decay 0.5 * wd * ||W||^2; each member fit to its own bootstrap
+  resample of all data; Adam 1e-3, batch 32, 5 epochs after every trial, continuing from the
+  previous weights (and Adam state); normalizer refit on all data each time.
 * Trajectory sampling with P = 20 particles per candidate action sequence: TS-inf (a particle's
   bootstrap never changes over the horizon), TS1 (resampled every step), or expectation (E: the
   ensemble's mean prediction propagated deterministically, so one particle suffices). A candidate's
@@ -174,7 +175,7 @@ class Args:
     preprocess: bool = True
     """the task's model input/target transforms (PREPROCESS, the reference's); False: raw obs in, next - obs out"""
     model_min_sgd_steps: int | None = None
-    """floor on SGD steps per fit, in whole epochs (ours; 0 = only --model-epochs; preset: 0, inverted_pendulum see PRESETS)"""
+    """floor on SGD steps per fit, in whole epochs (ours; 0: --model-epochs only; preset: 0, inverted_pendulum 500)"""
 
     # planning
     propagation: str = "ts-inf"
