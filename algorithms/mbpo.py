@@ -207,15 +207,16 @@ def resolve(args: Args) -> Args:
 
 
 def check_memory(args: Args):
-    """Estimate the preallocated buffers (real + model, all seeds) before anything is allocated;
-    print it, and stop with a one-line error if it exceeds the memory there is."""
+    """Estimate the preallocated buffers (real + model) of the seeds that share one memory (a
+    device's, or this host's) before anything is allocated; print it, and stop with a one-line
+    error if it exceeds that memory."""
     env = envs.make(args.env_id, backend=args.backend)[0]
     row = 4 * (2 * env.obs_size + env.action_size + 1) + 1  # obs, action, reward, next_obs (f32), terminated
     model_rows = (args.retain_epochs * max(args.rollout_schedule[2:]) * args.rollout_batch_size
                   * (args.epoch_length // args.model_train_freq))
-    real, model = args.num_seeds * args.total_timesteps * row, args.num_seeds * model_rows * row
-    have, where = utils.available_memory()
-    line = (f"buffers: {(real + model) / 2**30:.2f} GiB for {args.num_seeds} seed(s) = {real / 2**30:.2f} real + "
+    have, where, seeds = utils.available_memory(args)
+    real, model = seeds * args.total_timesteps * row, seeds * model_rows * row
+    line = (f"buffers: {(real + model) / 2**30:.2f} GiB for {seeds} seed(s) = {real / 2**30:.2f} real + "
             f"{model / 2**30:.2f} model ({model_rows:,} rows per seed at the largest k); {where}: {have / 2**30:.1f} GiB")
     print(line, flush=True)
     utils.check(real + model <= have, f"{line}: too little memory; lower --rollout-batch-size, --retain-epochs, "

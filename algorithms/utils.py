@@ -39,19 +39,22 @@ def check(ok: bool, message: str):
         raise SystemExit(f"error: {message}")
 
 
-def available_memory():
-    """(bytes, where): the memory limit of the first accelerator, else the host's available RAM."""
+def available_memory(args):
+    """(bytes, where, seeds): the memory one share of the seeds lives in, and that share: on an
+    accelerator one device's limit and the seeds each device trains; on a CPU the host's
+    available RAM, which all local devices share, and the seeds of this process."""
     device = jax.devices()[0]
     if device.platform != "cpu":
         limit = (device.memory_stats() or {}).get("bytes_limit")
         if limit:
-            return int(limit), f"{device.platform} device 0"
+            return int(limit), f"{device.platform} device 0", args.num_seeds // (args.devices or jax.device_count())
+    seeds = args.num_seeds // jax.process_count()
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024, "this machine (MemAvailable)"
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine"
+                return int(line.split()[1]) * 1024, "this machine (MemAvailable)", seeds
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine", seeds
 
 
 class NonFiniteError(FloatingPointError):
@@ -147,8 +150,14 @@ def to_host(tree):
     """numpy copies of (possibly sharded) arrays, gathered from every device and process."""
     arrays, rest = eqx.partition(tree, eqx.is_array)
     if jax.process_count() > 1:
+        from jax._src import distributed
         from jax.experimental import multihost_utils
 
+        # The gather's CPU collectives (gloo) give up if a process arrives 30 s after another, and
+        # compiling the first chunk can take longer than that in one process than in the other:
+        # first meet at the coordination service's barrier, which waits as long as we say.
+        to_host.calls = getattr(to_host, "calls", 0) + 1
+        distributed.global_state.client.wait_at_barrier(f"to_host_{to_host.calls}", 3_600_000)
         return eqx.combine(multihost_utils.process_allgather(arrays, tiled=True), rest)
     return eqx.combine(jax.tree.map(np.asarray, arrays), rest)
 

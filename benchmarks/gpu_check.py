@@ -45,7 +45,8 @@ CASES = {
     "pets": ("env step", "env_steps",  # halfcheetah with the reference planner (400 / 40, P = 20, H = 30)
              dict(env_id="halfcheetah", num_trials=4, episode_length=100),
              dict(env_id="inverted_pendulum", num_trials=4, episode_length=20, population=20, num_elites=4,
-                  num_particles=2, horizon=5, cem_iterations=2, model_width=32, model_depth=2)),
+                  ensemble_size=2, num_particles=2, horizon=5, cem_iterations=2, model_width=32, model_depth=2,
+                  model_weight_decay=(1e-5, 1e-5, 1e-5))),
     "dam": ("round", "env_steps",
             dict(env_id="Intersection", rounds=4),
             dict(env_id="IcyRoad", rounds=4, init_episodes=2, eval_episodes=2, num_sequences=16, num_particles=2,

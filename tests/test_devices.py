@@ -87,8 +87,8 @@ SAC_TINY = dict(env_id="inverted_pendulum", total_timesteps=1000, buffer_size=10
                 updates_per_step=2, sac_width=64, sac_batch_size=128)
 MBPO_TINY = dict(env_id="inverted_pendulum", total_timesteps=750, epoch_length=250, init_steps=250,
                  model_train_freq=250, rollout_batch_size=500, ensemble_size=3, num_elites=2, model_width=32,
-                 model_depth=2, sac_width=32, updates_per_step=2, model_max_epochs=5, max_holdout=100, eval_episodes=2,
-                 rollout_schedule=(0, 2, 1, 3))
+                 model_depth=2, model_weight_decay=(1e-5, 1e-5, 1e-5), sac_width=32, updates_per_step=2,
+                 model_max_epochs=5, max_holdout=100, eval_episodes=2, rollout_schedule=(0, 2, 1, 3))
 
 
 def free_port():

@@ -179,3 +179,30 @@ def test_plot_script_compares_runs(tmp_path):
     missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and missing.stderr.strip().startswith("error:") and "Traceback" not in missing.stderr
+
+
+# --- benchmarks/gpu_check.py -------------------------------------------------------------------
+def test_gpu_check_smoke_runs_every_algorithm(tmp_path):
+    """`--smoke`: every algorithm's real run() with tiny configs, 2 vmapped seeds, in its own process;
+    one row each with compile time, steady-state throughput and peak memory (host RSS on CPU)."""
+    out = tmp_path / "gpu_check.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["algo"] for r in rows] == ["sac", "mbpo", "pets", "dam", "tdml"] and all(r["seeds"] == 2 for r in rows)
+    for r in rows:
+        assert 0 < r["compile_s"] < r["total_s"] and 0 < r["steady_chunk_s"] < r["total_s"], r
+        assert r["steady_per_s"] > 0 and r["peak_memory_gib"] > 0.1 and r["memory_of"] == "host peak RSS", r
+    assert out.read_text().count("| 2 |") == 5
+
+
+def test_gpu_check_paper_sized_configs_are_valid_arguments():
+    """The configs only a GPU runs pass each file's own argument checks (at 8 seeds)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+    from algorithms import dam, mbpo, pets, sac, tdml
+
+    for name, module in dict(sac=sac, mbpo=mbpo, pets=pets, dam=dam, tdml=tdml).items():
+        args = module.resolve(module.Args(**gpu_check.CASES[name][2], num_seeds=8))
+        assert args.num_seeds == 8
