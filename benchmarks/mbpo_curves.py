@@ -92,7 +92,7 @@ def train_one(env_id, algo, seed, total_timesteps, backend):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     interrupted = True
     try:
-        module.run(type(args)(resume=str(path)) if resuming else args)
+        module.run(type(args)(resume=str(path), progress=False) if resuming else args)
         interrupted = False
     finally:
         end = time.time()
