@@ -185,7 +185,7 @@ def test_hopper_termination_has_a_lower_bound_on_the_state():
 
 
 def test_bad_names_and_overrides_give_clear_errors():
-    with pytest.raises(ValueError, match="valid names: IcyRoad, Intersection, hopper"):
+    with pytest.raises(ValueError, match="valid names: IcyRoad, Intersection, pendulum, hopper"):
         envs.make("Hopper-v4")
     with pytest.raises(ValueError, match="unknown Brax backend"):
         envs.make("hopper", backend="warp")
