@@ -11,6 +11,7 @@ starts JAX's backend (`join_processes`, run at import).
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -146,6 +147,9 @@ def on_devices(tree, mesh):
     return jax.tree.map(lambda x: place(x, sharding) if eqx.is_array(x) else x, tree)
 
 
+_GATHERS = itertools.count()  # each barrier needs its own name; every process counts the same
+
+
 def to_host(tree):
     """numpy copies of (possibly sharded) arrays, gathered from every device and process."""
     arrays, rest = eqx.partition(tree, eqx.is_array)
@@ -156,8 +160,7 @@ def to_host(tree):
         # The gather's CPU collectives (gloo) give up if a process arrives 30 s after another, and
         # compiling the first chunk can take longer than that in one process than in the other:
         # first meet at the coordination service's barrier, which waits as long as we say.
-        to_host.calls = getattr(to_host, "calls", 0) + 1
-        distributed.global_state.client.wait_at_barrier(f"to_host_{to_host.calls}", 3_600_000)
+        distributed.global_state.client.wait_at_barrier(f"gather_{next(_GATHERS)}", 3_600_000)
         return eqx.combine(multihost_utils.process_allgather(arrays, tiled=True), rest)
     return eqx.combine(jax.tree.map(np.asarray, arrays), rest)
 
@@ -183,8 +186,8 @@ class RunDir:
         self.path = Path(path)
         if is_writer():
             self.path.mkdir(parents=True, exist_ok=True)
-        if args is not None and is_writer():
-            (self.path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+            if args is not None:
+                (self.path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
     @staticmethod
     def new_name(env_id: str, algo: str, seed: int) -> str:
