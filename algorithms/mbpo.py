@@ -34,6 +34,9 @@ Choices where the paper is silent (and why):
 * The members share one reshuffle order per epoch (each still walks its own resample in a random
   order): one sort of the positions instead of B, which is most of an epoch's overhead on CPU.
   `model_max_epochs` bounds a fit (the reference has no bound; a `while_loop` needs one).
+* Seeds vmapped together fit their models one seed after another (`--sequential-fit`, the CPU
+  default; `jax.custom_batching.sequential_vmap`): a vmapped early-stopping loop would step
+  every seed until the slowest seed stops. Everything else stays vmapped.
 * The buffers are preallocated for the largest k (no recompile as k grows); their memory is
   estimated and printed before anything is allocated, and a run that cannot fit stops.
 * A non-finite model prediction ends its rollout and is not stored (the reference's termination
@@ -72,7 +75,9 @@ class Args:
     num_seeds: int = 1
     """independent seeds trained at once in one compiled program"""
     seed_batch: int | None = None
-    """seeds vmapped together; more seeds run batch after batch in the same program (lax.map). Default: all seeds on an accelerator; 1 on CPU, where a vmapped fit runs every seed until the slowest seed's early stopping fires"""
+    """seeds vmapped together; more seeds run batch after batch in the same program (lax.map). Default: all seeds on an accelerator; 1 on CPU, so seed i of any run equals a single run of seed i bit for bit (with --sequential-fit a larger batch costs no more per seed there)"""
+    sequential_fit: bool | None = None
+    """inside a vmapped seed batch, fit each seed's model alone, one seed after another: a vmapped fit trains every seed until the slowest seed's early stopping fires. Default: on CPU, where that extra work costs time; off on an accelerator, where seeds run in parallel"""
     total_timesteps: int | None = None
     """env steps (preset: 125_000 hopper, 300_000 walker2d/ant/humanoid, 400_000 halfcheetah, 20_000 inverted_pendulum)"""
     backend: str = envs.DEFAULT_BACKEND
@@ -177,6 +182,8 @@ def resolve(args: Args) -> Args:
     filled = {k: (preset[k] if v is None and k in preset else v) for k, v in dataclasses.asdict(args).items()}
     if filled["seed_batch"] is None:
         filled["seed_batch"] = filled["num_seeds"] if jax.default_backend() != "cpu" else 1
+    if filled["sequential_fit"] is None:
+        filled["sequential_fit"] = jax.default_backend() == "cpu"
     if filled["target_entropy"] is None:  # the usual SAC heuristic: -|A|
         filled["target_entropy"] = -float(envs.make(args.env_id, backend=args.backend)[0].action_size)
     args = Args(**filled)
@@ -412,6 +419,27 @@ def rollout_length(args, env_step):
 
 
 # ---------------------------------------------------------------------------------------------
+def one_seed_at_a_time(fn):
+    """`fn`, but under `jax.vmap` each seed runs alone in a loop (lax.map) instead of batched. A
+    batched `while_loop` (the fit's early stopping) steps every seed until the last one stops;
+    alone, each seed stops at its own epoch, as in a single run. Non-array leaves (functions
+    inside modules) are kept out of the custom batching rule, which takes arrays only."""
+
+    def wrapped(*inputs):
+        arrays, static = eqx.partition(inputs, eqx.is_array)
+        static_out = []
+
+        @jax.custom_batching.sequential_vmap
+        def on_arrays(arrays):
+            out_arrays, out_static = eqx.partition(fn(*eqx.combine(arrays, static)), eqx.is_array)
+            static_out[:] = [out_static]
+            return out_arrays
+
+        return eqx.combine(on_arrays(arrays), static_out[0])
+
+    return wrapped
+
+
 def make_train(args: Args):
     """Returns `Trainer(init, chunk, evaluate, train)`:
 
@@ -554,6 +582,9 @@ def make_train(args: Args):
                    "model/bootstrap_distinct": jnp.mean(jnp.sum(seen > 0, -1) / n_train)}
         diagnostics = {"holdout_loss": best_loss, "holdout_history": history, "seen": seen, "n_train": n_train}
         return best, opt_state, elites, diagnostics, metrics
+
+    if args.sequential_fit:
+        fit_model = one_seed_at_a_time(fit_model)
 
     # --- MODEL ROLLOUT ----------------------------------------------------------------------------
     def model_step(model, elites, obs, action, key):

@@ -1,6 +1,6 @@
 """MBPO throughput at hopper's paper settings (G = 20, SAC 2x256, B = 7 members of 4x200, 100k rollouts per fit).
 
-    python benchmarks/mbpo_throughput.py [--seeds 1 4] [--steps 250] [--seed-batch 1 4]
+    python benchmarks/mbpo_throughput.py [--seeds 1 4] [--steps 250] [--seed-batch 1 4] [--fit sequential batched]
 
 Measures, in one process (so the ratios share the machine's state):
 1. dense fp32 matmul FLOP/s of this machine (2048 x 2048, and 256 x 256 x 256 like a SAC layer);
@@ -15,7 +15,10 @@ Measures, in one process (so the ratios share the machine's state):
    the first learning period (fit from scratch on 5000 random-policy transitions, the most
    epochs) and the next one (fit warm-started from the previous weights, as in training). Seeds
    run as `mbpo.run` runs them: in batches of each `--seed-batch` (vmapped within a batch, batch
-   after batch via lax.map), so 4 seeds at seed batch 1 vs 4 are directly comparable.
+   after batch via lax.map), so 4 seeds at seed batch 1 vs 4 are directly comparable. A batch
+   of several seeds is timed with each `--fit`: `sequential` fits each seed's model alone, one
+   after another (mbpo's `--sequential-fit`, the CPU default), `batched` vmaps the fit, which
+   then runs every seed until the batch's slowest seed stops.
 With `--mbrl-lib-python PY` (the interpreter of a virtualenv with PyTorch and mbrl-lib 0.2.0,
 see `mbrl_lib_pets_latency.py`), `mbrl_lib_mbpo_phases.py` first times mbrl-lib's SAC update and
 ensemble SGD step at the same settings, and the report compares them with our 1-seed phases.
@@ -23,6 +26,7 @@ Prints a markdown report and writes it to benchmarks/results/mbpo_throughput.md.
 """
 
 import argparse
+import dataclasses
 import contextlib
 import json
 import subprocess
@@ -142,6 +146,8 @@ def main():
     parser.add_argument("--steps", type=int, default=250, help="env steps timed (one model period)")
     parser.add_argument("--seed-batch", type=int, nargs="+", default=[1, 4],
                         help="seeds vmapped together in the full iteration (capped at the seed count)")
+    parser.add_argument("--fit", nargs="+", default=["sequential", "batched"], choices=["sequential", "batched"],
+                        help="how a batch of several seeds fits the models (mbpo --sequential-fit)")
     parser.add_argument("--mbrl-lib-python", default=None,
                         help="python of a venv with torch + mbrl 0.2.0: also time mbrl-lib's phases in this run")
     parser.add_argument("--phases-only", action="store_true",
@@ -173,8 +179,10 @@ def main():
                f"{theirs['sac_update_ms'] / (1e3 * sac_s):.2f}x faster), ensemble SGD step {theirs['ensemble_step_ms']:.2f} "
                f"ms (ours {theirs['ensemble_step_ms'] / (1e3 * model_s):.2f}x faster)")
 
-    runs = sorted({(n, min(b, n)) for n in cli.seeds for b in cli.seed_batch})
-    for num_seeds, seed_batch in [] if cli.phases_only else runs:
+    runs = sorted({(n, min(b, n), fit if min(b, n) > 1 else cli.fit[0])
+                   for n in cli.seeds for b in cli.seed_batch for fit in cli.fit}, key=lambda r: (r[0], r[1], r[2] != cli.fit[0]))
+    for num_seeds, seed_batch, fit in [] if cli.phases_only else runs:
+        trainer = mbpo.make_train(dataclasses.replace(args, sequential_fit=fit == "sequential"))
         keys = jnp.stack([jax.random.PRNGKey(i) for i in range(num_seeds)])
         state = jax.jit(jax.vmap(trainer.init))(keys)
         chunk = jax.jit(lambda state, start: jax.lax.map(lambda s: trainer.chunk(s, start), state, batch_size=seed_batch),
@@ -192,9 +200,11 @@ def main():
             jax.block_until_ready(metrics)
             seconds = time.perf_counter() - start
             epochs = "/".join(str(int(e)) for e in metrics["model/epochs"])
-            report(f"- full iteration, {num_seeds} seed(s) in batches of {seed_batch}, compile {compile_s:.0f} s; "
-                   f"{args.epoch_length} env steps with one fit ({label}: {epochs} epochs per seed; a vmapped "
-                   f"fit runs until every seed of its batch stops) on {step} transitions), one "
+            how = "" if seed_batch == 1 else (", each seed's fit alone" if fit == "sequential" else
+                                              ", fits vmapped: every seed steps until the batch's slowest stops")
+            report(f"- full iteration, {num_seeds} seed(s) in batches of {seed_batch}{how}, compile {compile_s:.0f} s; "
+                   f"{args.epoch_length} env steps with one fit ({label}: {epochs} epochs per seed) on {step} "
+                   f"transitions, one "
                    f"{args.rollout_batch_size}-rollout branch and {args.updates_per_step} SAC "
                    f"updates per step: {seconds:.0f} s -> {seconds / args.epoch_length:.3f} s per env step "
                    f"= {seconds / args.epoch_length / num_seeds:.3f} s per seed-step")

@@ -132,6 +132,27 @@ def test_bootstrap_is_one_resample_per_member_and_fit():
     assert len({tuple(np.nonzero(row)[0][:50]) for row in seen}) == len(seen)  # members resample independently
 
 
+def test_sequential_fit_runs_each_vmapped_seed_as_a_single_fit():
+    """--sequential-fit (the CPU default): under vmap each seed's fit runs alone, so it stops at
+    its own epoch instead of stepping until the batch's slowest seed stops, and its result is
+    the single-seed fit's, bit for bit."""
+    overrides = dict(model_max_epochs=200, model_patience=2, sequential_fit=True)
+    args, trainer, fit = _fitter(**overrides)
+    keys = [jax.random.PRNGKey(11), jax.random.PRNGKey(12)]
+    buffers = [_noisy_buffer(jax.random.PRNGKey(i), 800) for i in range(2)]
+    models = [mbpo.Ensemble(k, args.ensemble_size, 5, 5, args.model_width, args.model_depth) for k in keys]
+    opts = [optax.adam(args.model_lr).init(m) for m in models]
+    alone = [fit(m, o, b, k) for m, o, b, k in zip(models, opts, buffers, keys)]
+    stack = lambda xs: jax.tree.map(lambda *leaves: jnp.stack(leaves), *xs)
+    batched = jax.jit(jax.vmap(trainer.fit_model))(stack(models), stack(opts), stack(buffers), jnp.stack(keys))
+    epochs = [int(a[4]["model/epochs"]) for a in alone]
+    assert epochs[0] != epochs[1]  # the seeds stop at different epochs
+    np.testing.assert_array_equal(np.asarray(batched[4]["model/epochs"]), epochs)
+    for i, single in enumerate(alone):
+        for got, want in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], batched)), jax.tree.leaves(single)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_holdout_is_capped_and_fit_compiles_once_as_the_buffer_grows():
     args, trainer, _ = _fitter()
     traces = []
