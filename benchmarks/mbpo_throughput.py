@@ -26,8 +26,8 @@ Prints a markdown report and writes it to benchmarks/results/mbpo_throughput.md.
 """
 
 import argparse
-import dataclasses
 import contextlib
+import dataclasses
 import json
 import subprocess
 import time
