@@ -155,6 +155,32 @@ def test_snapshot_restore_reproduces_trajectory(task, backend):
     np.testing.assert_allclose(first["restored_obs"], first["orig_obs"], rtol=1e-5, atol=1e-5)
 
 
+def test_mjx_body_poses_after_a_step_are_those_of_its_new_positions():
+    """Oracle: MJX's full forward pass (`pipeline_init`) at the stepped q, qd. Raw `mjx.step`
+    leaves x, xd one substep behind q, qd, which made ant's `done` disagree with its observed
+    height; the trajectory of q, qd must be Brax's own."""
+    env, params = _env("hopper", "mjx")
+    raw_step = type(env.brax_env).pipeline_step  # Brax's, without our refresh
+
+    @jax.jit
+    def run(key):
+        _, state = env.reset(key, params)
+        ps, raw = state.pipeline_state, state.pipeline_state
+        for k in jax.random.split(key, 3):
+            action = jax.random.uniform(k, (env.action_size,), minval=-1.0, maxval=1.0)
+            ps = env.step_env(k, state.replace(pipeline_state=ps), action, params)[1].pipeline_state
+            raw = raw_step(env.brax_env, raw, action)
+        return ps, raw, env.brax_env.pipeline_init(ps.q, ps.qd)
+
+    ps, raw, oracle = jax.tree.map(np.asarray, run(jax.random.PRNGKey(3)))
+    np.testing.assert_allclose(ps.q, raw.q, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ps.qd, raw.qd, rtol=1e-6, atol=1e-6)
+    for mine, truth in [(ps.x.pos, oracle.x.pos), (ps.x.rot, oracle.x.rot), (ps.xd.vel, oracle.xd.vel),
+                        (ps.xd.ang, oracle.xd.ang)]:
+        np.testing.assert_allclose(mine, truth, rtol=1e-5, atol=1e-5)
+    assert np.abs(raw.x.pos - oracle.x.pos).max() > 1e-4  # the stale poses this replaces
+
+
 def test_snapshot_restore_generalized_backend_from_positions_and_velocities():
     env, (_, first, _), traces = _run("inverted_double_pendulum", "generalized")
     assert traces == 1
