@@ -14,6 +14,9 @@
   weak-typed leaves where `reset` returns float32).
 * `reward_fn(obs, action, next_obs)` / `termination_fn(obs, action, next_obs)` reproduce the
   Brax reward and `done` from observations alone, for planners and model rollouts.
+* `mjx`: body poses and velocities are recomputed from the new q, qd after every step (Brax's
+  MJX step leaves them one substep behind, so ant's and humanoid's `done` lagged their observed
+  height); the trajectory of q, qd is Brax's own.
 * `snapshot(state)` / `restore(snapshot)`: a flat float32 vector that stores a state and rebuilds
   it exactly (for algorithms that restart the real env from buffer states, e.g. TDML).
 
