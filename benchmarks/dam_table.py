@@ -3,8 +3,9 @@ each cell one vmapped run of `--seeds` seeds with dam.py's defaults (J = 10 roun
 env the same planner with the true dynamics (`--model true`: its ceiling). Each seed's final
 model is evaluated on `--eval-episodes` planner episodes apart from data collection
 (Intersection: half with each turn); a cell reports their mean +- standard error over seeds,
-and each method's difference to the baseline of the same env and model, paired over seeds
-(seed i of every cell uses the same key), +- its standard error, next to the paper's numbers.
+and each method's difference to the baseline of the same env and model and to the true-model
+planner, paired over seeds (seed i of every cell uses the same keys), +- its standard error,
+next to the paper's numbers.
 
     python benchmarks/dam_table.py [--seeds 10] [--rounds 10] [--cells IcyRoad/mdn/dam ...]
     python benchmarks/dam_table.py --particles 1 --cells IcyRoad/gaussian/baseline ...  # Alg. 1's single draw
@@ -63,17 +64,23 @@ def mean_se(x):
 
 
 def table(df):
-    lines = ["| env | model | method | ours: eval return (mean ± s.e.) | minus baseline, paired (mean ± s.e.) | crashed "
-             "| seeds | paper (3 seeds) | cell wall-clock (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| env | model | method | ours: eval return (mean ± s.e.) | minus baseline, paired (mean ± s.e.) "
+             "| minus true model, paired | crashed | seeds | paper (3 seeds) | cell wall-clock (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def paired(cell, env_id, model, method):
+        """cell - the same env's (model, method) cell, seed by seed (seed i: the same keys)."""
+        other = df[(df.env == env_id) & (df.model == model) & (df.method == method)].set_index("seed")["eval_return"]
+        diff = (cell.set_index("seed")["eval_return"] - other).dropna()
+        return "-" if diff.empty else "{:+.2f} ± {:.2f}".format(*mean_se(diff))
+
     for (env_id, model, method), cell in df.groupby(["env", "model", "method"], sort=False):
         m, se = mean_se(cell["eval_return"])
-        base = df[(df.env == env_id) & (df.model == model) & (df.method == "baseline")].set_index("seed")["eval_return"]
-        paired = cell.set_index("seed")["eval_return"] - base
-        paired = paired.dropna()
-        diff = "-" if method == "baseline" or paired.empty else "{:+.2f} ± {:.2f}".format(*mean_se(paired))
+        diff = "-" if method == "baseline" else paired(cell, env_id, model, "baseline")
+        below_true = "-" if model == "true" else paired(cell, env_id, "true", "baseline")
         crash = cell["eval_crash_frac"].mean()
         paper = PAPER.get((env_id, model), {}).get(method, "-")
-        lines.append(f"| {env_id} | {model} | {method} | {m:.2f} ± {se:.2f} | {diff} | "
+        lines.append(f"| {env_id} | {model} | {method} | {m:.2f} ± {se:.2f} | {diff} | {below_true} | "
                      f"{'-' if np.isnan(crash) else f'{crash:.0%}'} | {len(cell)} | {paper} | "
                      f"{cell['seconds_cell'].iloc[0]:.0f} |")
     total = df.groupby(["env", "model", "method"])["seconds_cell"].first().sum()
@@ -107,6 +114,7 @@ def main():
         markdown.write_text(table(done) + "\n")
         print(f"{env_id}/{model}/{method}: {cell.eval_return.mean():.2f} "
               f"({cell.seconds_cell.iloc[0]:.0f} s)", flush=True)
+    markdown.write_text(table(done) + "\n")  # also after a run with nothing left to do (a new table layout)
     print(table(done))
 
 
