@@ -46,7 +46,9 @@ def run_cell(env_id, model, method, seeds, rounds, particles, eval_episodes):
     trainer = dam.make_train(args)
     start = time.perf_counter()
     state, metrics = jax.block_until_ready(jax.jit(jax.vmap(trainer.train))(dam.seed_keys(args)))
-    _, evaluation = jax.jit(jax.vmap(trainer.evaluate))(state, dam.eval_keys(args))
+    # block: the evaluation is dispatched asynchronously (rows before 2026-12-02 16:45 UTC
+    # timed its compile but not its run)
+    _, evaluation = jax.block_until_ready(jax.jit(jax.vmap(trainer.evaluate))(state, dam.eval_keys(args)))
     seconds = time.perf_counter() - start
     metrics, evaluation = jax.tree.map(np.asarray, (metrics, evaluation))
     utils.assert_finite({**metrics, **evaluation}, f"{env_id}/{model}/{method}")
