@@ -288,12 +288,13 @@ def first_seed(tree):
 
 
 def train_loop(run_dir, args, state, chunk, num_chunks: int, *, progress="env_steps", unit="step",
-               check_metrics=None, parts=lambda state: {}, show="eval/return"):
+               check_metrics=None, parts=lambda state: {}, show="eval/return", after_chunk=None):
     """Resume from the checkpoint, then run `chunk(state, i) -> (state, metrics)` for the chunks
     i left. Per chunk: time it, check it (`check_metrics(metrics, chunks_done)` raises
     NonFiniteError naming the quantity; default: every metric finite), append one row per seed to
     metrics.csv (and TensorBoard / W&B), replace the checkpoint (with `parts(state)` beside it),
-    update the progress bar. `metrics[progress]` counts the x-axis (env steps, or iterations).
+    update the progress bar, then call `after_chunk(chunks_done)` if given (e.g. redraw a curve).
+    `metrics[progress]` counts the x-axis (env steps, or iterations).
     Returns (state, metrics of the last chunk, progress)."""
     loaded, info = run_dir.load_checkpoint(state)
     state = state if loaded is None else loaded
@@ -318,6 +319,8 @@ def train_loop(run_dir, args, state, chunk, num_chunks: int, *, progress="env_st
             run_dir.write_metrics(metrics, args.seed)
             tracker.log(metrics, position, args.seed)
             run_dir.save_checkpoint(state, position, done, **parts(state))
+            if after_chunk is not None:
+                after_chunk(done)
             bar.update(1)
             bar.set_postfix({show.split("/")[-1]: f"{metrics[show].mean():.4g}",
                              "sps": f"{metrics['charts/steps_per_second'][0]:.0f}"})

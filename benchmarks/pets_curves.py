@@ -203,7 +203,7 @@ def main():
                   flush=True)
 
         utils.train_loop(run_dir, args, state, chunk, stop, unit="trial", check_metrics=check,
-                         show="charts/trial_return")
+                         show="charts/trial_return", after_chunk=lambda trials: write_curves(run_dir, args, out_dir))
         done_trials = stop
         write_curves(run_dir, args, out_dir)
     if done_trials >= args.num_trials:

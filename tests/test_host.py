@@ -52,7 +52,12 @@ def test_train_loop_resumes_and_a_nonfinite_value_keeps_the_last_good_checkpoint
     assert json.loads((run_dir.path / "checkpoint.json").read_text()) == {"env_steps": 20, "chunks": 2}
     assert len(pd.read_csv(run_dir.path / "metrics.csv")) == 4  # 2 chunks x 2 seeds, nothing of the bad one
     # Resumed with a chunk that stays finite: continues from chunk 2 and ends at 5 chunks.
-    state, metrics, steps = utils.train_loop(run_dir, LoopArgs(), jnp.zeros(2), _chunk(bad_chunk=-1), 5)
+    # after_chunk (pets_curves redraws its curve there) sees each chunk's rows already on disk.
+    rows_seen = {}
+    state, metrics, steps = utils.train_loop(
+        run_dir, LoopArgs(), jnp.zeros(2), _chunk(bad_chunk=-1), 5,
+        after_chunk=lambda done: rows_seen.update({done: len(pd.read_csv(run_dir.path / "metrics.csv"))}))
+    assert rows_seen == {3: 6, 4: 8, 5: 10}
     assert steps == 50 and state.tolist() == [5, 5] and metrics["eval/return"].tolist() == [4, 4]
     assert pd.read_csv(run_dir.path / "metrics.csv")["env_steps"].tolist() == [10, 10, 20, 20, 30, 30, 40, 40, 50, 50]
 
