@@ -1,0 +1,65 @@
+"""How often a saved PETS model's imagined rollouts leave the data and blow up.
+
+    python benchmarks/pets_model_escapes.py RUN_DIR [--starts 10] [--candidates 200]
+
+For every seed of the run: `--starts` real states from the last trial's data, `--candidates`
+uniform random action sequences of the run's horizon, the run's particles and propagation (the
+model exactly as the planner steps it). Counts the particles whose imagined return (the task's
+reward function) exceeds 1e3 in size, the step at which they first left the data's range by
+more than its width, and the dimension farthest out (in data std) at the end. A diagnostic for
+the exploding `plan/best_value` of the halfcheetah curve (benchmarks/README.md#halfcheetah).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from algorithms import pets, utils  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--starts", type=int, default=10)
+    parser.add_argument("--candidates", type=int, default=200)
+    cli = parser.parse_args()
+    args, trainer, state, _ = utils.load_saved(cli.run_dir, pets.Args, pets.make_train, pets.seed_keys)
+    env, _ = pets.make_env(args)
+    horizon, n, p = args.horizon, cli.candidates, args.num_particles
+    step = jax.jit(trainer.model_step)
+    for seed in range(args.num_seeds):
+        model, buffer = jax.tree.map(lambda x: x[seed], (state.model, state.buffer))
+        size = int(buffer.size)
+        data = np.asarray(buffer.obs[:size])
+        mean, std, low, high = data.mean(0), data.std(0) + 1e-6, data.min(0), data.max(0)
+        starts = data[np.random.RandomState(seed).choice(np.arange(size - args.episode_length, size), cli.starts)]
+        key = jax.random.PRNGKey(seed)
+        exploded, first_out, dims = 0, [], []
+        for obs0 in starts:
+            key, action_key, member_key, step_key = jax.random.split(key, 4)
+            actions = jax.random.uniform(action_key, (n, horizon, env.action_size), minval=-1, maxval=1)
+            members = pets.particle_members(member_key, args.propagation, horizon, n, p, args.ensemble_size)
+            obs = np.broadcast_to(obs0, (n, p, obs0.shape[0]))
+            total, first = np.zeros((n, p)), np.full((n, p), -1)
+            for t in range(horizon):
+                action = np.broadcast_to(np.asarray(actions[:, t])[:, None], (n, p, env.action_size))
+                next_obs, _ = step(model, obs, action, members[t], jax.random.fold_in(step_key, t))
+                total += np.asarray(env.reward_fn(obs, action, next_obs))
+                obs = np.asarray(next_obs)
+                out = ((obs < low - (high - low)) | (obs > high + (high - low))).any(-1)
+                first = np.where(out & (first < 0), t, first)
+            big = ~(np.abs(total) <= 1e3)  # NaN counts as exploded
+            exploded += int(big.sum())
+            first_out += first[big].tolist()
+            dims += np.argmax(np.abs((obs[big] - mean) / std), -1).tolist()
+        total_particles = cli.starts * n * p
+        print(f"seed {seed}: {size} transitions; {exploded} of {total_particles} particles "
+              f"({exploded / total_particles:.2%}) with |imagined return| > 1e3; first step out of the data's "
+              f"range (-1: never): {first_out}; dimension farthest out at the end: {dims}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
