@@ -1,6 +1,6 @@
 """How often a saved PETS model's imagined rollouts leave the data and blow up.
 
-    python benchmarks/pets_model_escapes.py RUN_DIR [--starts 10] [--candidates 200]
+    python benchmarks/pets_model_escapes.py RUN_DIR [--starts 10] [--candidates 200] [--episode]
 
 For every seed of the run: `--starts` real states from the last trial's data, `--candidates`
 uniform random action sequences of the run's horizon, the run's particles and propagation (the
@@ -8,9 +8,14 @@ model exactly as the planner steps it). Counts the particles whose imagined retu
 reward function) exceeds 1e3 in size, the step at which they first left the data's range by
 more than its width, and the dimension farthest out (in data std) at the end. A diagnostic for
 the exploding `plan/best_value` of the halfcheetah curve (benchmarks/README.md#halfcheetah).
+
+`--episode` also drives one MPC episode per seed in the real env with the saved model (the run's
+planner, data not kept) and counts the steps whose best planned value exceeds `--threshold`
+(default 100: a real 15-step halfcheetah return stays far below; trials 8-30 averaged 7-16).
 """
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -25,9 +30,11 @@ def main():
     parser.add_argument("run_dir")
     parser.add_argument("--starts", type=int, default=10)
     parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument("--episode", action="store_true")
+    parser.add_argument("--threshold", type=float, default=100.0)
     cli = parser.parse_args()
     args, trainer, state, _ = utils.load_saved(cli.run_dir, pets.Args, pets.make_train, pets.seed_keys)
-    env, _ = pets.make_env(args)
+    env, env_params = pets.make_env(args)
     horizon, n, p = args.horizon, cli.candidates, args.num_particles
     step = jax.jit(trainer.model_step)
     for seed in range(args.num_seeds):
@@ -59,6 +66,32 @@ def main():
         print(f"seed {seed}: {size} transitions; {exploded} of {total_particles} particles "
               f"({exploded / total_particles:.2%}) with |imagined return| > 1e3; first step out of the data's "
               f"range (-1: never): {first_out}; dimension farthest out at the end: {dims}", flush=True)
+    if cli.episode:
+        for seed in range(args.num_seeds):
+            runner = jax.tree.map(lambda x: x[seed], state)
+            best, total = jax.jit(partial(mpc_episode, args, trainer, env, env_params))(runner, jax.random.PRNGKey(seed))
+            best = np.asarray(best)
+            print(f"seed {seed}: MPC episode return {float(total):.1f}; {int((best > cli.threshold).sum())} of "
+                  f"{best.size} steps with best planned value > {cli.threshold:g} (largest {best.max():.3g}, "
+                  f"median {np.median(best):.3g})", flush=True)
+
+
+def mpc_episode(args, trainer, env, env_params, runner, key):
+    """(best planned value per step, return) of one MPC episode with the runner's model."""
+    obs, env_state = env.reset(key, env_params)
+    space = env.action_space(env_params)
+    middle = (np.asarray(space.low, np.float32) + np.asarray(space.high, np.float32)) / 2  # the planner's warm start
+    plan_mean = np.broadcast_to(middle, (args.horizon, env.action_size))
+
+    def step(carry, key):
+        obs, env_state, plan_mean = carry
+        plan_key, step_key = jax.random.split(key)
+        action, plan_mean, stats = trainer.plan(partial(trainer.model_value, runner.model, obs), plan_mean, plan_key)
+        obs, env_state, reward, _, _, _ = env.step(step_key, env_state, action, env_params)
+        return (obs, env_state, plan_mean), (stats["plan/best_value"], reward)
+
+    _, (best, rewards) = jax.lax.scan(step, (obs, env_state, plan_mean), jax.random.split(key, args.episode_length))
+    return best, rewards.sum()
 
 
 if __name__ == "__main__":
