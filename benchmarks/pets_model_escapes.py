@@ -32,6 +32,9 @@ def main():
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--episode", action="store_true")
     parser.add_argument("--threshold", type=float, default=100.0)
+    parser.add_argument("--guard-ab", type=int, default=0, metavar="EPISODES",
+                        help="EPISODES MPC episodes per seed with and without a guard that fails a particle "
+                             "once it leaves the data's range by more than its width (same keys)")
     cli = parser.parse_args()
     args, trainer, state, _ = utils.load_saved(cli.run_dir, pets.Args, pets.make_train, pets.seed_keys)
     env, env_params = pets.make_env(args)
@@ -69,24 +72,56 @@ def main():
     if cli.episode:
         for seed in range(args.num_seeds):
             runner = jax.tree.map(lambda x: x[seed], state)
-            best, total = jax.jit(partial(mpc_episode, args, trainer, env, env_params))(runner, jax.random.PRNGKey(seed))
+            best, total = jax.jit(partial(planned_episode, args, trainer, env, env_params, False))(
+                runner, jax.random.PRNGKey(seed))
             best = np.asarray(best)
             print(f"seed {seed}: MPC episode return {float(total):.1f}; {int((best > cli.threshold).sum())} of "
                   f"{best.size} steps with best planned value > {cli.threshold:g} (largest {best.max():.3g}, "
                   f"median {np.median(best):.3g})", flush=True)
+    for episode in range(cli.guard_ab):
+        for seed in range(args.num_seeds):
+            runner = jax.tree.map(lambda x: x[seed], state)
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), 1000 + episode)
+            returns = [float(jax.jit(partial(planned_episode, args, trainer, env, env_params, guard))(runner, key)[1])
+                       for guard in (False, True)]
+            print(f"guard A/B, seed {seed}, episode {episode}: return without guard {returns[0]:.1f}, "
+                  f"with guard {returns[1]:.1f}", flush=True)
 
 
-def mpc_episode(args, trainer, env, env_params, runner, key):
-    """(best planned value per step, return) of one MPC episode with the runner's model."""
+def planned_episode(args, trainer, env, env_params, guard, runner, key):
+    """(best planned value per step, return) of one MPC episode in the real env. Its value function
+    is the run's (`pets.make_train`'s model_value: trajectory sampling with the run's members);
+    with `guard` it fails a particle, with the -1e6 the planner gives a NaN return, at the first
+    step its imagined state leaves [low - width, high + width] of the stored data."""
+    size = runner.buffer.size
+    valid = (jax.numpy.arange(runner.buffer.obs.shape[0]) < size)[:, None]
+    low = jax.numpy.min(jax.numpy.where(valid, runner.buffer.obs, jax.numpy.inf), 0)
+    high = jax.numpy.max(jax.numpy.where(valid, runner.buffer.obs, -jax.numpy.inf), 0)
+    low, high = low - (high - low), high + (high - low)
+
+    def value_fn(obs, action_seqs, key):
+        member_key, key = jax.random.split(key)
+        n, horizon, _ = action_seqs.shape
+        members = pets.particle_members(member_key, args.propagation, horizon, n, args.num_particles,
+                                        args.ensemble_size)
+
+        def step(obs, action, t, key):
+            next_obs, _ = trainer.model_step(runner.model, obs, action, members[t], key)
+            reward = env.reward_fn(obs, action, next_obs)
+            out = ((next_obs < low) | (next_obs > high)).any(-1) & guard
+            return next_obs, jax.numpy.where(out, pets.NONFINITE_RETURN, reward), env.termination_fn(obs, action, next_obs) | out
+
+        return pets.trajectory_values(step, obs, action_seqs, key, args.num_particles)
+
     obs, env_state = env.reset(key, env_params)
     space = env.action_space(env_params)
-    middle = (np.asarray(space.low, np.float32) + np.asarray(space.high, np.float32)) / 2  # the planner's warm start
+    middle = (np.asarray(space.low, np.float32) + np.asarray(space.high, np.float32)) / 2
     plan_mean = np.broadcast_to(middle, (args.horizon, env.action_size))
 
     def step(carry, key):
         obs, env_state, plan_mean = carry
         plan_key, step_key = jax.random.split(key)
-        action, plan_mean, stats = trainer.plan(partial(trainer.model_value, runner.model, obs), plan_mean, plan_key)
+        action, plan_mean, stats = trainer.plan(partial(value_fn, obs), plan_mean, plan_key)
         obs, env_state, reward, _, _, _ = env.step(step_key, env_state, action, env_params)
         return (obs, env_state, plan_mean), (stats["plan/best_value"], reward)
 
