@@ -204,8 +204,7 @@ def main():
 
         utils.train_loop(run_dir, args, state, chunk, stop, unit="trial", check_metrics=check,
                          show="charts/trial_return", after_chunk=lambda trials: write_curves(run_dir, args, out_dir))
-        done_trials = stop
-        write_curves(run_dir, args, out_dir)
+        done_trials = stop  # the curve was redrawn after every trial (after_chunk)
     if done_trials >= args.num_trials:
         final = pd.read_csv(run_dir.path / "metrics.csv")
         final = final[final["trial"] == final["trial"].max()]["charts/trial_return"]

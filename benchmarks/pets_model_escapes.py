@@ -40,6 +40,9 @@ def main():
     env, env_params = pets.make_env(args)
     horizon, n, p = args.horizon, cli.candidates, args.num_particles
     step = jax.jit(trainer.model_step)
+    space = env.action_space(env_params)
+    # One compiled episode per guard setting, reused for every seed and key.
+    episode = {guard: jax.jit(partial(planned_episode, args, trainer, env, env_params, guard)) for guard in (False, True)}
     for seed in range(args.num_seeds):
         model, buffer = jax.tree.map(lambda x: x[seed], (state.model, state.buffer))
         size = int(buffer.size)
@@ -50,7 +53,7 @@ def main():
         exploded, first_out, dims = 0, [], []
         for obs0 in starts:
             key, action_key, member_key, step_key = jax.random.split(key, 4)
-            actions = jax.random.uniform(action_key, (n, horizon, env.action_size), minval=-1, maxval=1)
+            actions = jax.random.uniform(action_key, (n, horizon, env.action_size), minval=space.low, maxval=space.high)
             members = pets.particle_members(member_key, args.propagation, horizon, n, p, args.ensemble_size)
             obs = np.broadcast_to(obs0, (n, p, obs0.shape[0]))
             total, first = np.zeros((n, p)), np.full((n, p), -1)
@@ -72,19 +75,17 @@ def main():
     if cli.episode:
         for seed in range(args.num_seeds):
             runner = jax.tree.map(lambda x: x[seed], state)
-            best, total = jax.jit(partial(planned_episode, args, trainer, env, env_params, False))(
-                runner, jax.random.PRNGKey(seed))
+            best, total = episode[False](runner, jax.random.PRNGKey(seed))
             best = np.asarray(best)
             print(f"seed {seed}: MPC episode return {float(total):.1f}; {int((best > cli.threshold).sum())} of "
                   f"{best.size} steps with best planned value > {cli.threshold:g} (largest {best.max():.3g}, "
                   f"median {np.median(best):.3g})", flush=True)
-    for episode in range(cli.guard_ab):
+    for i in range(cli.guard_ab):
         for seed in range(args.num_seeds):
             runner = jax.tree.map(lambda x: x[seed], state)
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), 1000 + episode)
-            returns = [float(jax.jit(partial(planned_episode, args, trainer, env, env_params, guard))(runner, key)[1])
-                       for guard in (False, True)]
-            print(f"guard A/B, seed {seed}, episode {episode}: return without guard {returns[0]:.1f}, "
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), 1000 + i)
+            returns = [float(episode[guard](runner, key)[1]) for guard in (False, True)]
+            print(f"guard A/B, seed {seed}, episode {i}: return without guard {returns[0]:.1f}, "
                   f"with guard {returns[1]:.1f}", flush=True)
 
 
