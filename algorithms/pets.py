@@ -271,7 +271,7 @@ def resolve(args: Args) -> Args:
 
 def make_env(args):
     """The task with the run's time limit (and Brax backend)."""
-    backend = {"backend": args.backend} if args.env_id in envs.BRAX_TASKS else {}
+    backend = {"backend": args.backend} if args.env_id in envs.MUJOCO_TASKS else {}
     return envs.make(args.env_id, max_steps_in_episode=args.episode_length, **backend)
 
 

@@ -136,7 +136,7 @@ def resolve(args: Args) -> Args:
     """Fill `None` fields from the env's preset and check every argument (one-line errors)."""
     check = utils.check
     check(args.env_id in envs.NAMES, f"unknown env {args.env_id!r}; valid: {', '.join(envs.NAMES)}")
-    check(args.env_id in envs.BRAX_TASKS, f"SAC here needs a continuous-action Brax task, not {args.env_id}")
+    check(args.env_id in envs.MUJOCO_TASKS, f"SAC here needs a continuous-action Brax task, not {args.env_id}")
     check(args.backend in envs.BACKENDS, f"unknown backend {args.backend!r}; valid: {', '.join(envs.BACKENDS)}")
     preset = {**DEFAULTS, **PRESETS.get(args.env_id, {})}
     filled = {k: (preset[k] if v is None and k in preset else v) for k, v in dataclasses.asdict(args).items()}

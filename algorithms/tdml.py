@@ -254,7 +254,7 @@ def resolve(args: Args) -> Args:
     """Fill `None` fields from --arch and --policy-run and check every argument (one-line errors)."""
     check = utils.check
     check(args.env_id in envs.NAMES, f"unknown env {args.env_id!r}; valid: {', '.join(envs.NAMES)}")
-    check(args.env_id in envs.BRAX_TASKS, f"TDML needs a Brax task (snapshots of the physics), not {args.env_id}")
+    check(args.env_id in envs.MUJOCO_TASKS, f"TDML needs a Brax task (snapshots of the physics), not {args.env_id}")
     check(args.backend in envs.BACKENDS, f"unknown backend {args.backend!r}; valid: {', '.join(envs.BACKENDS)}")
     check(args.arch in ARCHS, f"unknown --arch {args.arch!r}; valid: {', '.join(ARCHS)}")
     check(args.loss in LOSSES, f"unknown --loss {args.loss!r}; valid: {', '.join(LOSSES)}")

@@ -68,7 +68,7 @@ def _timed(fn, seed):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default=envs.DEFAULT_BACKEND, choices=envs.BACKENDS)
-    parser.add_argument("--tasks", nargs="+", default=list(envs.BRAX_TASKS), choices=envs.BRAX_TASKS)
+    parser.add_argument("--tasks", nargs="+", default=list(envs.MUJOCO_TASKS), choices=envs.MUJOCO_TASKS)
     parser.add_argument("--steps", type=int, default=1000, help="scan length per timed call")
     parser.add_argument("--compare", nargs="+", default=None, choices=envs.BACKENDS, metavar="BACKEND")
     args = parser.parse_args()
@@ -94,7 +94,7 @@ def main():
     if out.exists():  # keep the rows of tasks not measured in this run
         measured = {line.split("|")[1].strip() for line in lines[4:]}
         kept = [line for line in out.read_text().splitlines()[4:] if line.split("|")[1].strip() not in measured]
-        order = {task: i for i, task in enumerate(envs.BRAX_TASKS)}
+        order = {task: i for i, task in enumerate(envs.MUJOCO_TASKS)}
         lines = lines[:4] + sorted(kept + lines[4:], key=lambda line: order[line.split("|")[1].strip()])
     out.write_text("\n".join(lines) + "\n")
     print(f"written to {out}")

@@ -138,7 +138,7 @@ def write_curves(run_dir, args, out_dir):
         ax.axhline(oracle["oracle_mean"], color="black", linestyle="--", linewidth=1,
                    label=f"same planner, true dynamics ({int(oracle['episodes'])} episodes)")
     ax.set(xlabel="trial (0: random actions)", ylabel="trial return (mean ± std over seeds)",
-           title=f"PETS {args.env_id}{f' ({args.backend})' if args.env_id in pets.envs.BRAX_TASKS else ''}: "
+           title=f"PETS {args.env_id}{f' ({args.backend})' if args.env_id in pets.envs.MUJOCO_TASKS else ''}: "
                  f"pop {args.population}, P={args.num_particles}, H={args.horizon}, {args.cem_iterations} it., "
                  f"B={args.ensemble_size}x{args.model_depth}x{args.model_width}",
            xlim=(-0.5, args.num_trials - 0.5))

@@ -66,9 +66,9 @@ from flax import struct  # noqa: E402
 from gymnax.environments import environment, spaces  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
-from envs._common import with_overrides  # noqa: E402
+from envs._common import PhysicsParams as EnvParams, PhysicsTask, with_overrides  # noqa: E402
 
-BACKENDS = ("positional", "generalized", "spring", "mjx")
+BACKENDS = ("positional", "generalized", "spring", "mjx")  # Brax's own: other tasks than Gymnasium's
 
 
 def _load(name, backend):
@@ -102,7 +102,7 @@ def _fresh_poses(sys, data):
     return data.replace(x=x, xd=offset.vmap().do(cvel))
 # `positional` compiles and runs fastest on CPU (../shared/FACTS.md); returns differ across
 # backends, so every run records the backend it used.
-DEFAULT_BACKEND = "positional"
+BRAX_DEFAULT = "positional"
 EPISODE_LENGTH = {
     "hopper": 1000,
     "walker2d": 1000,
@@ -122,11 +122,6 @@ class EnvState(environment.EnvState):
     pipeline_state: Any  # the Brax physics state
     obs: jax.Array  # observation of this state (humanoid's is not a function of the physics state)
     time: jax.Array
-
-
-@struct.dataclass
-class EnvParams(environment.EnvParams):
-    max_steps_in_episode: int = 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,10 +155,10 @@ def _sum_squares(action):
     return jnp.sum(jnp.square(action), axis=-1)
 
 
-class BraxTask(environment.Environment[EnvState, EnvParams]):
+class BraxTask(PhysicsTask):
     """A Brax task with the gymnax 1.0 API. See the module docstring."""
 
-    def __init__(self, name: str, backend: str = DEFAULT_BACKEND, **param_overrides):
+    def __init__(self, name: str, backend: str = BRAX_DEFAULT, **param_overrides):
         if name not in EPISODE_LENGTH:
             raise ValueError(f"unknown Brax task {name!r}; valid: {', '.join(TASKS)}")
         if backend not in BACKENDS:
@@ -184,48 +179,7 @@ class BraxTask(environment.Environment[EnvState, EnvParams]):
         # to it before computing their control cost.
         self._ctrl_range = np.asarray(self.brax_env.sys.actuator.ctrl_range)
 
-    # Hash/equality by configuration, so that gymnax's `jit(static_argnames="self")` shares one
-    # compiled `step`/`reset` between equal envs made by separate `envs.make` calls.
-    def _key(self):
-        return (self.task, self.backend, self._params)
-
-    def __hash__(self):
-        return hash(self._key())
-
-    def __eq__(self, other):
-        return isinstance(other, BraxTask) and self._key() == other._key()
-
-    @property
-    def name(self) -> str:
-        return self.task
-
-    @property
-    def default_params(self) -> EnvParams:
-        return self._params
-
-    def action_space(self, params=None):
-        return spaces.Box(-1.0, 1.0, (self.action_size,), jnp.float32)
-
-    def observation_space(self, params=None):
-        return spaces.Box(-jnp.inf, jnp.inf, (self.obs_size,), jnp.float32)
-
     # --- dynamics ------------------------------------------------------------------------
-    @partial(jax.jit, static_argnames=("self",))
-    def step(self, key, state, action, params=None):
-        """gymnax 1.0 `step`, but the auto-reset is a `lax.cond`: an unbatched env pays for a Brax
-        reset only when an episode ends (gymnax computes one every step, 30% of hopper's step
-        time). Under `vmap` the cond becomes a select, exactly gymnax's behaviour."""
-        params = self.default_params if params is None else params
-        step_key, reset_key = jax.random.split(key)
-        obs, state, reward, terminated, info = self.step_env(step_key, state, action, params)
-        truncated = self.is_truncated(state, params)
-        final_obs = obs
-        obs, state = jax.lax.cond(
-            terminated | truncated, lambda: self.reset_env(reset_key, params), lambda: (obs, state)
-        )
-        info = {**info, "terminated": terminated, "truncated": truncated, "final_observation": final_obs}
-        return obs, state, reward, terminated, truncated, info
-
     def _observe(self, brax_obs, before, after):
         return jnp.concatenate([brax_obs, self._features(self.brax_env, before, after)]).astype(jnp.float32)
 
@@ -259,9 +213,6 @@ class BraxTask(environment.Environment[EnvState, EnvParams]):
             jnp.asarray(brax_state.done, jnp.float32) > 0.5,
             {},
         )
-
-    def get_obs(self, state, params=None, key=None):
-        return state.obs
 
     def is_terminated(self, state, params):
         return self.termination_fn(None, None, state.obs, params)

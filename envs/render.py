@@ -1,5 +1,5 @@
-"""See what a policy does: one episode, written as Brax's HTML viewer (Brax tasks) or as a PNG of
-the trajectory (IcyRoad, Intersection: each env's `plot_trajectory`).
+"""See what a policy does: one episode, written as Brax's HTML viewer (the MuJoCo tasks, any
+backend) or as a PNG of the trajectory (IcyRoad, Intersection: each env's `plot_trajectory`).
 
     file, ret = envs.render_episode(env, policy, carry, key, "runs/<run>")   # -> runs/<run>/episode.html
 
@@ -41,13 +41,13 @@ def render_episode(env, policy, carry, key, directory, params=None):
     episode.png otherwise. Returns (file, episode return)."""
     states, observations, length, total = jax.jit(rollout, static_argnums=(0, 1))(env, policy, carry, key, params)
     length = int(length)
-    path = Path(directory) / ("episode.html" if hasattr(env, "brax_env") else "episode.png")
-    if hasattr(env, "brax_env"):
+    physics = hasattr(env, "mj_model") or hasattr(env, "brax_env")
+    path = Path(directory) / ("episode.html" if physics else "episode.png")
+    if physics:
         from brax.io import html
 
-        frames = [jax.tree.map(lambda x: x[t], states.pipeline_state) for t in range(length)]
         with open(path, "w") as f:
-            f.write(html.render(env.brax_env.sys, frames, height="100vh", colab=False))
+            f.write(html.render(*_brax_frames(env, states, length), height="100vh", colab=False))
     else:
         import matplotlib
 
@@ -61,3 +61,17 @@ def render_episode(env, policy, carry, key, directory, params=None):
         fig.savefig(path, dpi=100)
         plt.close(fig)
     return path, float(total)
+
+
+def _brax_frames(env, states, length):
+    """Brax's viewer draws a Brax `System` at body poses: Brax's own states, or for the MuJoCo
+    tasks the system of the same model file and the poses MJX computed."""
+    if hasattr(env, "brax_env"):
+        return env.brax_env.sys, [jax.tree.map(lambda x: x[t], states.pipeline_state) for t in range(length)]
+    from brax.base import Motion, State, Transform
+    from brax.io import mjcf
+
+    data = states.data
+    frames = [State(q=data.qpos[t], qd=data.qvel[t], x=Transform(pos=data.xpos[t, 1:], rot=data.xquat[t, 1:]),
+                    xd=Motion.zero((data.xpos.shape[1] - 1,)), contact=None) for t in range(length)]
+    return mjcf.load_model(env.mj_model), frames

@@ -89,7 +89,7 @@ def _run(task, backend=envs.DEFAULT_BACKEND):
     return env, jax.tree.map(np.asarray, (reset_obs, first, second)), len(traces)
 
 
-ALL = list(envs.BRAX_TASKS)
+ALL = list(envs.MUJOCO_TASKS)
 # MJX compiles slowly on CPU (60-250 s per task here), so CI checks it on hopper (contacts: the
 # task where rebuilding a state from q, qd drifted); MBRL_TEST_MJX_ALL=1 runs it on every task
 # (benchmarks/README.md says when it last passed).

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent('''
     from algorithms import sac, utils
 
     root = sys.argv[1]
-    config = dict(env_id="inverted_pendulum", total_timesteps=1000, buffer_size=1000, epoch_length=250, init_steps=500,
+    config = dict(env_id="inverted_pendulum", backend="positional", total_timesteps=1000, buffer_size=1000, epoch_length=250, init_steps=500,
                   updates_per_step=2, sac_width=64, sac_batch_size=128, progress=False, num_seeds=4, run_dir=root)
     assert jax.device_count() == 4
     # The state is split: each device holds one seed's buffer.
@@ -83,9 +83,9 @@ def test_seeds_split_over_devices_match_one_device_and_resume_on_another_count(t
 
 
 # --- across processes (jax.distributed): 2 processes on 127.0.0.1, one CPU device each --------------
-SAC_TINY = dict(env_id="inverted_pendulum", total_timesteps=1000, buffer_size=1000, epoch_length=250, init_steps=500,
+SAC_TINY = dict(env_id="inverted_pendulum", backend="positional", total_timesteps=1000, buffer_size=1000, epoch_length=250, init_steps=500,
                 updates_per_step=2, sac_width=64, sac_batch_size=128)
-MBPO_TINY = dict(env_id="inverted_pendulum", total_timesteps=750, epoch_length=250, init_steps=250,
+MBPO_TINY = dict(env_id="inverted_pendulum", backend="positional", total_timesteps=750, epoch_length=250, init_steps=250,
                  model_train_freq=250, rollout_batch_size=500, ensemble_size=3, num_elites=2, model_width=32,
                  model_depth=2, model_weight_decay=(1e-5, 1e-5, 1e-5), sac_width=32, updates_per_step=2,
                  model_max_epochs=5, max_holdout=100, eval_episodes=2, rollout_schedule=(0, 2, 1, 3))

@@ -82,7 +82,7 @@ def test_quiet_start():
 
 # --- rendering ---------------------------------------------------------------------------------
 def _random_policy(env):
-    if hasattr(env, "brax_env"):
+    if env.name in envs.CONTINUOUS:
         return lambda obs, carry, key: (jax.random.uniform(key, (env.action_size,), minval=-1, maxval=1), carry)
     return lambda obs, carry, key: (jax.random.randint(key, (), 0, 3), carry)
 
@@ -99,7 +99,7 @@ def test_png_of_an_episode(tmp_path, name):
 def test_rollout_counts_an_episode_that_terminates():
     """inverted_pendulum under random actions falls within the time limit: the rendered length is
     the steps up to the fall, and the return is one per step taken (its reward)."""
-    env, params = envs.make("inverted_pendulum")
+    env, params = envs.make("inverted_pendulum", backend="positional")
     states, observations, length, total = jax.jit(envs.rollout, static_argnums=(0, 1))(
         env, _random_policy(env), None, jax.random.PRNGKey(0))
     assert 0 < int(length) < params.max_steps_in_episode and float(total) == float(length)
@@ -125,7 +125,7 @@ def test_brax_html_shows_the_scene_in_a_headless_browser(tmp_path):
         pytest.skip("no chromium on PATH: install Debian's chromium (apt-get install chromium); .ci/run tries to")
     if shutil.which("npm") is None:
         pytest.skip("no npm: the viewer's JavaScript (three.js) is fetched from the npm registry")
-    env, _ = envs.make("inverted_pendulum")
+    env, _ = envs.make("inverted_pendulum", backend="positional")
     file, _ = envs.render_episode(env, _random_policy(env), None, jax.random.PRNGKey(0), tmp_path)
     assert file.name == "episode.html"
     modules = _viewer_assets(Path.home() / ".cache" / "mbrl-jax" / "npm")

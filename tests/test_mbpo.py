@@ -21,7 +21,7 @@ from helpers import as_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
-    env_id="inverted_pendulum", total_timesteps=1000, epoch_length=250, init_steps=250, model_train_freq=250,
+    env_id="inverted_pendulum", backend="positional", total_timesteps=1000, epoch_length=250, init_steps=250, model_train_freq=250,
     rollout_batch_size=1000, ensemble_size=3, num_elites=2, model_width=32, model_depth=2,
     model_weight_decay=(1e-5, 1e-5, 1e-5), sac_width=32, updates_per_step=2, model_max_epochs=5, max_holdout=100,
     eval_episodes=2, rollout_schedule=(0, 2, 1, 3), progress=False,
@@ -196,7 +196,7 @@ def test_rollouts_respect_k_and_the_termination_function(k):
     buffer, metrics = jax.jit(trainer.model_rollout, static_argnums=1)(runner, k, jax.random.PRNGKey(5))
     size = int(buffer.size)
     obs, next_obs, terminated = (np.asarray(x[:size]) for x in (buffer.obs, buffer.next_obs, buffer.terminated))
-    env = mbpo.envs.make("inverted_pendulum")[0]
+    env = mbpo.envs.make("inverted_pendulum", backend="positional")[0]
     np.testing.assert_array_equal(terminated, np.asarray(env.termination_fn(obs, None, next_obs)))
     # Rollouts stop at termination: no stored transition starts from a terminal state.
     assert np.all(np.abs(obs[:, 1]) <= 0.2)

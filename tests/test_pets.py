@@ -23,7 +23,7 @@ from helpers import as_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
-    env_id="inverted_pendulum", num_trials=5, episode_length=100, horizon=15, population=50, num_elites=5,
+    env_id="inverted_pendulum", backend="positional", num_trials=5, episode_length=100, horizon=15, population=50, num_elites=5,
     cem_iterations=3, num_particles=5, model_width=32, model_depth=2, model_weight_decay=(1e-5, 1e-5, 1e-5),
     # More and faster model training than the paper's 5 epochs at 1e-3: the pendulum's trials end
     # after ~10-40 steps at first, so 5 epochs would be a handful of SGD steps per trial.
@@ -219,7 +219,7 @@ def test_halfcheetah_preprocessing_is_the_references_and_gives_back_the_observat
     """Oracles: the reference's transforms (its config, on its observation layout) and real
     transitions of the env: postprocess(obs, target(obs, next_obs)) must be the env's next
     observation, on which `reward_fn` gives `step`'s reward."""
-    env, params = pets.envs.make("halfcheetah")
+    env, params = pets.envs.make("halfcheetah", backend="positional")
     preprocess, target, postprocess = pets.transforms(pets.PREPROCESS["halfcheetah"], env.obs_size)
 
     @jax.jit
@@ -259,7 +259,7 @@ def test_halfcheetah_preprocessing_is_the_references_and_gives_back_the_observat
 def test_model_step_and_model_fit_use_the_tasks_transforms(preprocess):
     """A constant model c (zero weights) moves every particle to postprocess(obs, c); the model's
     inputs are the preprocessed observation and the action, its targets the task's."""
-    args = pets.resolve(pets.Args(env_id="halfcheetah", preprocess=preprocess, num_trials=1, episode_length=10,
+    args = pets.resolve(pets.Args(env_id="halfcheetah", backend="positional", preprocess=preprocess, num_trials=1, episode_length=10,
                                   propagation="expectation", model_width=8, model_depth=1,
                                   model_weight_decay=(0.0, 0.0)))
     trainer = pets.make_train(args)
@@ -304,7 +304,7 @@ def _true_dynamics_episode(trainer, args, env, params, key, steps, start=lambda 
 def test_planner_with_the_true_dynamics_balances_inverted_pendulum():
     """The planner (CEM + particle values with termination) using the real env as its model."""
     args, trainer = _trainer(population=64, num_elites=8, horizon=12, cem_iterations=3)
-    env, params = pets.envs.make("inverted_pendulum", max_steps_in_episode=1000)
+    env, params = pets.envs.make("inverted_pendulum", backend="positional", max_steps_in_episode=1000)
     terminated, obs = _true_dynamics_episode(trainer, args, env, params, jax.random.PRNGKey(0), 80)
     assert not np.any(terminated) and np.max(np.abs(obs[:, 1])) < 0.2
 

@@ -27,10 +27,10 @@ import envs
 from algorithms import sac, utils
 
 SCRIPT = Path(sac.__file__).resolve()
-TINY = dict(env_id="inverted_pendulum", total_timesteps=3000, buffer_size=3000, epoch_length=250, init_steps=500,
+TINY = dict(env_id="inverted_pendulum", backend="positional", total_timesteps=3000, buffer_size=3000, epoch_length=250, init_steps=500,
             updates_per_step=2, sac_width=64, sac_batch_size=128, progress=False)
 SHORT = {**TINY, "total_timesteps": 1000}  # 2 random-action epochs, 2 learning epochs
-CLI_SHORT = ["--env-id", "inverted_pendulum", "--total-timesteps", "1000", "--buffer-size", "3000",
+CLI_SHORT = ["--env-id", "inverted_pendulum", "--backend", "positional", "--total-timesteps", "1000", "--buffer-size", "3000",
              "--epoch-length", "250", "--init-steps", "500", "--updates-per-step", "2", "--sac-width", "64",
              "--sac-batch-size", "128", "--no-progress"]
 KEYS = ["env_steps", "eval/return", "charts/train_return", "charts/train_episodes", "charts/alpha",
@@ -168,7 +168,7 @@ def test_buffer_stores_true_next_obs_and_termination_only():
     steps = args.epoch_length
     assert buf.size == steps
     obs, action, next_obs, terminated = (x[:steps] for x in (buf.obs, buf.action, buf.next_obs, buf.terminated))
-    env, _ = envs.make("inverted_pendulum")
+    env, _ = envs.make("inverted_pendulum", backend="positional")
     np.testing.assert_array_equal(terminated, np.asarray(env.termination_fn(obs, action, next_obs)))
     # Within an episode next_obs is the next obs; an episode end (next_obs != the following obs,
     # which is the reset one) is stored with its true final observation.

@@ -27,7 +27,7 @@ from helpers import as_cli
 from test_sac import SHORT as SAC_SHORT
 
 SCRIPT = Path(tdml.__file__).resolve()
-TINY = dict(env_id="hopper", random_policy=True, num_trajectories=8, trajectory_length=40, total_steps=60,
+TINY = dict(env_id="hopper", backend="positional", random_policy=True, num_trajectories=8, trajectory_length=40, total_steps=60,
             eval_every=20, model_layers=(32, 32), model_batch_size=32, critic_layers=(32, 32), critic_batch_size=64,
             eval_starts=4, eval_horizon=30, n_step_batch=16, progress=False)
 TIMING = ["charts/steps_per_second"]
@@ -437,9 +437,9 @@ def test_policy_is_loaded_from_a_sac_run(tmp_path):
     tdml.py, which does not import sac.py, reads the actor of --policy-index from actor.eqx, and
     it is sac.py's own actor from the full checkpoint, acting as sac.py's deterministic policy."""
     sac_dir, _ = sac.run(sac.Args(**{**SAC_SHORT, "num_seeds": 2, "run_dir": str(tmp_path), "run_name": "sac"}))
-    args = tdml.resolve(tdml.Args(env_id="inverted_pendulum", policy_run=str(sac_dir.path), policy_index=1))
+    args = tdml.resolve(tdml.Args(env_id="inverted_pendulum", backend="positional", policy_run=str(sac_dir.path), policy_index=1))
     assert (args.policy_width, args.policy_depth) == (64, 2)
-    env, _ = envs.make("inverted_pendulum")
+    env, _ = envs.make("inverted_pendulum", backend="positional")
     policy = tdml.load_policy(args, tdml.brax_system(env))
     sac_args = sac_dir.load_args(sac.Args)
     state, _ = sac_dir.load_checkpoint(jax.eval_shape(jax.vmap(sac.make_train(sac_args).init), sac.seed_keys(sac_args)))

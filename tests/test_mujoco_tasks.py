@@ -1,0 +1,181 @@
+"""envs.make(<MuJoCo task>) against its oracle, Gymnasium's own environment on MuJoCo's CPU physics.
+
+For every task: (1) from Gymnasium's states along its own random-action episodes (contacts, falls
+and resets included), one step of ours and one of Gymnasium's with the same action agree in
+observation, reward and termination; (2) zero-action and random-action episodes agree in length
+and return (16 episodes each side). A model file other than Gymnasium's (Brax's hopper) fails (1).
+
+Gymnasium's environment is v4 (the papers' model files), except pusher: v4 refuses mujoco >= 3,
+so the oracle is Pusher-v5 (our model file) with v4's reward, v5's `_get_rew` taken *before* the
+step. Each task compiles two functions: one vmapped step from given states, one vmapped episode.
+"""
+
+import functools
+import os
+
+import gymnasium
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import envs
+from envs import mujoco_tasks
+
+GYM_IDS = {"hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "halfcheetah": "HalfCheetah-v4", "ant": "Ant-v4",
+           "humanoid": "Humanoid-v4", "inverted_pendulum": "InvertedPendulum-v4",
+           "inverted_double_pendulum": "InvertedDoublePendulum-v4", "reacher": "Reacher-v4", "pusher": "Pusher-v5"}
+TASKS = list(envs.MUJOCO_TASKS)
+NUM_TRANSITIONS = 240
+# Relative one-step error allowed (float32 MJX vs float64 MuJoCo). Ant and humanoid: a step with a
+# capsule-on-plane contact differs (MJX's contact tangent frame turns the friction pyramid; see
+# envs/mujoco_tasks.py), so their bound holds on the steps without contact and a looser one on all.
+TOL = 1e-4
+CONTACT_TOL = {"ant": 0.5, "humanoid": 0.5}
+
+
+def _gym(task):
+    return gymnasium.make(GYM_IDS[task]).unwrapped
+
+
+def _gym_reward(g, task, action):
+    """Gymnasium's v4 reward for the step about to be taken (pusher: before the step, as v4)."""
+    return g._get_rew(action)[0] if task == "pusher" else None
+
+
+def gym_transitions(task, num, seed=0):
+    """`num` one-step transitions of Gymnasium's env from states of its own random-action episodes:
+    (qpos, qvel, qacc_warmstart, action in [-1, 1], obs', reward, terminated, contact)."""
+    env, _ = envs.make(task)
+    g, rng = _gym(task), np.random.default_rng(seed)
+    out, episode = [], 0
+    g.reset(seed=seed)
+    while len(out) < num:
+        action = rng.uniform(-1.0, 1.0, env.action_size).astype(np.float32)
+        qpos, qvel, warm = g.data.qpos.copy(), g.data.qvel.copy(), g.data.qacc_warmstart.copy()
+        g.set_state(qpos, qvel)
+        ctrl = np.asarray(env.ctrl(action), np.float64)
+        pre = _gym_reward(g, task, ctrl)
+        contact = g.data.ncon > 0  # at the start or the end of the step
+        obs, reward, terminated, _, _ = g.step(ctrl)
+        contact |= g.data.ncon > 0
+        out.append((qpos, qvel, warm, action, obs[: env.gym_obs_size], pre if pre is not None else reward,
+                    terminated, contact))
+        if terminated or g.data.time > 0.4 * env.default_params.max_steps_in_episode * env.dt:
+            episode += 1
+            g.reset(seed=seed + episode)
+    return [np.array(x) for x in zip(*out)]
+
+
+@functools.lru_cache(maxsize=None)
+def _one_step(env):
+    def step(qpos, qvel, warm, action):
+        obs, _, reward, terminated, _ = env.step_env(None, env.state_from(qpos, qvel, warm), action, env.default_params)
+        return obs, reward, terminated
+    return jax.jit(jax.vmap(step))
+
+
+def one_step_errors(env, task, seed=0):
+    qpos, qvel, warm, action, gym_obs, gym_reward, gym_term, contact = gym_transitions(task, NUM_TRANSITIONS, seed)
+    obs, reward, term = map(np.asarray, _one_step(env)(qpos, qvel, warm, action))
+    scale = np.maximum(1.0, np.abs(gym_obs).max(-1))
+    obs_err = np.abs(obs[:, : env.gym_obs_size] - gym_obs).max(-1) / scale
+    reward_err = np.abs(reward - gym_reward) / np.maximum(1.0, np.abs(gym_reward))
+    return obs_err, reward_err, term, gym_term, contact
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_one_step_agrees_with_gymnasium(task):
+    env, _ = envs.make(task)
+    obs_err, reward_err, term, gym_term, contact = one_step_errors(env, task)
+    if task in CONTACT_TOL:
+        free = ~contact
+        assert free.sum() >= 20, "too few contact-free steps to test"
+        assert obs_err[free].max() < TOL and reward_err[free].max() < TOL, (obs_err[free].max(), reward_err[free].max())
+        assert obs_err.max() < CONTACT_TOL[task] and np.median(obs_err) < 1e-2, (obs_err.max(), np.median(obs_err))
+        assert np.mean(term == gym_term) >= 0.95
+    else:
+        assert obs_err.max() < TOL, obs_err.max()
+        assert reward_err.max() < TOL, reward_err.max()
+        np.testing.assert_array_equal(term, gym_term)
+    if task in ("hopper", "walker2d", "humanoid", "inverted_pendulum", "inverted_double_pendulum"):
+        assert gym_term.sum() >= 2, "the states never reached a fall: the termination rule is untested"
+
+
+def test_brax_model_file_fails_the_gymnasium_oracle(monkeypatch):
+    """The mutant: our hopper with Brax's edited hopper.xml in place of Gymnasium's."""
+    import brax
+
+    brax_xml = os.path.join(os.path.dirname(brax.__file__), "envs", "assets", "hopper.xml")
+    monkeypatch.setitem(mujoco_tasks.SPECS, "hopper", mujoco_tasks.SPECS["hopper"]._replace(xml=brax_xml))
+    env = mujoco_tasks.MujocoTask("hopper")
+    obs_err, *_ = one_step_errors(env, "hopper")
+    assert obs_err.max() > 100 * TOL
+
+
+# --- whole episodes: lengths and returns in distribution --------------------------------------------
+EPISODES = 16
+# Episode horizon of the comparison: the do-nothing hopper falls after ~150 steps, so 300 steps
+# see it; tasks that never end are compared on their first 100 steps.
+HORIZON = {"hopper": 300, "walker2d": 300, "humanoid": 200, "inverted_pendulum": 200,
+           "inverted_double_pendulum": 200, "ant": 100, "halfcheetah": 100, "reacher": 50, "pusher": 100}
+
+
+@functools.lru_cache(maxsize=None)
+def _episodes(env, horizon):
+    """Episodes of ours, vmapped; `scale` 0 (do nothing) or 1 (uniform random actions)."""
+    def episode(key, scale):
+        reset_key, key = jax.random.split(key)
+        _, state = env.reset(reset_key)
+
+        def step(carry, key):
+            state, alive, length, total = carry
+            action = scale * jax.random.uniform(key, (env.action_size,), minval=-1.0, maxval=1.0)
+            _, state, reward, terminated, _ = env.step_env(key, state, action, env.default_params)
+            return (state, alive & ~terminated, length + alive, total + jnp.where(alive, reward, 0.0)), None
+
+        init = (state, jnp.bool_(True), jnp.int32(0), jnp.float32(0))
+        (_, _, length, total), _ = jax.lax.scan(step, init, jax.random.split(key, horizon))
+        return length, total
+    return jax.jit(jax.vmap(episode))
+
+
+def gym_episodes(task, horizon, scale, seed=100):
+    env, _ = envs.make(task)
+    g, rng = _gym(task), np.random.default_rng(seed)
+    lengths, totals = [], []
+    for i in range(EPISODES):
+        g.reset(seed=seed + i)
+        total, length = 0.0, 0
+        for length in range(1, horizon + 1):
+            action = scale * rng.uniform(-1.0, 1.0, env.action_size)
+            ctrl = np.asarray(env.ctrl(action.astype(np.float32)), np.float64)
+            pre = _gym_reward(g, task, ctrl)
+            _, reward, terminated, _, _ = g.step(ctrl)
+            total += pre if pre is not None else reward
+            if terminated:
+                break
+        lengths.append(length)
+        totals.append(total)
+    return np.array(lengths), np.array(totals)
+
+
+def _agree(ours, theirs, slack):
+    se = np.sqrt(ours.var(ddof=1) / len(ours) + theirs.var(ddof=1) / len(theirs))
+    return abs(ours.mean() - theirs.mean()) <= 4 * se + slack
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_zero_and_random_episodes_agree_with_gymnasium(task):
+    env, _ = envs.make(task)
+    horizon = HORIZON[task]
+    keys = jax.random.split(jax.random.PRNGKey(7), 2 * EPISODES)
+    scale = jnp.repeat(jnp.array([0.0, 1.0]), EPISODES)
+    lengths, totals = map(np.asarray, _episodes(env, horizon)(keys, scale))
+    for i, name in enumerate(("zero", "random")):
+        ours_len, ours_ret = lengths[i * EPISODES:(i + 1) * EPISODES], totals[i * EPISODES:(i + 1) * EPISODES]
+        gym_len, gym_ret = gym_episodes(task, horizon, float(i))
+        message = (f"{task} {name}: ours {ours_len.mean():.1f} steps / {ours_ret.mean():.2f}, "
+                   f"Gymnasium {gym_len.mean():.1f} / {gym_ret.mean():.2f}")
+        assert _agree(ours_len, gym_len, 0.02 * gym_len.mean() + 1), message
+        assert _agree(ours_ret, gym_ret, 0.02 * np.abs(gym_ret).mean() + 0.5), message
