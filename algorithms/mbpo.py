@@ -81,7 +81,7 @@ class Args:
     total_timesteps: int | None = None
     """env steps (preset: 125_000 hopper, 300_000 walker2d/ant/humanoid, 400_000 halfcheetah, 20_000 inverted_pendulum)"""
     backend: str = envs.DEFAULT_BACKEND
-    """Brax physics backend (recorded with the run; returns differ across backends)"""
+    """physics: gymnasium (Gymnasium's v4 task on MJX, the papers' task) or Brax's positional / generalized / spring / mjx (other tasks); recorded with the run"""
     epoch_length: int | None = None
     """env steps per epoch: the unit of the k schedule, evaluation and checkpoints (preset 1000; 250 inverted_pendulum)"""
     init_steps: int | None = None

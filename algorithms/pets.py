@@ -127,7 +127,7 @@ class Args:
     episode_length: int | None = None
     """task horizon: env steps per trial unless it terminates (preset: 200 (inverted_)pendulum, 50 reacher, 150 pusher, 1000 halfcheetah)"""
     backend: str = envs.DEFAULT_BACKEND
-    """Brax physics backend (recorded with the run; returns differ across backends; unused by pendulum)"""
+    """physics: gymnasium (Gymnasium's v4 task on MJX, the papers' task) or Brax's positional / generalized / spring / mjx (other tasks); recorded with the run; unused by pendulum"""
     run_dir: str = "runs"
     """where runs/<run-name>/ is created"""
     run_name: str | None = None
@@ -270,7 +270,7 @@ def resolve(args: Args) -> Args:
 
 
 def make_env(args):
-    """The task with the run's time limit (and Brax backend)."""
+    """The task with the run's time limit (and physics backend)."""
     backend = {"backend": args.backend} if args.env_id in envs.MUJOCO_TASKS else {}
     return envs.make(args.env_id, max_steps_in_episode=args.episode_length, **backend)
 

@@ -47,9 +47,9 @@ Choices where the paper is silent (and why):
 * The state s is `envs`' observation including its appended reward feature (the torso's
   x-velocity over the last step), because the SAC policy reads it and closed-loop rollouts feed
   the policy predicted states. Env states are stored as `env.snapshot` vectors (time-major
-  arrays, (H + 1, N, ...)), so the real env restarts exactly from any buffer state. With the
-  `positional` backend a snapshot is the whole physics state (walker2d 415 floats, hopper 241):
-  the paper-sized walker2d buffer takes 1.7 GB of device memory; `generalized` stores only (q, qd).
+  arrays, (H + 1, N, ...)), so the real env restarts exactly from any buffer state. On the default
+  `gymnasium` backend a snapshot is [time, obs, x, qpos, qvel, MuJoCo's solver warm start] (hopper
+  32 floats); Brax's `positional` stores the whole physics state (walker2d 415 floats, hopper 241).
 * The data set is shared by all vmapped seeds (one fixed buffer, as the paper); seeds differ in
   network init and minibatches. The one-step baseline uses the stored action a_t (Eq. 1).
 * The TD target. Eq. 6-8 build y from the critic's own input pair: y = l(s, s_hat) +
@@ -151,7 +151,7 @@ class Args:
     eval_every: int = 1_000
     """iterations per compiled chunk: true TDML is evaluated, metrics logged and a checkpoint saved after each"""
     backend: str = envs.DEFAULT_BACKEND
-    """Brax physics backend (recorded with the run; dynamics differ across backends)"""
+    """physics: gymnasium (Gymnasium's v4 task on MJX, the papers' task) or Brax's positional / generalized / spring / mjx (other tasks); recorded with the run"""
     run_dir: str = "runs"
     """where runs/<run-name>/ is created"""
     run_name: str | None = None

@@ -1,8 +1,10 @@
-"""Brax tasks through envs.make: gymnax 1.0 API, task functions vs `step`, auto-reset, fresh
-initial states, no retrace between reset and step states, exact snapshot/restore.
+"""The MuJoCo tasks through envs.make, on the default backend (Gymnasium's tasks on MJX) and on
+Brax's variants: gymnax 1.0 API, task functions vs `step`, auto-reset, fresh initial states, no
+retrace between reset and step states, exact snapshot/restore. (Agreement with Gymnasium itself:
+test_mujoco_tasks.py.)
 
-Each task compiles ONE function (`_probe`) that does everything on 8 vmapped envs, so the suite
-pays one Brax compile per task (cached on disk by conftest.py for later runs)."""
+Each task and backend compiles ONE function (`_probe`) that does everything on 8 vmapped envs
+(cached on disk by conftest.py for later runs)."""
 
 import functools
 import os
@@ -21,7 +23,9 @@ EPISODE = {"walker2d": 200, "humanoid": 200}
 NUM_STEPS = {"walker2d": 240, "humanoid": 240}
 
 
-def _lengths(task):
+def _lengths(task, backend=None):
+    if (task, backend) == ("pusher", envs.DEFAULT_BACKEND):  # MJX steps pusher at ~4 steps/s on CPU
+        return 5, 12
     return EPISODE.get(task, 40), NUM_STEPS.get(task, 120)
 # Tasks whose random rollouts reach their termination rule within the probe.
 TERMINATING = {"hopper", "walker2d", "ant", "humanoid", "inverted_pendulum", "inverted_double_pendulum"}
@@ -29,14 +33,14 @@ TERMINATING = {"hopper", "walker2d", "ant", "humanoid", "inverted_pendulum", "in
 
 @functools.lru_cache(maxsize=None)
 def _env(task, backend=envs.DEFAULT_BACKEND):
-    return envs.make(task, backend=backend, max_steps_in_episode=_lengths(task)[0])
+    return envs.make(task, backend=backend, max_steps_in_episode=_lengths(task, backend)[0])
 
 
 @functools.lru_cache(maxsize=None)
 def _probe_fn(task, backend=envs.DEFAULT_BACKEND):
     """A jitted, vmapped probe; `traces` counts how often JAX traced it."""
     env, params = _env(task, backend)
-    num_steps = _lengths(task)[1]
+    num_steps = _lengths(task, backend)[1]
     traces = []
 
     def probe(key, state):
@@ -90,11 +94,12 @@ def _run(task, backend=envs.DEFAULT_BACKEND):
 
 
 ALL = list(envs.MUJOCO_TASKS)
-# MJX compiles slowly on CPU (60-250 s per task here), so CI checks it on hopper (contacts: the
-# task where rebuilding a state from q, qd drifted); MBRL_TEST_MJX_ALL=1 runs it on every task
-# (benchmarks/README.md says when it last passed).
+# Brax's MJX variant compiles slowly on CPU (60-250 s per task here), so CI checks it on hopper
+# (contacts: the task where rebuilding a state from q, qd drifted); MBRL_TEST_MJX_ALL=1 runs it on
+# every task (benchmarks/README.md says when it last passed).
 MJX_TASKS = ALL if os.environ.get("MBRL_TEST_MJX_ALL") else ["hopper"]
-CASES = [(task, envs.DEFAULT_BACKEND) for task in ALL] + [(task, "mjx") for task in MJX_TASKS]
+CASES = ([(task, envs.DEFAULT_BACKEND) for task in ALL] + [(task, "positional") for task in ALL]
+         + [(task, "mjx") for task in MJX_TASKS])
 
 
 @pytest.mark.parametrize("task,backend", CASES)
@@ -105,7 +110,7 @@ def test_api_and_spaces(task, backend):
     assert env.action_space(None).shape == (env.action_size,)
     assert bool(env.action_space(None).contains(env.action_space(None).sample(jax.random.PRNGKey(0))))
     for name, dtype in [("reward", np.float32), ("terminated", np.bool_), ("truncated", np.bool_)]:
-        assert first[name].shape == (NUM_ENVS, _lengths(task)[1]) and first[name].dtype == dtype, name
+        assert first[name].shape == (NUM_ENVS, _lengths(task, backend)[1]) and first[name].dtype == dtype, name
     assert np.all(np.isfinite(first["next_obs"]))
 
 
@@ -213,7 +218,7 @@ def test_hopper_termination_has_a_lower_bound_on_the_state():
 def test_bad_names_and_overrides_give_clear_errors():
     with pytest.raises(ValueError, match="valid names: IcyRoad, Intersection, pendulum, hopper"):
         envs.make("Hopper-v4")
-    with pytest.raises(ValueError, match="unknown Brax backend"):
+    with pytest.raises(ValueError, match="unknown backend 'warp' for hopper; valid: gymnasium, positional"):
         envs.make("hopper", backend="warp")
     with pytest.raises(ValueError, match="unknown hopper parameter"):
         envs.make("hopper", episode_len=10)
