@@ -4,6 +4,7 @@ every task on every backend.
     python benchmarks/mujoco_tasks.py agreement [--tasks hopper ant] [--transitions 1000]
     python benchmarks/mujoco_tasks.py baselines [--tasks hopper] [--backends gymnasium positional] [--episodes 5]
     python benchmarks/mujoco_tasks.py mbpo [--backends gymnasium positional]
+    python benchmarks/mujoco_tasks.py solver
 
 `agreement`: from Gymnasium v4's own states along its random-action episodes (falls, contacts and
 resets included), one step of `envs.make(task)` (the default backend: Gymnasium's model file on MJX)
@@ -23,6 +24,11 @@ backend, in one process: compile time, seconds per env step of the random-action
 steps: the physics and the buffer, no learning) and of the first two learning periods of 250 env
 steps (collect, model fit, 100k-rollout branch, G = 20 SAC updates per step). Run nothing else
 meanwhile. Writes benchmarks/results/mujoco_tasks_mbpo.md.
+
+`solver`: what humanoid's substitute solver changes, on MuJoCo's CPU physics alone: Gymnasium's
+Humanoid-v4 as shipped (PGS, 50 iterations) against the same env with Newton (ours): one-step
+observation differences from the same 1000 states of PGS episodes, and 20 zero-action and 20
+random-action episodes of each. Writes benchmarks/results/mujoco_tasks_solver.md.
 """
 
 import argparse
@@ -64,26 +70,11 @@ def agreement(tasks, transitions):
 
 
 def our_episodes(task, backend, episodes):
+    """`episodes` zero-action and `episodes` random-action full episodes of `envs.make(task, backend)`."""
     env, params = envs.make(task, backend=backend)
-    horizon = params.max_steps_in_episode
-
-    def episode(key, scale):
-        reset_key, key = jax.random.split(key)
-        _, state = env.reset(reset_key, params)
-
-        def step(carry, key):
-            state, alive, length, total = carry
-            action = scale * jax.random.uniform(key, (env.action_size,), minval=-1.0, maxval=1.0)
-            _, state, reward, terminated, _ = env.step_env(key, state, action, params)
-            return (state, alive & ~terminated, length + alive, total + jnp.where(alive, reward, 0.0)), None
-
-        init = (state, jnp.bool_(True), jnp.int32(0), jnp.float32(0))
-        (_, _, length, total), _ = jax.lax.scan(step, init, jax.random.split(key, horizon))
-        return length, total
-
     keys = jax.random.split(jax.random.PRNGKey(0), 2 * episodes)
     scale = jnp.repeat(jnp.array([0.0, 1.0]), episodes)
-    lengths, totals = map(np.asarray, jax.jit(jax.vmap(episode))(keys, scale))
+    lengths, totals = map(np.asarray, oracle._episodes(env, params.max_steps_in_episode)(keys, scale))
     return [(lengths[i * episodes:(i + 1) * episodes], totals[i * episodes:(i + 1) * episodes]) for i in (0, 1)]
 
 
@@ -156,9 +147,54 @@ def mbpo_speed(backends):
     (RESULTS / "mujoco_tasks_mbpo.md").write_text("\n".join(lines) + "\n")
 
 
+def humanoid_solver(transitions=1000, episodes=20):
+    import mujoco
+
+    pgs, newton = oracle._gym("humanoid"), oracle._gym("humanoid")
+    newton.model.opt.solver = mujoco.mjtSolver.mjSOL_NEWTON
+    rng = np.random.default_rng(0)
+    errors, seed = [], 0
+    pgs.reset(seed=seed)
+    while len(errors) < transitions:
+        action = rng.uniform(-0.4, 0.4, 17)
+        qpos, qvel = pgs.data.qpos.copy(), pgs.data.qvel.copy()
+        newton.set_state(qpos, qvel)
+        pgs.set_state(qpos, qvel)
+        obs_n = newton.step(action)[0][:45]
+        obs_p, _, terminated, _, _ = pgs.step(action)
+        errors.append(np.abs(obs_n - obs_p[:45]).max() / max(1.0, np.abs(obs_p[:45]).max()))
+        if terminated:
+            seed += 1
+            pgs.reset(seed=seed)
+    errors = np.array(errors)
+    lines = ["Humanoid-v4 on MuJoCo's CPU physics: its PGS solver (as shipped) vs Newton (ours, as MJX lacks PGS).", "",
+             f"- one step from the same {transitions} states of PGS random-action episodes: relative observation "
+             f"difference median {np.median(errors):.1e}, 90% {np.quantile(errors, 0.9):.1e}, max {errors.max():.1e}", ""]
+    lines += ["| solver | zero: steps | zero: return | random: steps | random: return |", "|---|---|---|---|---|"]
+    for name, env in [("PGS (Gymnasium's file)", pgs), ("Newton (ours)", newton)]:
+        cells = []
+        for scale in (0.0, 1.0):
+            lengths, totals = [], []
+            for i in range(episodes):
+                env.reset(seed=1000 + i)
+                total, length = 0.0, 0
+                for length in range(1, 1001):
+                    _, reward, terminated, _, _ = env.step(scale * rng.uniform(-0.4, 0.4, 17))
+                    total += reward
+                    if terminated:
+                        break
+                lengths.append(length)
+                totals.append(total)
+            cells.append(f"{np.mean(lengths):.1f} ± {np.std(lengths, ddof=1) / np.sqrt(episodes):.1f} | "
+                         f"{np.mean(totals):.1f} ± {np.std(totals, ddof=1) / np.sqrt(episodes):.1f}")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    print("\n".join(lines))
+    (RESULTS / "mujoco_tasks_solver.md").write_text("\n".join(lines) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["agreement", "baselines", "mbpo"])
+    parser.add_argument("part", choices=["agreement", "baselines", "mbpo", "solver"])
     parser.add_argument("--tasks", nargs="+", default=list(envs.MUJOCO_TASKS), choices=envs.MUJOCO_TASKS)
     parser.add_argument("--backends", nargs="+", default=list(envs.BACKENDS), choices=envs.BACKENDS)
     parser.add_argument("--transitions", type=int, default=1000)
@@ -168,8 +204,10 @@ def main():
         agreement(args.tasks, args.transitions)
     elif args.part == "baselines":
         baselines(args.tasks, args.backends, args.episodes)
-    else:
+    elif args.part == "mbpo":
         mbpo_speed(args.backends)
+    else:
+        humanoid_solver()
 
 
 if __name__ == "__main__":

@@ -17,15 +17,15 @@ import pytest
 import envs
 
 NUM_ENVS, REPLAY_STEPS = 8, 10
-# Short time limits so that every probe crosses truncations; walker2d and humanoid need 100-200
-# random steps to fall, so they get longer probes.
+# Short time limits so that every probe crosses truncations; Brax's walker2d and humanoid need
+# 100-200 random steps to fall, so they get longer probes.
 EPISODE = {"walker2d": 200, "humanoid": 200}
 NUM_STEPS = {"walker2d": 240, "humanoid": 240}
 
 
 def _lengths(task, backend=None):
-    if (task, backend) == ("pusher", envs.DEFAULT_BACKEND):  # MJX steps pusher at ~4 steps/s on CPU
-        return 5, 12
+    if backend == envs.DEFAULT_BACKEND:  # Gymnasium's walker2d and humanoid fall within ~40 steps
+        return (5, 12) if task == "pusher" else (40, 120)  # MJX steps pusher at ~4 steps/s on CPU
     return EPISODE.get(task, 40), NUM_STEPS.get(task, 120)
 # Tasks whose random rollouts reach their termination rule within the probe.
 TERMINATING = {"hopper", "walker2d", "ant", "humanoid", "inverted_pendulum", "inverted_double_pendulum"}
