@@ -216,6 +216,12 @@ def test_an_episode_renders_in_braxs_viewer(tmp_path):
     env, _ = envs.make("inverted_pendulum")
     policy = lambda obs, carry, key: (jax.random.uniform(key, (env.action_size,), minval=-1, maxval=1), carry)  # noqa: E731
     file, total = envs.render_episode(env, policy, None, jax.random.PRNGKey(0), tmp_path)
-    text = file.read_text()
-    assert file.name == "episode.html" and 0 < total < 1000
-    assert '"pole"' in text and '"cart"' in text  # Gymnasium's body names, drawn from its model file
+    assert file.name == "episode.html" and 0 < total < 1000 and file.stat().st_size > 1000
+    # What the page draws: Gymnasium's bodies, at the poses MJX computed along the episode.
+    from brax.io import json as brax_json
+
+    states, _, length, _ = jax.jit(envs.rollout, static_argnums=(0, 1))(env, policy, None, jax.random.PRNGKey(0))
+    system, frames = envs.render._brax_frames(env, states, int(length))
+    scene = brax_json.dumps(system, frames)
+    assert '"pole"' in scene and '"cart"' in scene and len(frames) == int(length) > 1
+    np.testing.assert_allclose(frames[-1].x.pos, states.data.xpos[int(length) - 1, 1:])
