@@ -324,7 +324,9 @@ class MujocoTask(PhysicsTask):
         data = data.replace(qpos=jnp.asarray(qpos, data.qpos.dtype), qvel=jnp.asarray(qvel, data.qvel.dtype))
         if qacc_warmstart is not None:
             data = data.replace(qacc_warmstart=jnp.asarray(qacc_warmstart, data.qacc_warmstart.dtype))
-        data = mjx.forward(self.model, data)
+        # MJX's forward pass writes back free joints' quaternions normalised; MuJoCo's does not, so
+        # Gymnasium's first observation holds the noisy, unnormalised one (its step normalises it).
+        data = mjx.forward(self.model, data).replace(qpos=data.qpos)
         x = self._x(data)
         return EnvState(data=data, obs=self._observe(data, x, x), x=x, time=jnp.int32(time))
 

@@ -225,3 +225,20 @@ def test_an_episode_renders_in_braxs_viewer(tmp_path):
     scene = brax_json.dumps(system, frames)
     assert '"pole"' in scene and '"cart"' in scene and len(frames) == int(length) > 1
     np.testing.assert_allclose(frames[-1].x.pos, states.data.xpos[int(length) - 1, 1:])
+
+
+RESETS = 64
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_reset_distribution_is_gymnasiums(task):
+    """Each entry of the first observation: mean and spread as Gymnasium's reset (64 draws each);
+    this is what tells a wrong reset noise apart (episode statistics hardly move with it)."""
+    env, params = envs.make(task)
+    ours = np.asarray(jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(
+        jax.random.split(jax.random.PRNGKey(3), RESETS), params)[0])[:, : env.gym_obs_size]
+    g = _gym(task)
+    theirs = np.stack([g.reset(seed=1000 + i)[0][: env.gym_obs_size] for i in range(RESETS)])
+    se = np.sqrt(ours.var(0, ddof=1) / RESETS + theirs.var(0, ddof=1) / RESETS)
+    np.testing.assert_array_less(np.abs(ours.mean(0) - theirs.mean(0)), 5 * se + 1e-5)  # ~200 entries in all
+    np.testing.assert_array_less(np.abs(ours.std(0) - theirs.std(0)), 0.3 * theirs.std(0) + 1e-5)
