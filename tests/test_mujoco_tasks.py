@@ -227,12 +227,12 @@ def test_an_episode_renders_in_braxs_viewer(tmp_path):
     np.testing.assert_allclose(frames[-1].x.pos, states.data.xpos[int(length) - 1, 1:])
 
 
-RESETS = 64
+RESETS = 128
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_reset_distribution_is_gymnasiums(task):
-    """Each entry of the first observation: mean and spread as Gymnasium's reset (64 draws each);
+    """Each entry of the first observation: mean and spread as Gymnasium's reset (128 draws each);
     this is what tells a wrong reset noise apart (episode statistics hardly move with it)."""
     env, params = envs.make(task)
     ours = np.asarray(jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(
