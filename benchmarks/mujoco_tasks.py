@@ -110,8 +110,6 @@ def baselines(tasks, backends, episodes):
 
 
 def mbpo_speed(backends):
-    import dataclasses
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "algorithms"))
     import mbpo
 

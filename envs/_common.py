@@ -106,6 +106,9 @@ class PhysicsTask(environment.Environment):
     def get_obs(self, state, params=None, key=None):
         return state.obs
 
+    def is_terminated(self, state, params):
+        return self.termination_fn(None, None, state.obs, params)
+
     @partial(jax.jit, static_argnames=("self",))
     def step(self, key, state, action, params=None):
         """gymnax 1.0 `step`, but the auto-reset is a `lax.cond`: an unbatched env pays for a reset

@@ -63,7 +63,7 @@ import numpy as np  # noqa: E402
 from brax import envs as brax_envs  # noqa: E402
 from brax.base import Motion, Transform  # noqa: E402
 from flax import struct  # noqa: E402
-from gymnax.environments import environment, spaces  # noqa: E402
+from gymnax.environments import environment  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from envs._common import PhysicsParams as EnvParams, PhysicsTask, with_overrides  # noqa: E402
@@ -213,9 +213,6 @@ class BraxTask(PhysicsTask):
             jnp.asarray(brax_state.done, jnp.float32) > 0.5,
             {},
         )
-
-    def is_terminated(self, state, params):
-        return self.termination_fn(None, None, state.obs, params)
 
     # --- task functions on observations (batched over any leading dims) -----------------------
     def _scaled_action(self, action):

@@ -117,7 +117,7 @@ def _normal(scale):
 
 def _noisy_start(qpos_noise, qvel_noise):
     """Gymnasium's `reset_model` for most tasks: init + noise on every qpos and qvel entry."""
-    def start(key, m, qpos0, qvel0):
+    def start(key, qpos0, qvel0):
         kq, kv = jax.random.split(key)
         return qpos0 + qpos_noise(kq, qpos0.shape), qvel0 + qvel_noise(kv, qvel0.shape)
     return start
@@ -133,7 +133,7 @@ def _rejection(key, draw, accept):
     return jax.lax.while_loop(lambda c: ~accept(c[1]), body, (key, draw(sub)))[1]
 
 
-def _reacher_start(key, m, qpos0, qvel0):
+def _reacher_start(key, qpos0, qvel0):
     kq, kg, kv = jax.random.split(key, 3)
     goal = _rejection(kg, lambda k: jax.random.uniform(k, (2,), minval=-0.2, maxval=0.2),
                       lambda g: jnp.linalg.norm(g) < 0.2)
@@ -142,7 +142,7 @@ def _reacher_start(key, m, qpos0, qvel0):
     return qpos, qvel
 
 
-def _pusher_start(key, m, qpos0, qvel0):
+def _pusher_start(key, qpos0, qvel0):
     kc, kv = jax.random.split(key)
     cylinder = _rejection(
         kc, lambda k: jax.random.uniform(k, (2,), minval=jnp.array([-0.3, -0.2]), maxval=jnp.array([0.0, 0.2])),
@@ -198,7 +198,7 @@ class Spec(NamedTuple):
     frame_skip: int
     episode_length: int
     obs: callable  # (ids, data) -> Gymnasium's observation
-    start: callable  # (key, model, qpos0, qvel0) -> (qpos, qvel): Gymnasium's reset_model
+    start: callable  # (key, qpos0, qvel0) -> (qpos, qvel): Gymnasium's reset_model
     reward: callable  # (obs, ctrl, next_obs, n) -> reward; n = Gymnasium's obs size
     healthy: callable = None  # (next_obs, n) -> bool; None: never terminates
     x: callable = None  # (ids, data) -> position of the forward reward
@@ -331,7 +331,7 @@ class MujocoTask(PhysicsTask):
         return EnvState(data=data, obs=self._observe(data, x, x), x=x, time=jnp.int32(time))
 
     def reset_env(self, key, params):
-        qpos, qvel = self.spec.start(key, self.mj_model, jnp.asarray(self.mj_model.qpos0, jnp.float32),
+        qpos, qvel = self.spec.start(key, jnp.asarray(self.mj_model.qpos0, jnp.float32),
                                      jnp.zeros(self.mj_model.nv, jnp.float32))
         state = self.state_from(qpos, qvel)
         return state.obs, state
@@ -349,9 +349,6 @@ class MujocoTask(PhysicsTask):
             terminated = terminated | jnp.any(jnp.abs(data.qvel) >= 100.0)
         new_state = EnvState(data=data, obs=obs, x=x, time=state.time + 1)
         return obs, new_state, jnp.asarray(reward, jnp.float32), terminated, {}
-
-    def is_terminated(self, state, params):
-        return self.termination_fn(None, None, state.obs, params)
 
     # --- task functions on observations (batched over any leading dims) -------------------------
     def reward_fn(self, obs, action, next_obs, params=None):

@@ -3,11 +3,14 @@
 For every task: (1) from Gymnasium's states along its own random-action episodes (contacts, falls
 and resets included), one step of ours and one of Gymnasium's with the same action agree in
 observation, reward and termination; (2) zero-action and random-action episodes agree in length
-and return (16 episodes each side). A model file other than Gymnasium's (Brax's hopper) fails (1).
+and return (16 episodes each side); (3) the first observation has Gymnasium's reset distribution
+(128 draws each side). A model file other than Gymnasium's (Brax's hopper) fails (1); the default
+hopper that does nothing falls as MuJoCo's does; an episode renders in Brax's viewer.
 
 Gymnasium's environment is v4 (the papers' model files), except pusher: v4 refuses mujoco >= 3,
 so the oracle is Pusher-v5 (our model file) with v4's reward, v5's `_get_rew` taken *before* the
-step. Each task compiles two functions: one vmapped step from given states, one vmapped episode.
+step. Each task compiles three functions: a vmapped step from given states, a vmapped episode and
+a vmapped reset.
 """
 
 import functools
