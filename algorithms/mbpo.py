@@ -811,7 +811,7 @@ def run(args: Args):
     state = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)(utils.on_devices(seed_keys(args), mesh))
     # Each device's seeds in batches of `seed_batch`, vmapped within a batch, one batch after another.
     chunk = utils.over_devices(
-        lambda state, start: jax.lax.map(lambda s: trainer.chunk(s, start), state, batch_size=args.seed_batch),
+        lambda state, start: utils.map_in_batches(lambda s: trainer.chunk(s, start), state, args.seed_batch),
         mesh, replicated=1)
 
     def check(metrics, epochs):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tyro
 from tqdm import tqdm
@@ -132,6 +133,20 @@ def over_devices(fn, mesh, replicated=0, donate=True):
     mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P("seed"),) + (P(),) * replicated, out_specs=P("seed"),
                            check_vma=False)
     return jax.jit(mapped, donate_argnums=0 if donate else ())
+
+
+def map_in_batches(fn, tree, batch_size):
+    """`jax.lax.map(fn, tree, batch_size=batch_size)` (vmapped within a batch, batches one after
+    another), which also takes zero-size leaves: lax.map's own reshape divides by their size, and
+    MJX's states have some (a model with no actuator activations, no mocap bodies)."""
+    n = jax.tree.leaves(tree)[0].shape[0]
+    full = n - n % batch_size
+    split = jax.tree.map(lambda x: x[:full].reshape(full // batch_size, batch_size, *x.shape[1:]), tree)
+    out = jax.tree.map(lambda x: x.reshape(full, *x.shape[2:]), jax.lax.map(jax.vmap(fn), split))
+    if full == n:
+        return out
+    rest = jax.vmap(fn)(jax.tree.map(lambda x: x[full:], tree))
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
 
 
 def place(x, sharding):

@@ -280,6 +280,10 @@ class MujocoTask(PhysicsTask):
 
     backend = "gymnasium"
 
+    def _key(self):
+        # The spec too (model file, reward...): envs equal by this key share compiled `step`s.
+        return (*super()._key(), self.spec)
+
     def __init__(self, name: str, **param_overrides):
         if name not in SPECS:
             raise ValueError(f"unknown MuJoCo task {name!r}; valid: {', '.join(TASKS)}")

@@ -1,5 +1,12 @@
-"""Test setup: CPU only, a persistent XLA compilation cache, and a loud failure on a missing
-dependency (pytest aborts collection with the ImportError below)."""
+"""Test setup: CPU only, a loud failure on a missing dependency (pytest aborts collection with the
+ImportError below), the persistent XLA compilation cache only on request, and the grouping of tests
+for pytest-xdist (`-n 2 --dist loadgroup`, set in pyproject.toml).
+
+Compile once, test many: the suite's time is XLA compiling on one core (measured: a compile uses one
+of the two cores). Two workers compile in parallel; each test file is one group (its
+module-level caches compile once, on one worker), except the MuJoCo tasks: every test of task T, in
+test_brax_tasks.py and test_mujoco_tasks.py, is group "task-T", so both files share the task's one
+compiled probe (tests/probe.py). Groups are queued longest first (GROUP_SECONDS, measured cold)."""
 
 import os
 
@@ -13,10 +20,34 @@ if _missing:
     raise ImportError(f"missing dependencies {_missing}: run `pip install -r requirements.txt`")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
-# Brax tasks take 10-60 s each to compile on CPU; the cache makes a second run pay ~10% of that.
-jax.config.update(
-    "jax_compilation_cache_dir",
-    os.environ.get("MBRL_JAX_CACHE", os.path.expanduser("~/.cache/mbrl-jax/xla")),
-)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+# The persistent cache only when MBRL_JAX_CACHE names a directory. Writing it crashed the test
+# process twice on a cold cache (a segfault inside XLA's executable serialisation,
+# `put_executable_and_time`, after ~170 tests in one process; never in a short process), and a
+# fresh machine gains nothing from it. Subprocesses (the CLI tests) still use the algorithms' own.
+if os.environ.get("MBRL_JAX_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["MBRL_JAX_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def group_of(item) -> str:
+    """The xdist group of a test: its MuJoCo task if it has one, else its file."""
+    mark = item.get_closest_marker("task_group")
+    return f"task-{mark.args[0]}" if mark else item.module.__name__
+
+
+# Cold seconds per group on this machine (2 cores, one worker), to queue the longest first; groups
+# not listed queue after these, in file order.
+GROUP_SECONDS = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "task_group(task): run with the other tests of this MuJoCo task")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group_of(item)))
+    order = {name: i for i, name in enumerate(dict.fromkeys(group_of(item) for item in items))}
+    items.sort(key=lambda item: (-GROUP_SECONDS.get(group_of(item), 0), order[group_of(item)]))

@@ -3,8 +3,9 @@ Brax's variants: gymnax 1.0 API, task functions vs `step`, auto-reset, fresh ini
 retrace between reset and step states, exact snapshot/restore. (Agreement with Gymnasium itself:
 test_mujoco_tasks.py.)
 
-Each task and backend compiles ONE function (`_probe`) that does everything on 8 vmapped envs
-(cached on disk by conftest.py for later runs)."""
+Each task and backend compiles ONE stepping function (tests/probe.py, shared with
+test_mujoco_tasks.py) that runs 32 vmapped envs; `_run` calls it three times: from reset states,
+from the states it returned, and from those states rebuilt from their snapshots."""
 
 import functools
 import os
@@ -15,8 +16,9 @@ import numpy as np
 import pytest
 
 import envs
+import probe
 
-NUM_ENVS, REPLAY_STEPS = 8, 10
+REPLAY_STEPS = 10
 # Short time limits so that every probe crosses truncations; Brax's walker2d and humanoid need
 # 100-200 random steps to fall, so they get longer probes.
 EPISODE = {"walker2d": 200, "humanoid": 200}
@@ -24,72 +26,49 @@ NUM_STEPS = {"walker2d": 240, "humanoid": 240}
 
 
 def _lengths(task, backend=None):
+    """(time limit, steps per probe call)."""
     if backend == envs.DEFAULT_BACKEND:  # Gymnasium's walker2d and humanoid fall within ~40 steps
         return (5, 12) if task == "pusher" else (40, 120)  # MJX steps pusher at ~4 steps/s on CPU
     return EPISODE.get(task, 40), NUM_STEPS.get(task, 120)
+
+
+def horizon(task, backend):
+    """The steps `run` is compiled for: on the default backend, shared with test_mujoco_tasks.py."""
+    return probe.GYM_HORIZON[task] if backend == envs.DEFAULT_BACKEND else _lengths(task, backend)[1]
+
+
 # Tasks whose random rollouts reach their termination rule within the probe.
 TERMINATING = {"hopper", "walker2d", "ant", "humanoid", "inverted_pendulum", "inverted_double_pendulum"}
 
 
-@functools.lru_cache(maxsize=None)
 def _env(task, backend=envs.DEFAULT_BACKEND):
-    return envs.make(task, backend=backend, max_steps_in_episode=_lengths(task, backend)[0])
+    return probe.env_of(task, backend)
 
 
-@functools.lru_cache(maxsize=None)
-def _probe_fn(task, backend=envs.DEFAULT_BACKEND):
-    """A jitted, vmapped probe; `traces` counts how often JAX traced it."""
-    env, params = _env(task, backend)
-    num_steps = _lengths(task, backend)[1]
-    traces = []
-
-    def probe(key, state):
-        traces.append(1)
-        act_key, step_key, replay_key = jax.random.split(key, 3)
-
-        def body(state, keys):
-            k_act, k_step = keys
-            # Half the mass at the bounds: violent enough that walkers fall within an episode.
-            action = jnp.clip(jax.random.uniform(k_act, (env.action_size,), minval=-2.0, maxval=2.0), -1.0, 1.0)
-            obs = env.get_obs(state)
-            next_obs, next_state, reward, terminated, truncated, info = env.step(k_step, state, action, params)
-            final = info["final_observation"]
-            out = dict(
-                obs=obs, next_obs=next_obs, final_obs=final, reward=reward, terminated=terminated,
-                truncated=truncated, reward_fn=env.reward_fn(obs, action, final),
-                termination_fn=env.termination_fn(obs, action, final),
-            )
-            return next_state, out
-
-        keys = (jax.random.split(act_key, num_steps), jax.random.split(step_key, num_steps))
-        last_state, out = jax.lax.scan(body, state, keys)
-
-        # Snapshot the last state, rebuild it, and step original and rebuilt with the same actions.
-        restored = env.restore(env.snapshot(last_state))
-
-        def replay(states, k):
-            action = jax.random.uniform(k, (env.action_size,), minval=-1.0, maxval=1.0)
-            stepped = [env.step_env(k, s, action, params) for s in states]
-            return tuple(s[1] for s in stepped), (stepped[0][0], stepped[1][0])
-
-        _, (orig_obs, restored_obs) = jax.lax.scan(
-            replay, (last_state, restored), jax.random.split(replay_key, REPLAY_STEPS)
-        )
-        out.update(restored_obs0=restored.obs, last_obs=last_state.obs, orig_obs=orig_obs,
-                   restored_obs=restored_obs, restored_time=restored.time, last_time=last_state.time)
-        return last_state, out
-
-    return env, params, jax.jit(jax.vmap(probe)), traces
+def _actions(key, env, steps):
+    # Half the mass at the bounds: violent enough that walkers fall within an episode.
+    return jnp.clip(jax.random.uniform(key, (probe.BATCH, steps, env.action_size), minval=-2.0, maxval=2.0), -1.0, 1.0)
 
 
 @functools.lru_cache(maxsize=None)
 def _run(task, backend=envs.DEFAULT_BACKEND):
-    """Reset, probe, then probe again from the step-returned state; returns numpy results."""
-    env, params, probe, traces = _probe_fn(task, backend)
-    keys = jax.random.split(jax.random.PRNGKey(0), NUM_ENVS)
-    reset_obs, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
-    state, first = probe(keys, state)
-    _, second = probe(jax.random.split(jax.random.PRNGKey(1), NUM_ENVS), state)
+    """Reset, run, run again from the returned states, and run those states rebuilt from their
+    snapshots with the second run's actions and keys; numpy results and how often `run` traced."""
+    env, _ = _env(task, backend)
+    params = probe.params_of(env, _lengths(task, backend)[0])
+    steps, h = _lengths(task, backend)[1], horizon(task, backend)
+    run, traces = probe.runner(env, h)
+    reset_obs, state = probe.reset(env, jax.random.PRNGKey(0), params)
+    calls = [(_actions(jax.random.PRNGKey(10 + i), env, h), probe.step_keys(jax.random.PRNGKey(20 + i), h))
+             for i in range(2)]
+    state, first = run(state, *calls[0], steps, params)
+    restored = probe.restore(env, probe.snapshot(env, state))
+    _, second = run(state, *calls[1], steps, params)
+    _, replay = run(restored, *calls[1], REPLAY_STEPS, params)
+    first = {k: v[:, :steps] for k, v in first.items()}
+    first.update(restored_obs0=restored.obs, last_obs=state.obs, restored_time=restored.time, last_time=state.time,
+                 orig_obs=second["final_obs"][:, :REPLAY_STEPS], restored_obs=replay["final_obs"][:, :REPLAY_STEPS])
+    second = {k: v[:, :steps] for k, v in second.items()}
     return env, jax.tree.map(np.asarray, (reset_obs, first, second)), len(traces)
 
 
@@ -103,19 +82,20 @@ MJX_TASKS = ALL if os.environ.get("MBRL_TEST_MJX_ALL") else ["hopper"]
 # Gymnasium in test_mujoco_tasks.py. MBRL_TEST_GYM_ALL=1 probes all nine.
 GYM_TASKS = ALL if os.environ.get("MBRL_TEST_GYM_ALL") else [
     "hopper", "walker2d", "halfcheetah", "inverted_pendulum", "inverted_double_pendulum", "reacher"]
-CASES = ([(task, envs.DEFAULT_BACKEND) for task in GYM_TASKS] + [(task, "positional") for task in ALL]
-         + [(task, "mjx") for task in MJX_TASKS])
+# The default backend's cases run with the task's tests in test_mujoco_tasks.py (conftest.py).
+CASES = ([pytest.param(task, envs.DEFAULT_BACKEND, marks=pytest.mark.task_group(task)) for task in GYM_TASKS]
+         + [(task, "positional") for task in ALL] + [(task, "mjx") for task in MJX_TASKS])
 
 
 @pytest.mark.parametrize("task,backend", CASES)
 def test_api_and_spaces(task, backend):
     env, (reset_obs, first, _), _ = _run(task, backend)
-    assert reset_obs.shape == (NUM_ENVS, env.obs_size) and reset_obs.dtype == np.float32
+    assert reset_obs.shape == (probe.BATCH, env.obs_size) and reset_obs.dtype == np.float32
     assert env.observation_space(None).shape == (env.obs_size,)
     assert env.action_space(None).shape == (env.action_size,)
     assert bool(env.action_space(None).contains(env.action_space(None).sample(jax.random.PRNGKey(0))))
     for name, dtype in [("reward", np.float32), ("terminated", np.bool_), ("truncated", np.bool_)]:
-        assert first[name].shape == (NUM_ENVS, _lengths(task, backend)[1]) and first[name].dtype == dtype, name
+        assert first[name].shape == (probe.BATCH, _lengths(task, backend)[1]) and first[name].dtype == dtype, name
     assert np.all(np.isfinite(first["next_obs"]))
 
 
@@ -149,6 +129,7 @@ def test_auto_reset_keeps_final_observation_and_draws_fresh_starts(task, backend
     assert len(np.unique(starts.round(6), axis=0)) == len(starts)
 
 
+@pytest.mark.task_group("halfcheetah")
 def test_truncation_is_the_time_limit():
     env, (_, first, _), _ = _run("halfcheetah")  # never terminates
     assert not first["terminated"].any()
@@ -175,11 +156,14 @@ def test_mjx_body_poses_after_a_step_are_those_of_its_new_positions():
     @jax.jit
     def run(key):
         _, state = env.reset(key, params)
-        ps, raw = state.pipeline_state, state.pipeline_state
-        for k in jax.random.split(key, 3):
+
+        def body(carry, k):  # a scan: one compiled copy of each step
+            ps, raw = carry
             action = jax.random.uniform(k, (env.action_size,), minval=-1.0, maxval=1.0)
             ps = env.step_env(k, state.replace(pipeline_state=ps), action, params)[1].pipeline_state
-            raw = raw_step(env.brax_env, raw, action)
+            return (ps, raw_step(env.brax_env, raw, action)), None
+
+        (ps, raw), _ = jax.lax.scan(body, (state.pipeline_state, state.pipeline_state), jax.random.split(key, 3))
         return ps, raw, env.brax_env.pipeline_init(ps.q, ps.qd)
 
     ps, raw, oracle = jax.tree.map(np.asarray, run(jax.random.PRNGKey(3)))
@@ -200,6 +184,7 @@ def test_snapshot_restore_generalized_backend_from_positions_and_velocities():
     np.testing.assert_allclose(first["reward_fn"], first["reward"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.task_group("hopper")
 def test_task_functions_are_batched_without_vmap():
     env, (_, first, _), _ = _run("hopper")
     obs, final = first["obs"], first["final_obs"]  # (envs, steps, obs)

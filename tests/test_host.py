@@ -211,3 +211,15 @@ def test_gpu_check_paper_sized_configs_are_valid_arguments():
     for name, module in dict(sac=sac, mbpo=mbpo, pets=pets, dam=dam, tdml=tdml).items():
         args = module.resolve(module.Args(**gpu_check.CASES[name][2], num_seeds=8))
         assert args.num_seeds == 8
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_map_in_batches_is_a_per_seed_map_and_takes_zero_size_leaves(batch_size):
+    """mbpo's seed batches: the result of mapping each seed alone, with a remainder (5 = 2 x 2 + 1)
+    and a zero-size leaf as MJX's states have (jax.lax.map(batch_size=...) divides by zero there)."""
+    tree = dict(x=jnp.arange(10.0).reshape(5, 2), empty=jnp.zeros((5, 0, 3)))
+    fn = lambda s: dict(y=s["x"] * s["x"].sum(), empty=s["empty"] + 1.0)  # noqa: E731
+    out = jax.jit(lambda t: utils.map_in_batches(fn, t, batch_size))(tree)
+    for i in range(5):
+        np.testing.assert_array_equal(out["y"][i], fn(jax.tree.map(lambda x: x[i], tree))["y"])
+    assert out["empty"].shape == (5, 0, 3)

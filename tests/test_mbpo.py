@@ -404,8 +404,9 @@ def test_presets_branch_100k_rollouts_per_fit_and_memory_is_checked_first(monkey
     mbpo.check_memory(dataclasses.replace(hopper, total_timesteps=30_000))
     printed = capsys.readouterr().out
     assert "6,000,000 rows per seed" in printed  # 1 epoch x k 15 x 4 fits x 100k rollouts
-    monkeypatch.setattr(utils, "available_memory", lambda args: (8 * 2**30, "test machine", args.num_seeds))
-    # Humanoid: 5 epochs x k 25 x 100k = 12.5M rows of 2 x 244 + 17 + 1 float32: ~ 25 GiB per seed.
+    # Humanoid: 5 epochs x k 25 x 100k = 12.5M rows; Gymnasium's task (45 obs + the velocity feature)
+    # gives rows of 2 x 46 + 17 + 1 float32, about 5.1 GiB per seed, so 4 GiB is too little.
+    monkeypatch.setattr(utils, "available_memory", lambda args: (4 * 2**30, "test machine", args.num_seeds))
     with pytest.raises(SystemExit, match=r"12,500,000 rows.*too little memory; lower --rollout-batch-size"):
         mbpo.check_memory(humanoid)
 

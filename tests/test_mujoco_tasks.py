@@ -9,8 +9,7 @@ hopper that does nothing falls as MuJoCo's does; an episode renders in Brax's vi
 
 Gymnasium's environment is v4 (the papers' model files), except pusher: v4 refuses mujoco >= 3,
 so the oracle is Pusher-v5 (our model file) with v4's reward, v5's `_get_rew` taken *before* the
-step. Each task compiles three functions: a vmapped step from given states, a vmapped episode and
-a vmapped reset.
+step. Each task compiles one stepping function, shared with test_brax_tasks.py (tests/probe.py).
 """
 
 import functools
@@ -24,13 +23,15 @@ import numpy as np
 import pytest
 
 import envs
+import probe
 from envs import mujoco_tasks
 
 GYM_IDS = {"hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "halfcheetah": "HalfCheetah-v4", "ant": "Ant-v4",
            "humanoid": "Humanoid-v4", "inverted_pendulum": "InvertedPendulum-v4",
            "inverted_double_pendulum": "InvertedDoublePendulum-v4", "reacher": "Reacher-v4", "pusher": "Pusher-v5"}
-TASKS = list(envs.MUJOCO_TASKS)
-NUM_TRANSITIONS, CHUNK = 240, 48
+# Every test of a task runs on one worker with test_brax_tasks.py's (conftest.py).
+TASKS = [pytest.param(task, marks=pytest.mark.task_group(task)) for task in envs.MUJOCO_TASKS]
+NUM_TRANSITIONS, CHUNK = 256, probe.BATCH
 # Relative one-step error allowed (float32 MJX vs float64 MuJoCo). Ant: a few steps with contacts
 # differ more (MJX finds some contacts within the margin that MuJoCo does not), so ant is bounded
 # by quantiles; they fail without our MuJoCo contact frame for capsules (envs/mujoco_tasks.py).
@@ -82,21 +83,20 @@ def _any_contact(g, ctrl):
     return contact
 
 
-@functools.lru_cache(maxsize=None)
-def _one_step(env):
-    def step(qpos, qvel, warm, action):
-        obs, _, reward, terminated, _ = env.step_env(None, env.state_from(qpos, qvel, warm), action, env.default_params)
-        return obs, reward, terminated
-    return jax.jit(jax.vmap(step))
-
-
 def one_step_errors(env, task, seed=0):
     num = CHUNK if task == "pusher" else NUM_TRANSITIONS  # pusher: slow on MJX (see HORIZON)
     qpos, qvel, warm, action, gym_obs, gym_reward, gym_term, contact = gym_transitions(task, num, seed)
     # In chunks: one vmapped call over all 240 humanoid states never returned on this CPU (XLA sat
     # idle, a deadlock; 64 at a time took 1 s).
-    chunks = [_one_step(env)(*(x[i:i + CHUNK] for x in (qpos, qvel, warm, action))) for i in range(0, len(qpos), CHUNK)]
-    obs, reward, term = (np.concatenate([np.asarray(c[k]) for c in chunks]) for k in range(3))
+    horizon, params = probe.GYM_HORIZON[task], probe.params_of(env)
+    run, _ = probe.runner(env, horizon)
+    chunks = []
+    for i in range(0, len(qpos), CHUNK):
+        states = probe.state_from(env, qpos[i:i + CHUNK], qvel[i:i + CHUNK], warm[i:i + CHUNK])
+        actions = jnp.zeros((CHUNK, horizon, env.action_size)).at[:, 0].set(action[i:i + CHUNK])
+        _, out = run(states, actions, probe.step_keys(jax.random.PRNGKey(i), horizon), 1, params)
+        chunks.append([np.asarray(out[k][:, 0]) for k in ("final_obs", "reward", "terminated")])
+    obs, reward, term = (np.concatenate([c[k] for c in chunks]) for k in range(3))
     scale = np.maximum(1.0, np.abs(gym_obs).max(-1))
     obs_err = np.abs(obs[:, : env.gym_obs_size] - gym_obs).max(-1) / scale
     reward_err = np.abs(reward - gym_reward) / np.maximum(1.0, np.abs(gym_reward))
@@ -124,6 +124,7 @@ def test_one_step_agrees_with_gymnasium(task):
         assert gym_term.sum() >= 2, "the states never reached a fall: the termination rule is untested"
 
 
+@pytest.mark.task_group("hopper")
 def test_brax_model_file_fails_the_gymnasium_oracle(monkeypatch):
     """The mutant: our hopper with Brax's edited hopper.xml in place of Gymnasium's."""
     import brax
@@ -147,22 +148,23 @@ HORIZON = {"hopper": 250, "walker2d": 200, "humanoid": 80, "inverted_pendulum": 
 
 
 @functools.lru_cache(maxsize=None)
-def _episodes(env, horizon):
-    """Episodes of ours, vmapped; `scale` 0 (do nothing) or 1 (uniform random actions)."""
-    def episode(key, scale):
-        reset_key, key = jax.random.split(key)
-        _, state = env.reset(reset_key)
-
-        def step(carry, key):
-            state, alive, length, total = carry
-            action = scale * jax.random.uniform(key, (env.action_size,), minval=-1.0, maxval=1.0)
-            _, state, reward, terminated, _ = env.step_env(key, state, action, env.default_params)
-            return (state, alive & ~terminated, length + alive, total + jnp.where(alive, reward, 0.0)), None
-
-        init = (state, jnp.bool_(True), jnp.int32(0), jnp.float32(0))
-        (_, _, length, total), _ = jax.lax.scan(step, init, jax.random.split(key, horizon))
-        return length, total
-    return jax.jit(jax.vmap(episode))
+def our_episodes(task):
+    """EPISODES of ours doing nothing, then EPISODES with uniform random actions, to HORIZON steps:
+    (lengths, returns), from the task's shared `run`."""
+    env, params = probe.env_of(task)[0], probe.params_of(probe.env_of(task)[0])
+    horizon, steps = probe.GYM_HORIZON[task], HORIZON[task]
+    assert 2 * EPISODES == probe.BATCH and steps <= horizon
+    _, states = probe.reset(env, jax.random.PRNGKey(7), params)
+    scale = jnp.repeat(jnp.array([0.0, 1.0]), EPISODES)[:, None, None]
+    actions = scale * jax.random.uniform(jax.random.PRNGKey(8), (probe.BATCH, horizon, env.action_size),
+                                         minval=-1.0, maxval=1.0)
+    run, _ = probe.runner(env, horizon)
+    _, out = run(states, actions, probe.step_keys(jax.random.PRNGKey(9), horizon), steps, params)
+    terminated, reward = np.asarray(out["terminated"][:, :steps]), np.asarray(out["reward"][:, :steps])
+    # An episode is the steps up to its first termination (the auto-reset starts another after it).
+    lengths = np.where(terminated.any(1), terminated.argmax(1) + 1, steps)
+    totals = (reward * (np.arange(steps) < lengths[:, None])).sum(1)
+    return lengths, totals
 
 
 def gym_episodes(task, horizon, scale, seed=100):
@@ -192,11 +194,8 @@ def _agree(ours, theirs, slack):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_zero_and_random_episodes_agree_with_gymnasium(task):
-    env, _ = envs.make(task)
     horizon = HORIZON[task]
-    keys = jax.random.split(jax.random.PRNGKey(7), 2 * EPISODES)
-    scale = jnp.repeat(jnp.array([0.0, 1.0]), EPISODES)
-    lengths, totals = map(np.asarray, _episodes(env, horizon)(keys, scale))
+    lengths, totals = our_episodes(task)
     for i, name in enumerate(("zero", "random")):
         ours_len, ours_ret = lengths[i * EPISODES:(i + 1) * EPISODES], totals[i * EPISODES:(i + 1) * EPISODES]
         gym_len, gym_ret = gym_episodes(task, horizon, float(i))
@@ -206,12 +205,12 @@ def test_zero_and_random_episodes_agree_with_gymnasium(task):
         assert _agree(ours_ret, gym_ret, 0.02 * np.abs(gym_ret).mean() + 0.5), message
 
 
+@pytest.mark.task_group("hopper")
 def test_default_hopper_that_does_nothing_falls_as_in_mujoco():
     """The default task is the papers' one: Brax's `positional` hopper stood for 1000 steps."""
     env, _ = envs.make("hopper")
     assert isinstance(env, envs.MujocoTask) and env.backend == envs.DEFAULT_BACKEND == "gymnasium"
-    lengths, totals = map(np.asarray, _episodes(env, HORIZON["hopper"])(
-        jax.random.split(jax.random.PRNGKey(7), 2 * EPISODES), jnp.repeat(jnp.array([0.0, 1.0]), EPISODES)))
+    lengths, totals = our_episodes("hopper")
     assert 100 < lengths[:EPISODES].mean() < 200 and 100 < totals[:EPISODES].mean() < 200
 
 
@@ -237,9 +236,9 @@ RESETS = 128
 def test_reset_distribution_is_gymnasiums(task):
     """Each entry of the first observation: mean and spread as Gymnasium's reset (128 draws each);
     this is what tells a wrong reset noise apart (episode statistics hardly move with it)."""
-    env, params = envs.make(task)
-    ours = np.asarray(jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(
-        jax.random.split(jax.random.PRNGKey(3), RESETS), params)[0])[:, : env.gym_obs_size]
+    env = probe.env_of(task)[0]
+    ours = np.concatenate([np.asarray(probe.reset(env, key, probe.params_of(env))[0])[:, : env.gym_obs_size]
+                           for key in jax.random.split(jax.random.PRNGKey(3), RESETS // probe.BATCH)])
     g = _gym(task)
     theirs = np.stack([g.reset(seed=1000 + i)[0][: env.gym_obs_size] for i in range(RESETS)])
     se = np.sqrt(ours.var(0, ddof=1) / RESETS + theirs.var(0, ddof=1) / RESETS)

@@ -1,0 +1,90 @@
+"""The one compiled stepping function per MuJoCo env that test_brax_tasks.py and
+test_mujoco_tasks.py share.
+
+Compiling a task's step is what those tests cost (measured cold on this CPU, Gymnasium's hopper
+on MJX: 46 s for a vmapped step, 1.6 s for the forward pass that a reset or a restore is), and
+each copy of the step in a compiled graph costs it again. So every test of an env runs the same
+`run`: `n` gymnax steps (auto-reset included) from given states with given actions and step keys,
+`n` a traced loop bound (one compile serves one step and 300), every output kept per step. What
+is built from states is compiled apart and is cheap: reset, snapshot/restore and (Gymnasium's
+tasks) the state at given (qpos, qvel). conftest.py sends all tests of a task to one worker."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+import envs
+
+BATCH = 32  # states per call, for every use (a batch size is a shape: each one more compile)
+# Gymnasium's tasks: the steps `run` is compiled for, the longest call of any test of the task
+# (test_mujoco_tasks.py's episodes, HORIZON there; test_brax_tasks.py's probe, 120 steps, pusher 12).
+GYM_HORIZON = {"hopper": 250, "walker2d": 200, "halfcheetah": 120, "ant": 300, "humanoid": 120,
+               "inverted_pendulum": 120, "inverted_double_pendulum": 120, "reacher": 120, "pusher": 12}
+
+
+@functools.lru_cache(maxsize=None)
+def env_of(task, backend=envs.DEFAULT_BACKEND):
+    return envs.make(task, backend=backend)
+
+
+def params_of(env, max_steps_in_episode=None):
+    """The env's parameters with the time limit as an array, so that it is an input of `run`."""
+    steps = env.default_params.max_steps_in_episode if max_steps_in_episode is None else max_steps_in_episode
+    return env.default_params.replace(max_steps_in_episode=jnp.int32(steps))
+
+
+@functools.lru_cache(maxsize=None)
+def runner(env, horizon):
+    """(jitted `run`, a list that grows by one at each trace). `run(states, actions (B, horizon, A),
+    keys (B, horizon, 2), n, params)` -> (states after n steps, {output: (B, horizon, ...)}), the
+    outputs past step n zero; `final_obs` is the observation the step reached (before a reset)."""
+    traces = []
+
+    def one(state, actions, keys, n, params):
+        traces.append(1)
+        obs = jnp.zeros((horizon, env.obs_size))
+        flag, value = jnp.zeros(horizon, bool), jnp.zeros(horizon)
+        zeros = dict(obs=obs, next_obs=obs, final_obs=obs, reward=value, terminated=flag, truncated=flag,
+                     reward_fn=value, termination_fn=flag)
+
+        def body(t, carry):
+            state, out = carry
+            obs, action = env.get_obs(state), actions[t]
+            next_obs, state, reward, terminated, truncated, info = env.step(keys[t], state, action, params)
+            final = info["final_observation"]
+            row = dict(obs=obs, next_obs=next_obs, final_obs=final, reward=reward, terminated=terminated,
+                       truncated=truncated, reward_fn=env.reward_fn(obs, action, final),
+                       termination_fn=env.termination_fn(obs, action, final))
+            return state, {k: out[k].at[t].set(jnp.asarray(v, out[k].dtype)) for k, v in row.items()}
+
+        return jax.lax.fori_loop(0, n, body, (state, zeros))
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None))), traces
+
+
+@functools.lru_cache(maxsize=None)
+def _vmapped(env, method):
+    return jax.jit(jax.vmap(getattr(env, method), in_axes=(0, None) if method == "reset" else 0))
+
+
+def reset(env, key, params):
+    """BATCH fresh starts: (obs, states)."""
+    return _vmapped(env, "reset")(jax.random.split(key, BATCH), params)
+
+
+def snapshot(env, states):
+    return _vmapped(env, "snapshot")(states)
+
+
+def restore(env, snapshots):
+    return _vmapped(env, "restore")(snapshots)
+
+
+def state_from(env, qpos, qvel, warm):
+    """Gymnasium's tasks: the states at given (qpos, qvel, qacc_warmstart), BATCH of them."""
+    return _vmapped(env, "state_from")(qpos, qvel, warm)
+
+
+def step_keys(key, horizon):
+    return jax.vmap(lambda k: jax.random.split(k, horizon))(jax.random.split(key, BATCH))
