@@ -39,7 +39,12 @@ def group_of(item) -> str:
 
 # Cold seconds per group on this machine (2 cores, one worker), to queue the longest first; groups
 # not listed queue after these, in file order.
-GROUP_SECONDS = {}
+GROUP_SECONDS = {
+    "test_mbpo": 410, "test_devices": 354, "test_tdml": 300, "test_brax_tasks": 300, "test_host": 280,
+    "test_dam": 220, "test_pets": 169, "test_sac": 150, "task-pusher": 150, "task-humanoid": 100, "task-ant": 100,
+    "task-hopper": 100, "task-walker2d": 80, "task-inverted_double_pendulum": 60, "task-reacher": 60,
+    "task-halfcheetah": 60, "task-inverted_pendulum": 50, "test_mujoco_tasks": 30,
+}
 
 
 def pytest_configure(config):
