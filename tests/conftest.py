@@ -22,13 +22,34 @@ if _missing:
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# The persistent cache only when MBRL_JAX_CACHE names a directory. Writing it crashed the test
-# process twice on a cold cache (a segfault inside XLA's executable serialisation,
-# `put_executable_and_time`, after ~170 tests in one process; never in a short process), and a
-# fresh machine gains nothing from it. Subprocesses (the CLI tests) still use the algorithms' own.
+# Compile once per process: many tests build the same program afresh (a new `make_train`, a new
+# jit), which XLA compiles again unless a compilation cache answers. The persistent cache did, but
+# writing it crashed the test process (a segfault inside XLA's executable serialisation,
+# `put_executable_and_time`, in CI after ~170 tests in one process, and once here), and a fresh
+# machine gains nothing from its files. So the tests keep compiled executables in memory, under
+# the persistent cache's own key, and never serialise them (this patches jax._src, tests only).
+# MBRL_JAX_CACHE=<dir> restores the persistent cache. The CLI tests' subprocesses use the
+# algorithms' own cache (~/.cache/mbrl-jax/xla).
 if os.environ.get("MBRL_JAX_CACHE"):
     jax.config.update("jax_compilation_cache_dir", os.environ["MBRL_JAX_CACHE"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+else:
+    import tempfile
+
+    from jax._src import compiler
+
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mbrl-jax-unused-"))  # enables the keys
+    _EXECUTABLES = {}
+
+    def _read(module_name, cache_key, compile_options, backend, executable_devices):
+        executable = _EXECUTABLES.get(cache_key)
+        return (executable, 0) if executable is not None else (None, None)
+
+    def _write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
+        if not host_callbacks:
+            _EXECUTABLES[cache_key] = executable
+
+    compiler._cache_read, compiler._cache_write = _read, _write
 
 
 def group_of(item) -> str:
