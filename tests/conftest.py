@@ -12,6 +12,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gc
 import importlib
 
 REQUIRED = ["jax", "brax", "gymnax", "equinox", "optax", "distrax", "chex", "tyro", "tqdm", "matplotlib", "pandas", "envs"]
@@ -39,7 +40,6 @@ else:
     from jax._src import compiler
 
     jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mbrl-jax-unused-"))  # enables the keys
-    _EXECUTABLES = {}
 
     def _read(module_name, cache_key, compile_options, backend, executable_devices):
         executable = _EXECUTABLES.get(cache_key)
@@ -50,6 +50,21 @@ else:
             _EXECUTABLES[cache_key] = executable
 
     compiler._cache_read, compiler._cache_write = _read, _write
+
+
+_EXECUTABLES = {}
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Free every compiled program at the end of a group. An XLA:CPU executable holds its memory
+    maps while anything caches it, and a process may hold vm.max_map_count = 65530 of them:
+    measured, a worker that had run about half the suite held 54,381 maps, and the other worker
+    died of a segfault inside an XLA compile; the CI crash of 2544b31 (inside a cache write, after
+    ~170 tests in one process) fits the same cause."""
+    if nextitem is None or group_of(nextitem) != group_of(item):
+        _EXECUTABLES.clear()
+        jax.clear_caches()
+        gc.collect()
 
 
 def group_of(item) -> str:
