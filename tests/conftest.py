@@ -1,12 +1,10 @@
 """Test setup: CPU only, a loud failure on a missing dependency (pytest aborts collection with the
-ImportError below), the persistent XLA compilation cache only on request, and the grouping of tests
-for pytest-xdist (`-n 2 --dist loadgroup`, set in pyproject.toml).
+ImportError below), compiled programs kept in memory within a file and freed after it, and the
+order of files for pytest-xdist (`-n 2 --dist loadfile`, set in pyproject.toml).
 
-Compile once, test many: the suite's time is XLA compiling on one core (measured: a compile uses one
-of the two cores). Two workers compile in parallel; each test file is one group (its
-module-level caches compile once, on one worker), except the MuJoCo tasks: every test of task T, in
-test_brax_tasks.py and test_mujoco_tasks.py, is group "task-T", so both files share the task's one
-compiled probe (tests/probe.py). Groups are queued longest first (GROUP_SECONDS, measured cold)."""
+Compile once, test many: the suite's time is mostly XLA compiling, and much of a compile uses one
+of the two cores. Two workers compile in parallel; each file runs on one worker, so its
+module-level caches compile once. Files are queued longest first (GROUP_SECONDS, measured cold)."""
 
 import os
 
@@ -68,18 +66,18 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 def group_of(item) -> str:
-    """The xdist group of a test: its MuJoCo task if it has one, else its file."""
-    mark = item.get_closest_marker("task_group")
-    return f"task-{mark.args[0]}" if mark else item.module.__name__
+    """The xdist group of a test: its file (`--dist loadfile`). The tests of a MuJoCo task in
+    test_brax_tasks.py and test_mujoco_tasks.py carry `task_group(T)` to run on one worker and share
+    tests/probe.py's compile, but xdist's `loadgroup` did not honour marks added here (measured:
+    one file's tests went to both workers), so for now each file compiles its own."""
+    return item.module.__name__
 
 
 # Cold seconds per group on this machine (2 cores, one worker), to queue the longest first; groups
 # not listed queue after these, in file order.
 GROUP_SECONDS = {
-    "test_mbpo": 410, "test_devices": 354, "test_tdml": 300, "test_brax_tasks": 300, "test_host": 280,
-    "test_dam": 220, "test_pets": 169, "test_sac": 150, "task-pusher": 150, "task-humanoid": 100, "task-ant": 100,
-    "task-hopper": 100, "task-walker2d": 80, "task-inverted_double_pendulum": 60, "task-reacher": 60,
-    "task-halfcheetah": 60, "task-inverted_pendulum": 50, "test_mujoco_tasks": 30,
+    "test_mujoco_tasks": 700, "test_brax_tasks": 600, "test_mbpo": 410, "test_devices": 354, "test_host": 280,
+    "test_dam": 220, "test_tdml": 212, "test_pets": 169, "test_sac": 150,
 }
 
 
@@ -87,8 +85,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "task_group(task): run with the other tests of this MuJoCo task")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (it appends "@group" to the test ids)
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group_of(item)))
     order = {name: i for i, name in enumerate(dict.fromkeys(group_of(item) for item in items))}
     items.sort(key=lambda item: (-GROUP_SECONDS.get(group_of(item), 0), order[group_of(item)]))
