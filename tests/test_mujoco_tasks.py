@@ -29,7 +29,7 @@ from envs import mujoco_tasks
 GYM_IDS = {"hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "halfcheetah": "HalfCheetah-v4", "ant": "Ant-v4",
            "humanoid": "Humanoid-v4", "inverted_pendulum": "InvertedPendulum-v4",
            "inverted_double_pendulum": "InvertedDoublePendulum-v4", "reacher": "Reacher-v4", "pusher": "Pusher-v5"}
-# Every test of a task runs on one worker with test_brax_tasks.py's (conftest.py).
+# `task_group` marks the tests of a task for one worker (not yet honoured: tests/README.md).
 TASKS = [pytest.param(task, marks=pytest.mark.task_group(task)) for task in envs.MUJOCO_TASKS]
 NUM_TRANSITIONS, CHUNK = 256, probe.BATCH
 # Relative one-step error allowed (float32 MJX vs float64 MuJoCo). Ant: a few steps with contacts
