@@ -21,6 +21,8 @@ if _missing:
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import envs  # noqa: E402
+
 # Compile once per process: many tests build the same program afresh (a new `make_train`, a new
 # jit), which XLA compiles again unless a compilation cache answers. The persistent cache did, but
 # writing it crashed the test process (a segfault inside XLA's executable serialisation,
@@ -59,33 +61,51 @@ def pytest_runtest_teardown(item, nextitem):
     measured, a worker that had run about half the suite held 54,381 maps, and the other worker
     died of a segfault inside an XLA compile; the CI crash of 2544b31 (inside a cache write, after
     ~170 tests in one process) fits the same cause."""
-    if nextitem is None or group_of(nextitem) != group_of(item):
+    if nextitem is None or group_of(nextitem.nodeid) != group_of(item.nodeid):
         _EXECUTABLES.clear()
         jax.clear_caches()
         gc.collect()
 
 
-def group_of(item) -> str:
-    """The xdist group of a test: its file (`--dist loadfile`). The tests of a MuJoCo task in
-    test_brax_tasks.py and test_mujoco_tasks.py carry `task_group(T)` to run on one worker and share
-    tests/probe.py's compile, but xdist's `loadgroup` did not honour marks added here (measured:
-    one file's tests went to both workers), so for now each file compiles its own."""
-    return item.module.__name__
+def group_of(nodeid: str) -> str:
+    """The tests that run on one worker, one after another: a test file, except in the two MuJoCo
+    files, where the tests of one task on one backend form a group across both files (the task and
+    backend are in the test's id: `[hopper]` in test_mujoco_tasks.py is the default backend, as
+    `[hopper-gymnasium]` in test_brax_tasks.py), so that they share tests/probe.py's one compile."""
+    path, _, test = nodeid.partition("::")
+    module = path.rsplit("/", 1)[-1].removesuffix(".py")
+    params = test.partition("[")[2].rstrip("]").split("-")
+    if module in ("test_brax_tasks", "test_mujoco_tasks") and params[0] in envs.MUJOCO_TASKS:
+        return f"{params[0]}/{params[1] if len(params) > 1 else envs.DEFAULT_BACKEND}"
+    return module
 
 
-# Seconds per file, to queue the longest first: the cold run of 2544b31 (tests/README.md), except
-# the two MuJoCo files, whose figures are guesses for the shared probe (not yet measured). Files
-# not listed queue after these, in file order.
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's `loadfile` with group_of as the unit (its `loadgroup` reads only marks written in
+    the test files, and splits every unmarked file test by test)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return group_of(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+# Seconds per group, to queue the longest first. Files: the cold run of 2544b31 (tests/README.md);
+# MuJoCo task groups: estimates (to be replaced by the cold run of this layout). Groups not listed
+# queue after these, in file order.
 GROUP_SECONDS = {
-    "test_mujoco_tasks": 700, "test_brax_tasks": 600, "test_mbpo": 410, "test_devices": 354, "test_host": 280,
-    "test_dam": 220, "test_tdml": 212, "test_pets": 169, "test_sac": 150,
+    "test_mbpo": 410, "test_devices": 354, "test_host": 280, "test_dam": 220, "test_tdml": 212,
+    "humanoid/gymnasium": 180, "pusher/gymnasium": 170, "test_pets": 169, "ant/gymnasium": 150,
+    "hopper/gymnasium": 150, "test_sac": 150, "walker2d/gymnasium": 120, "test_mujoco_tasks": 90,
+    "test_brax_tasks": 80, "halfcheetah/gymnasium": 70, "inverted_pendulum/gymnasium": 70,
+    "inverted_double_pendulum/gymnasium": 70, "reacher/gymnasium": 70, "hopper/mjx": 70,
 }
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "task_group(task): run with the other tests of this MuJoCo task")
-
-
 def pytest_collection_modifyitems(config, items):
-    order = {name: i for i, name in enumerate(dict.fromkeys(group_of(item) for item in items))}
-    items.sort(key=lambda item: (-GROUP_SECONDS.get(group_of(item), 0), order[group_of(item)]))
+    groups = {item.nodeid: group_of(item.nodeid) for item in items}
+    order = {name: i for i, name in enumerate(dict.fromkeys(groups.values()))}
+    items.sort(key=lambda item: (-GROUP_SECONDS.get(groups[item.nodeid], 0), order[groups[item.nodeid]]))

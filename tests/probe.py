@@ -7,8 +7,8 @@ each copy of the step in a compiled graph costs it again. So every test of an en
 `run`: `n` gymnax steps (auto-reset included) from given states with given actions and step keys,
 `n` a traced loop bound (one compile serves one step and 300), every output kept per step. What
 is built from states is compiled apart and is cheap: reset, snapshot/restore and (Gymnasium's
-tasks) the state at given (qpos, qvel). The two files share it when they run in one process
-(`-n 0`); under xdist each file runs on its own worker and compiles its own (tests/README.md)."""
+tasks) the state at given (qpos, qvel). The two files share it: conftest.py runs the tests of one
+task and backend, from both files, on one worker, one after another."""
 
 import functools
 

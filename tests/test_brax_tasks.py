@@ -82,8 +82,9 @@ MJX_TASKS = ALL if os.environ.get("MBRL_TEST_MJX_ALL") else ["hopper"]
 # Gymnasium in test_mujoco_tasks.py. MBRL_TEST_GYM_ALL=1 probes all nine.
 GYM_TASKS = ALL if os.environ.get("MBRL_TEST_GYM_ALL") else [
     "hopper", "walker2d", "halfcheetah", "inverted_pendulum", "inverted_double_pendulum", "reacher"]
-# The default backend's cases run with the task's tests in test_mujoco_tasks.py (conftest.py).
-CASES = ([pytest.param(task, envs.DEFAULT_BACKEND, marks=pytest.mark.task_group(task)) for task in GYM_TASKS]
+# The default backend's cases run with the task's tests in test_mujoco_tasks.py (conftest.py
+# groups tests by the task and backend in their ids).
+CASES = ([(task, envs.DEFAULT_BACKEND) for task in GYM_TASKS]
          + [(task, "positional") for task in ALL] + [(task, "mjx") for task in MJX_TASKS])
 
 
@@ -129,12 +130,12 @@ def test_auto_reset_keeps_final_observation_and_draws_fresh_starts(task, backend
     assert len(np.unique(starts.round(6), axis=0)) == len(starts)
 
 
-@pytest.mark.task_group("halfcheetah")
-def test_truncation_is_the_time_limit():
-    env, (_, first, _), _ = _run("halfcheetah")  # never terminates
+@pytest.mark.parametrize("task", ["halfcheetah"])  # never terminates
+def test_truncation_is_the_time_limit(task):
+    env, (_, first, _), _ = _run(task)
     assert not first["terminated"].any()
     steps = np.nonzero(first["truncated"][0])[0]
-    episode, num_steps = _lengths("halfcheetah")
+    episode, num_steps = _lengths(task)
     np.testing.assert_array_equal(steps, np.arange(episode - 1, num_steps, episode))
 
 
@@ -184,9 +185,9 @@ def test_snapshot_restore_generalized_backend_from_positions_and_velocities():
     np.testing.assert_allclose(first["reward_fn"], first["reward"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.task_group("hopper")
-def test_task_functions_are_batched_without_vmap():
-    env, (_, first, _), _ = _run("hopper")
+@pytest.mark.parametrize("task", ["hopper"])
+def test_task_functions_are_batched_without_vmap(task):
+    env, (_, first, _), _ = _run(task)
     obs, final = first["obs"], first["final_obs"]  # (envs, steps, obs)
     actions = np.zeros(obs.shape[:-1] + (env.action_size,), np.float32)
     assert env.reward_fn(obs, actions, final).shape == obs.shape[:-1]

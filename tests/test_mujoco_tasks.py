@@ -29,8 +29,9 @@ from envs import mujoco_tasks
 GYM_IDS = {"hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "halfcheetah": "HalfCheetah-v4", "ant": "Ant-v4",
            "humanoid": "Humanoid-v4", "inverted_pendulum": "InvertedPendulum-v4",
            "inverted_double_pendulum": "InvertedDoublePendulum-v4", "reacher": "Reacher-v4", "pusher": "Pusher-v5"}
-# `task_group` marks the tests of a task for one worker (not yet honoured: tests/README.md).
-TASKS = [pytest.param(task, marks=pytest.mark.task_group(task)) for task in envs.MUJOCO_TASKS]
+# A test's task is in its id ([hopper]): conftest.py runs the tests of a task on one worker, with
+# test_brax_tasks.py's default-backend tests of that task, so that they share one compile.
+TASKS = list(envs.MUJOCO_TASKS)
 NUM_TRANSITIONS, CHUNK = 256, probe.BATCH
 # Relative one-step error allowed (float32 MJX vs float64 MuJoCo). Ant: a few steps with contacts
 # differ more (MJX finds some contacts within the margin that MuJoCo does not), so ant is bounded
@@ -124,7 +125,6 @@ def test_one_step_agrees_with_gymnasium(task):
         assert gym_term.sum() >= 2, "the states never reached a fall: the termination rule is untested"
 
 
-@pytest.mark.task_group("hopper")
 def test_brax_model_file_fails_the_gymnasium_oracle(monkeypatch):
     """The mutant: our hopper with Brax's edited hopper.xml in place of Gymnasium's."""
     import brax
@@ -205,12 +205,12 @@ def test_zero_and_random_episodes_agree_with_gymnasium(task):
         assert _agree(ours_ret, gym_ret, 0.02 * np.abs(gym_ret).mean() + 0.5), message
 
 
-@pytest.mark.task_group("hopper")
-def test_default_hopper_that_does_nothing_falls_as_in_mujoco():
+@pytest.mark.parametrize("task", ["hopper"])
+def test_default_hopper_that_does_nothing_falls_as_in_mujoco(task):
     """The default task is the papers' one: Brax's `positional` hopper stood for 1000 steps."""
-    env, _ = envs.make("hopper")
+    env, _ = envs.make(task)
     assert isinstance(env, envs.MujocoTask) and env.backend == envs.DEFAULT_BACKEND == "gymnasium"
-    lengths, totals = our_episodes("hopper")
+    lengths, totals = our_episodes(task)
     assert 100 < lengths[:EPISODES].mean() < 200 and 100 < totals[:EPISODES].mean() < 200
 
 
