@@ -93,15 +93,17 @@ def pytest_xdist_make_scheduler(config, log):
     return GroupScheduling(config, log)
 
 
-# Seconds per group, to queue the longest first. Files: the cold run of 2544b31 (tests/README.md);
-# MuJoCo task groups: estimates (to be replaced by the cold run of this layout). Groups not listed
-# queue after these, in file order.
+# Seconds per group (sums of setup + call, two workers), to queue the longest first: the cold run
+# of 06848c5 (tests/README.md). Groups not listed queue after these, in file order.
 GROUP_SECONDS = {
-    "test_mbpo": 410, "test_devices": 354, "test_host": 280, "test_dam": 220, "test_tdml": 212,
-    "humanoid/gymnasium": 180, "pusher/gymnasium": 170, "test_pets": 169, "ant/gymnasium": 150,
-    "hopper/gymnasium": 150, "test_sac": 150, "walker2d/gymnasium": 120, "test_mujoco_tasks": 90,
-    "test_brax_tasks": 80, "halfcheetah/gymnasium": 70, "inverted_pendulum/gymnasium": 70,
-    "inverted_double_pendulum/gymnasium": 70, "reacher/gymnasium": 70, "hopper/mjx": 70,
+    "test_mbpo": 600, "test_devices": 413, "test_host": 354, "test_tdml": 259, "test_dam": 253,
+    "pusher/gymnasium": 225, "humanoid/gymnasium": 189, "test_pets": 178, "test_sac": 170, "ant/gymnasium": 157,
+    "walker2d/gymnasium": 146, "hopper/gymnasium": 108, "halfcheetah/gymnasium": 96, "reacher/gymnasium": 63,
+    "test_mujoco_tasks": 62, "inverted_double_pendulum/gymnasium": 56, "hopper/mjx": 54,
+    "inverted_pendulum/gymnasium": 51, "test_brax_tasks": 49, "humanoid/positional": 46, "pusher/positional": 46,
+    "hopper/positional": 39, "halfcheetah/positional": 39, "walker2d/positional": 37, "ant/positional": 32,
+    "reacher/positional": 26, "inverted_double_pendulum/positional": 24, "inverted_pendulum/positional": 21,
+    "test_dam_envs": 18,
 }
 
 

@@ -221,3 +221,19 @@ def test_standard_episode_lengths():
     assert envs.make("hopper")[1].max_steps_in_episode == 1000
     assert envs.make("reacher")[1].max_steps_in_episode == 50
     assert envs.make("pusher")[1].max_steps_in_episode == 100
+
+
+def test_a_tasks_tests_in_both_files_run_as_one_group():
+    """conftest.py's groups: what one worker runs in a row, sharing tests/probe.py's compile."""
+    from conftest import group_of
+
+    same = ["tests/test_mujoco_tasks.py::test_one_step_agrees_with_gymnasium[inverted_pendulum]",
+            "tests/test_mujoco_tasks.py::test_default_hopper_that_does_nothing_falls_as_in_mujoco[inverted_pendulum]",
+            "tests/test_brax_tasks.py::test_api_and_spaces[inverted_pendulum-gymnasium]"]
+    assert {group_of(nodeid) for nodeid in same} == {"inverted_pendulum/gymnasium"}
+    others = ["tests/test_brax_tasks.py::test_api_and_spaces[inverted_double_pendulum-gymnasium]",
+              "tests/test_brax_tasks.py::test_api_and_spaces[inverted_pendulum-positional]",
+              "tests/test_mujoco_tasks.py::test_an_episode_renders_in_braxs_viewer",
+              "tests/test_mbpo.py::test_rollouts_respect_k_and_the_termination_function[1]"]
+    assert [group_of(nodeid) for nodeid in others] == [
+        "inverted_double_pendulum/gymnasium", "inverted_pendulum/positional", "test_mujoco_tasks", "test_mbpo"]
