@@ -25,6 +25,9 @@ SCRIPT = textwrap.dedent('''
     from algorithms import sac, utils
 
     root = sys.argv[1]
+    # The four runs compile two programs (4 devices, 1 device): the killed run and the resumed one
+    # read them from a persistent cache (a fresh one, under tmp_path) instead of compiling again.
+    utils.enable_compilation_cache()
     config = dict(env_id="inverted_pendulum", backend="positional", total_timesteps=1000, buffer_size=1000, epoch_length=250, init_steps=500,
                   updates_per_step=2, sac_width=64, sac_batch_size=128, progress=False, num_seeds=4, run_dir=root)
     assert jax.device_count() == 4
@@ -58,7 +61,8 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_seeds_split_over_devices_match_one_device_and_resume_on_another_count(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "MBRL_JAX_CACHE": str(tmp_path / "xla")}
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=1200, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
