@@ -28,7 +28,7 @@ NUM_STEPS = {"walker2d": 240, "humanoid": 240}
 def _lengths(task, backend=None):
     """(time limit, steps per probe call)."""
     if backend == envs.DEFAULT_BACKEND:  # Gymnasium's walker2d and humanoid fall within ~40 steps
-        return (5, 12) if task == "pusher" else (40, 120)  # MJX steps pusher at ~4 steps/s on CPU
+        return (5, 12) if task == "pusher" else (40, 120)
     return EPISODE.get(task, 40), NUM_STEPS.get(task, 120)
 
 

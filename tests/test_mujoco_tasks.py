@@ -85,8 +85,7 @@ def _any_contact(g, ctrl):
 
 
 def one_step_errors(env, task, seed=0):
-    num = CHUNK if task == "pusher" else NUM_TRANSITIONS  # pusher: slow on MJX (see HORIZON)
-    qpos, qvel, warm, action, gym_obs, gym_reward, gym_term, contact = gym_transitions(task, num, seed)
+    qpos, qvel, warm, action, gym_obs, gym_reward, gym_term, contact = gym_transitions(task, NUM_TRANSITIONS, seed)
     # In chunks: one vmapped call over all 240 humanoid states never returned on this CPU (XLA sat
     # idle, a deadlock; 64 at a time took 1 s).
     horizon, params = probe.GYM_HORIZON[task], probe.params_of(env)
@@ -141,10 +140,9 @@ EPISODES = 16
 # Episode horizon of the comparison, past the do-nothing episodes of Gymnasium's tasks that end
 # (hopper ~150 steps, walker2d ~120, humanoid ~40, inverted_pendulum ~30, the double ~10) and past
 # most random ant episodes (median ~70); tasks that never end are compared on their first steps.
-# MJX steps pusher at ~4 steps/s on this CPU (its cylinder's contacts go through MJX's general
-# convex collision), so pusher's episodes are 2 steps: its reset distribution and first steps.
+# Pusher's are whole episodes (100 steps; tests/probe.py steps its envs one after another).
 HORIZON = {"hopper": 250, "walker2d": 200, "humanoid": 80, "inverted_pendulum": 100,
-           "inverted_double_pendulum": 50, "ant": 300, "halfcheetah": 50, "reacher": 50, "pusher": 2}
+           "inverted_double_pendulum": 50, "ant": 300, "halfcheetah": 50, "reacher": 50, "pusher": 100}
 
 
 @functools.lru_cache(maxsize=None)
