@@ -43,9 +43,12 @@ else:
 
     def _read(module_name, cache_key, compile_options, backend, executable_devices):
         executable = _EXECUTABLES.get(cache_key)
+        if executable is not None:
+            _log_compile(module_name, cache_key, None)
         return (executable, 0) if executable is not None else (None, None)
 
     def _write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
+        _log_compile(module_name, cache_key, compile_time_secs)
         if not host_callbacks:
             _EXECUTABLES[cache_key] = executable
 
@@ -53,6 +56,20 @@ else:
 
 
 _EXECUTABLES = {}
+# MBRL_TEST_COMPILE_LOG=<dir>: one JSON line per compile (seconds) or in-memory hit (null) of the
+# test processes, with the test and the program's cache key, to find what is compiled twice.
+_COMPILE_LOG = os.environ.get("MBRL_TEST_COMPILE_LOG")
+
+
+def _log_compile(module_name, cache_key, seconds):
+    if _COMPILE_LOG:
+        import json
+
+        os.makedirs(_COMPILE_LOG, exist_ok=True)
+        line = dict(test=os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0], module=module_name,
+                    key=cache_key[-24:], seconds=seconds)
+        with open(os.path.join(_COMPILE_LOG, f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def pytest_runtest_teardown(item, nextitem):
