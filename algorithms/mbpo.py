@@ -251,8 +251,8 @@ class Ensemble(eqx.Module):
             for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:])
         ]
         self.biases = [jnp.zeros((num_members, n_out)) for n_out in sizes[1:]]
-        self.max_logvar = jnp.full((out_size,), 0.5)
-        self.min_logvar = jnp.full((out_size,), -10.0)
+        self.max_logvar = jnp.full((out_size,), 0.5, jnp.float32)  # strong dtype, as a restored checkpoint's:
+        self.min_logvar = jnp.full((out_size,), -10.0, jnp.float32)  # a resumed run reuses the compiled chunk
         self.input_mean, self.input_std = jnp.zeros(in_size), jnp.ones(in_size)
 
     def __call__(self, inputs):

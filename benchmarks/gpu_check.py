@@ -2,13 +2,14 @@
 1 and 8 vmapped seeds, in one short command, for the day a GPU is lent.
 
     python benchmarks/gpu_check.py                   # on the GPU machine: under 8 min, writes benchmarks/results/gpu_check.md
-    python benchmarks/gpu_check.py --smoke           # tiny configs on CPU (under 5 min): checks this script, writes to /tmp
+    python benchmarks/gpu_check.py --smoke           # tiny configs on CPU (~2 min): checks this script, writes to /tmp
     python benchmarks/gpu_check.py --algos mbpo pets --seeds 1 8 --budget 300
 
 Each case (algorithm x seed count) is a real `run()` of the algorithm file (the same compiled
 chunks, host loop and checkpoints a user gets) in a fresh child process, so compile times are
 not hidden by the previous case and peak memory is the case's own. The child does not turn the
-persistent compilation cache on (`run()` alone never does) and measures:
+persistent compilation cache on (`run()` alone never does) unless `--cache` asks (the test suite
+does, so that its smoke run reads the programs its other runs compiled), and measures:
 * compile s: JAX's own compile events (tracing + lowering + XLA compile, `jax.monitoring`),
   summed over the run: the one-off cost before the first chunk's work;
 * steady: the median wall-clock of the chunks after the first two (the first holds the compile,
@@ -17,7 +18,9 @@ persistent compilation cache on (`run()` alone never does) and measures:
 * peak memory: the device's `peak_bytes_in_use` (GPU), or the process's peak RSS on CPU.
 The sizes below follow each paper's settings (hopper MBPO, halfcheetah PETS with the reference
 planner, ...) but shorten the runs so the whole check fits 8 minutes on one GPU; `--smoke`
-shrinks every network and loop so the CPU can run it in the test suite.
+shrinks every network and loop and runs on Brax's `positional` pendulum (it checks this script,
+not the physics), so the CPU can run it in the test suite. SAC's and MBPO's smoke configs are the
+ones tests/test_devices.py runs in one process and in two (it imports them from here).
 """
 
 import argparse
@@ -35,16 +38,18 @@ TDML_POLICY = str(ROOT / "benchmarks" / "results" / "tdml" / "sac_policy")
 CASES = {
     "sac": ("env step", "env_steps",
             dict(env_id="hopper", total_timesteps=3000, epoch_length=500, init_steps=500, updates_per_step=20),
-            dict(env_id="inverted_pendulum", total_timesteps=400, epoch_length=100, init_steps=100, eval_episodes=1,
-                 sac_width=32, sac_batch_size=32)),
+            dict(env_id="inverted_pendulum", backend="positional", total_timesteps=1000, buffer_size=1000,
+                 epoch_length=250, init_steps=500, updates_per_step=2, sac_width=64, sac_batch_size=128)),
     "mbpo": ("env step", "env_steps",  # hopper at the paper's settings, in epochs of one model period (250 steps)
              dict(env_id="hopper", total_timesteps=1500, epoch_length=250, init_steps=250),
-             dict(env_id="inverted_pendulum", total_timesteps=400, epoch_length=100, init_steps=100, eval_episodes=1,
-                  model_train_freq=50, rollout_batch_size=500, model_width=32, model_max_epochs=3, sac_width=32,
-                  sac_batch_size=32, updates_per_step=2)),
+             dict(env_id="inverted_pendulum", backend="positional", total_timesteps=750, epoch_length=250,
+                  init_steps=250, model_train_freq=250, rollout_batch_size=500, ensemble_size=3, num_elites=2,
+                  model_width=32, model_depth=2, model_weight_decay=(1e-5, 1e-5, 1e-5), sac_width=32,
+                  updates_per_step=2, model_max_epochs=5, max_holdout=100, eval_episodes=2,
+                  rollout_schedule=(0, 2, 1, 3))),
     "pets": ("env step", "env_steps",  # halfcheetah with the reference planner (400 / 40, P = 20, H = 30)
              dict(env_id="halfcheetah", num_trials=4, episode_length=100),
-             dict(env_id="inverted_pendulum", num_trials=4, episode_length=20, population=20, num_elites=4,
+             dict(env_id="inverted_pendulum", backend="positional", num_trials=4, episode_length=20, population=20, num_elites=4,
                   ensemble_size=2, num_particles=2, horizon=5, cem_iterations=2, model_width=32, model_depth=2,
                   model_weight_decay=(1e-5, 1e-5, 1e-5))),
     "dam": ("round", "env_steps",
@@ -54,7 +59,7 @@ CASES = {
     "tdml": ("model step", "steps",  # hopper, Figure 2's slbo model, the committed SAC data policy
              dict(env_id="hopper", policy_run=TDML_POLICY, arch="slbo", num_trajectories=20, total_steps=2000,
                   eval_every=250, eval_starts=4, eval_horizon=200),
-             dict(env_id="inverted_pendulum", random_policy=True, arch="slbo", num_trajectories=4, trajectory_length=50,
+             dict(env_id="inverted_pendulum", backend="positional", random_policy=True, arch="slbo", num_trajectories=4, trajectory_length=50,
                   model_layers=(32, 32), model_batch_size=32, critic_layers=(32, 32), critic_batch_size=32,
                   n_step_batch=8, total_steps=400, eval_every=100, eval_starts=2, eval_horizon=20)),
 }
@@ -62,13 +67,18 @@ COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/j
                   "/jax/core/compile/backend_compile_duration")
 
 
-def run_case(algo, seeds, smoke, run_dir):
+def run_case(algo, seeds, smoke, run_dir, cache):
     """In the child: one real run of `algo`; prints one JSON line with its figures."""
     import importlib
 
     import jax
     import numpy as np
     import pandas as pd
+
+    from algorithms import utils
+
+    if cache:
+        utils.enable_compilation_cache()
 
     compile_s = [0.0]
     jax.monitoring.register_event_duration_secs_listener(
@@ -105,13 +115,15 @@ def main():
     parser.add_argument("--algos", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="vmapped seed counts (default: 1 8; smoke: 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny configs, for the CPU (checks the script)")
+    parser.add_argument("--cache", action="store_true",
+                        help="the persistent compilation cache on (MBRL_JAX_CACHE): compile s then counts cache reads")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for all cases; a case past it is skipped")
     parser.add_argument("--out", default=None, help="markdown report (default: benchmarks/results/gpu_check.md; smoke: a temp file)")
     parser.add_argument("--case", nargs=2, metavar=("ALGO", "SEEDS"), help=argparse.SUPPRESS)  # the child's entry
     parser.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.case:
-        return run_case(cli.case[0], int(cli.case[1]), cli.smoke, cli.run_dir)
+        return run_case(cli.case[0], int(cli.case[1]), cli.smoke, cli.run_dir, cli.cache)
     seeds = cli.seeds or ([2] if cli.smoke else [1, 8])
     out = Path(cli.out or (Path(tempfile.gettempdir()) / "gpu_check_smoke.md" if cli.smoke else
                            ROOT / "benchmarks" / "results" / "gpu_check.md"))
@@ -127,7 +139,7 @@ def main():
                     rows.append({"algo": algo, "seeds": n, "error": "skipped: over --budget"})
                     continue
                 command = [sys.executable, __file__, "--case", algo, str(n), "--run-dir", run_dir] + \
-                          (["--smoke"] if cli.smoke else [])
+                          (["--smoke"] if cli.smoke else []) + (["--cache"] if cli.cache else [])
                 try:
                     done = subprocess.run(command, capture_output=True, text=True, timeout=left, cwd=ROOT)
                     rows.append(json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else

@@ -23,15 +23,27 @@ import pytest  # noqa: E402
 
 import envs  # noqa: E402
 
+# The tests' subprocesses (CLI runs, multi-process and multi-device runs, the GPU check's cases)
+# share one persistent cache per pytest session: MBRL_JAX_CACHE if set, else a fresh directory
+# that pytest's first process makes and its xdist workers inherit (never ~/.cache/mbrl-jax, so a
+# cold run stays cold). Runs of the same program then compile it once: the GPU check's SAC and
+# MBPO cases are test_devices.py's one-process runs, and the 4-device test's killed and resumed
+# runs are its first two. The workers' own compiles stay in memory unless MBRL_JAX_CACHE was set.
+if "MBRL_TEST_SUBPROCESS_CACHE" not in os.environ:  # pytest's first process; its workers inherit these
+    import tempfile
+
+    os.environ["MBRL_TEST_WORKERS_PERSIST"] = "1" if os.environ.get("MBRL_JAX_CACHE") else ""
+    os.environ["MBRL_TEST_SUBPROCESS_CACHE"] = os.environ.get("MBRL_JAX_CACHE") or tempfile.mkdtemp(prefix="mbrl-jax-tests-")
+    os.environ["MBRL_JAX_CACHE"] = os.environ["MBRL_TEST_SUBPROCESS_CACHE"]
+
 # Compile once per process: many tests build the same program afresh (a new `make_train`, a new
 # jit), which XLA compiles again unless a compilation cache answers. The persistent cache did, but
 # writing it crashed the test process (a segfault inside XLA's executable serialisation,
 # `put_executable_and_time`, in CI after ~170 tests in one process, and once here), and a fresh
 # machine gains nothing from its files. So the tests keep compiled executables in memory, under
 # the persistent cache's own key, and never serialise them (this patches jax._src, tests only).
-# MBRL_JAX_CACHE=<dir> restores the persistent cache. The CLI tests' subprocesses use the
-# algorithms' own cache (~/.cache/mbrl-jax/xla).
-if os.environ.get("MBRL_JAX_CACHE"):
+# MBRL_JAX_CACHE=<dir> restores the persistent cache.
+if os.environ.get("MBRL_TEST_WORKERS_PERSIST"):
     jax.config.update("jax_compilation_cache_dir", os.environ["MBRL_JAX_CACHE"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 else:
@@ -113,7 +125,7 @@ def pytest_xdist_make_scheduler(config, log):
 # Seconds per group (sums of setup + call, two workers), to queue the longest first: the cold run
 # of 06848c5 (tests/README.md). Groups not listed queue after these, in file order.
 GROUP_SECONDS = {
-    "test_mbpo": 600, "test_devices": 413, "test_host": 354, "test_tdml": 259, "test_dam": 253,
+    "test_mbpo": 600, "test_devices": 530, "test_host": 30, "test_tdml": 259, "test_dam": 253,
     "pusher/gymnasium": 225, "humanoid/gymnasium": 189, "test_pets": 178, "test_sac": 170, "ant/gymnasium": 157,
     "walker2d/gymnasium": 146, "hopper/gymnasium": 108, "halfcheetah/gymnasium": 96, "reacher/gymnasium": 63,
     "test_mujoco_tasks": 62, "inverted_double_pendulum/gymnasium": 56, "hopper/mjx": 54,

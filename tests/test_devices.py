@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent('''
 
     root = sys.argv[1]
     # The four runs compile two programs (4 devices, 1 device): the killed run and the resumed one
-    # read them from a persistent cache (a fresh one, under tmp_path) instead of compiling again.
+    # read them from the persistent cache (the tests' shared one, conftest.py) instead of compiling again.
     utils.enable_compilation_cache()
     config = dict(env_id="inverted_pendulum", backend="positional", total_timesteps=1000, buffer_size=1000, epoch_length=250, init_steps=500,
                   updates_per_step=2, sac_width=64, sac_batch_size=128, progress=False, num_seeds=4, run_dir=root)
@@ -61,8 +61,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_seeds_split_over_devices_match_one_device_and_resume_on_another_count(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "MBRL_JAX_CACHE": str(tmp_path / "xla")}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=1200, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -87,12 +86,12 @@ def test_seeds_split_over_devices_match_one_device_and_resume_on_another_count(t
 
 
 # --- across processes (jax.distributed): 2 processes on 127.0.0.1, one CPU device each --------------
-SAC_TINY = dict(env_id="inverted_pendulum", backend="positional", total_timesteps=1000, buffer_size=1000, epoch_length=250, init_steps=500,
-                updates_per_step=2, sac_width=64, sac_batch_size=128)
-MBPO_TINY = dict(env_id="inverted_pendulum", backend="positional", total_timesteps=750, epoch_length=250, init_steps=250,
-                 model_train_freq=250, rollout_batch_size=500, ensemble_size=3, num_elites=2, model_width=32,
-                 model_depth=2, model_weight_decay=(1e-5, 1e-5, 1e-5), sac_width=32, updates_per_step=2,
-                 model_max_epochs=5, max_holdout=100, eval_episodes=2, rollout_schedule=(0, 2, 1, 3))
+# The GPU check's smoke configs (benchmarks/gpu_check.py): its smoke test (test_host.py) then reads
+# the one-process runs' programs from the tests' shared persistent cache (conftest.py).
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gpu_check import CASES  # noqa: E402
+
+SAC_TINY, MBPO_TINY = CASES["sac"][3], CASES["mbpo"][3]
 
 
 def free_port():
@@ -133,6 +132,23 @@ def test_two_processes_match_one_process(tmp_path, algo, config, random_rows):
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["num_devices"] == 2
     assert (tmp_path / "two" / "checkpoint.eqx").exists()
+
+
+def test_gpu_check_smoke_runs_every_algorithm(tmp_path):
+    """`--smoke`: every algorithm's real run() with tiny configs, 2 vmapped seeds, in its own process;
+    one row each with compile time, steady-state throughput and peak memory (host RSS on CPU). Here,
+    after the one-process runs above, whose programs SAC's and MBPO's cases read from the shared
+    persistent cache (`--cache`; conftest.py)."""
+    out = tmp_path / "gpu_check.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--cache", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["algo"] for r in rows] == ["sac", "mbpo", "pets", "dam", "tdml"] and all(r["seeds"] == 2 for r in rows)
+    for r in rows:
+        assert 0 < r["compile_s"] < r["total_s"] and 0 < r["steady_chunk_s"] < r["total_s"], r
+        assert r["steady_per_s"] > 0 and r["peak_memory_gib"] > 0.1 and r["memory_of"] == "host peak RSS", r
+    assert out.read_text().count("| 2 |") == 5
 
 
 def test_multi_process_flags_are_checked_before_anything_starts():
