@@ -18,10 +18,13 @@ import jax.numpy as jnp
 import envs
 
 BATCH = 32  # states per call, for every use (a batch size is a shape: each one more compile)
-# Gymnasium's tasks whose envs `run` steps one after another (lax.map) instead of vmapped: MJX's
-# pusher, vmapped on this CPU, did not finish a 1-step call of 64 envs in minutes, where 32 envs
-# one after another take 0.4 s for 20 steps (and compile in 20 s; hopper: vmapped 0.38 s, mapped 1.13 s).
-MAPPED = {"pusher"}
+# Gymnasium's tasks whose envs `run` steps one after another (lax.map) instead of vmapped. MJX's
+# vmapped step is slow on this CPU for all but the smallest models; measured alone (compile s,
+# then s for the longest call: GYM_HORIZON steps of 32 envs), vmapped -> mapped: humanoid 69.5,
+# 60.7 -> 66.9, 21.7; ant 45.3, 97.4 -> 36.0, 27.2; walker2d 52.1, 31.2 -> 40.5, 21.4; halfcheetah
+# 24.6, 5.9 -> 17.3, 1.1; but hopper 46-49, 6-7 -> 44.6, 19.2 (vmapped kept). Pusher vmapped did
+# not finish a 1-step call of 64 envs in minutes; 32 envs mapped take 0.4 s for 20 steps.
+MAPPED = {"pusher", "humanoid", "ant", "walker2d", "halfcheetah"}
 # Gymnasium's tasks: the steps `run` is compiled for, the longest call of any test of the task
 # (test_mujoco_tasks.py's episodes, HORIZON there; test_brax_tasks.py's probe, 120 steps).
 GYM_HORIZON = {"hopper": 250, "walker2d": 200, "halfcheetah": 120, "ant": 300, "humanoid": 120,
@@ -74,14 +77,20 @@ def runner(env, horizon):
 # XLA's backend optimisation off for the programs built from states (reset, snapshot/restore,
 # state at (qpos, qvel)): each runs a few times on BATCH states, where a forward pass compiles in
 # 6.4 s instead of 11.3 s and runs in 0.16 s instead of 0.05 s (Gymnasium's hopper, measured alone
-# on this CPU). Not for `run`: there it made a 250-step call take minutes instead of 7 s.
+# on this CPU). Not for `run`: there it made a 250-step call take minutes instead of 7 s. The
+# MAPPED tasks' states are built one after another too: pusher's state at (qpos, qvel), vmapped
+# over 32, compiled in 20.8 s and took 5.2 s a call (at level 0: over 100 s); mapped, 10.8 s and 0.05 s.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @functools.lru_cache(maxsize=None)
 def _vmapped(env, method):
-    return jax.jit(jax.vmap(getattr(env, method), in_axes=(0, None) if method == "reset" else 0),
-                   compiler_options=FAST_COMPILE)
+    fn = getattr(env, method)
+    if isinstance(env, envs.MujocoTask) and env.task in MAPPED:
+        if method == "reset":
+            return jax.jit(lambda keys, params: jax.lax.map(lambda k: fn(k, params), keys), compiler_options=FAST_COMPILE)
+        return jax.jit(lambda *xs: jax.lax.map(lambda x: fn(*x), xs), compiler_options=FAST_COMPILE)
+    return jax.jit(jax.vmap(fn, in_axes=(0, None) if method == "reset" else 0), compiler_options=FAST_COMPILE)
 
 
 def reset(env, key, params):

@@ -360,8 +360,12 @@ def test_every_sampled_model_row_was_written_as_k_grows_and_epochs_compile_once(
         traces.append(1)
         return trainer.chunk(state, start)
 
-    chunk = jax.jit(jax.vmap(counted, in_axes=(0, None)))
-    state = jax.jit(jax.vmap(trainer.init))(mbpo.seed_keys(args))
+    # Built as mbpo.run builds its programs, so that this is the reference run's compiled chunk
+    # (the same program: the test's compile cache serves it) and not a 40 s compile of its own.
+    mesh = utils.seed_mesh(args)
+    chunk = utils.over_devices(lambda state, start: utils.map_in_batches(lambda s: counted(s, start), state,
+                                                                         args.seed_batch), mesh, replicated=1)
+    state = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)(utils.on_devices(mbpo.seed_keys(args), mesh))
     nan_fields = {name: jnp.full_like(getattr(state.model_data, name), jnp.nan) for name in ("obs", "action", "next_obs")}
     state = state._replace(model_data=state.model_data._replace(**nan_fields))
     ks = []
