@@ -2,7 +2,7 @@
 1 and 8 vmapped seeds, in one short command, for the day a GPU is lent.
 
     python benchmarks/gpu_check.py                   # on the GPU machine: under 8 min, writes benchmarks/results/gpu_check.md
-    python benchmarks/gpu_check.py --smoke           # tiny configs on CPU (~2 min): checks this script, writes to /tmp
+    python benchmarks/gpu_check.py --smoke           # tiny configs on CPU (minutes): checks this script, writes to /tmp
     python benchmarks/gpu_check.py --algos mbpo pets --seeds 1 8 --budget 300
 
 Each case (algorithm x seed count) is a real `run()` of the algorithm file (the same compiled
