@@ -19,8 +19,9 @@ import envs
 
 BATCH = 32  # states per call, for every use (a batch size is a shape: each one more compile)
 # Gymnasium's tasks whose envs `run` steps one after another (lax.map) instead of vmapped. MJX's
-# vmapped step is slow on this CPU for all but the smallest models; measured alone (compile s,
-# then s for the longest call: GYM_HORIZON steps of 32 envs), vmapped -> mapped: humanoid 69.5,
+# vmapped step is slow on this CPU for all but the smallest models; measured alone with
+# benchmarks/probe_compile.py (compile s, then s for the longest call: GYM_HORIZON steps of 32
+# envs; the figures were taken with the same code before it was a script), vmapped -> mapped: humanoid 69.5,
 # 60.7 -> 66.9, 21.7; ant 45.3, 97.4 -> 36.0, 27.2; walker2d 52.1, 31.2 -> 40.5, 21.4; halfcheetah
 # 24.6, 5.9 -> 17.3, 1.1; but hopper 46-49, 6-7 -> 44.6, 19.2 (vmapped kept). Pusher vmapped did
 # not finish a 1-step call of 64 envs in minutes; 32 envs mapped take 0.4 s for 20 steps.
