@@ -85,7 +85,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @functools.lru_cache(maxsize=None)
-def _vmapped(env, method):
+def _batched(env, method):
     fn = getattr(env, method)
     if isinstance(env, envs.MujocoTask) and env.task in MAPPED:
         if method == "reset":
@@ -96,20 +96,20 @@ def _vmapped(env, method):
 
 def reset(env, key, params):
     """BATCH fresh starts: (obs, states)."""
-    return _vmapped(env, "reset")(jax.random.split(key, BATCH), params)
+    return _batched(env, "reset")(jax.random.split(key, BATCH), params)
 
 
 def snapshot(env, states):
-    return _vmapped(env, "snapshot")(states)
+    return _batched(env, "snapshot")(states)
 
 
 def restore(env, snapshots):
-    return _vmapped(env, "restore")(snapshots)
+    return _batched(env, "restore")(snapshots)
 
 
 def state_from(env, qpos, qvel, warm):
     """Gymnasium's tasks: the states at given (qpos, qvel, qacc_warmstart), BATCH of them."""
-    return _vmapped(env, "state_from")(qpos, qvel, warm)
+    return _batched(env, "state_from")(qpos, qvel, warm)
 
 
 def step_keys(key, horizon):

@@ -361,7 +361,7 @@ def test_every_sampled_model_row_was_written_as_k_grows_and_epochs_compile_once(
         return trainer.chunk(state, start)
 
     # Built as mbpo.run builds its programs, so that this is the reference run's compiled chunk
-    # (the same program: the test's compile cache serves it) and not a 40 s compile of its own.
+    # (the same program: the test's compile cache serves it), not one of its own (38 s on a worker before).
     mesh = utils.seed_mesh(args)
     chunk = utils.over_devices(lambda state, start: utils.map_in_batches(lambda s: counted(s, start), state,
                                                                          args.seed_batch), mesh, replicated=1)
