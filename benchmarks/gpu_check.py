@@ -1,7 +1,7 @@
 """GPU check: for every algorithm, compile time, steady-state throughput and peak device memory at
 1 and 8 vmapped seeds, in one short command, for the day a GPU is lent.
 
-    python benchmarks/gpu_check.py                   # on the GPU machine: under 8 min, writes benchmarks/results/gpu_check.md
+    python benchmarks/gpu_check.py --budget 1800     # on the GPU machine (H200: ~30 min), writes benchmarks/results/gpu_check.md
     python benchmarks/gpu_check.py --smoke           # tiny configs on CPU (minutes): checks this script, writes to /tmp
     python benchmarks/gpu_check.py --algos mbpo pets --seeds 1 8 --budget 300
 
@@ -17,7 +17,7 @@ does, so that its smoke run reads the programs its other runs compiled), and mea
   over seeds and per seed;
 * peak memory: the device's `peak_bytes_in_use` (GPU), or the process's peak RSS on CPU.
 The sizes below follow each paper's settings (hopper MBPO, halfcheetah PETS with the reference
-planner, ...) but shorten the runs so the whole check fits 8 minutes on one GPU; `--smoke`
+planner, ...) but shorten the runs (on an H200 SAC alone took 5 minutes at one seed: give `--budget` ~30 min); `--smoke`
 shrinks every network and loop and runs on Brax's `positional` pendulum (it checks this script,
 not the physics), so the CPU can run it in the test suite. SAC's and MBPO's smoke configs are the
 ones tests/test_devices.py runs in one process and in two (it imports them from here).
