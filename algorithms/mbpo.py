@@ -69,7 +69,7 @@ import envs
 class Args:
     # experiment
     env_id: str = "hopper"
-    """task: hopper, walker2d, halfcheetah, ant, humanoid, inverted_pendulum (presets), or any envs.NAMES"""
+    """task: hopper, walker2d, halfcheetah, ant, humanoid, inverted_pendulum (presets), or any of envs.CONTINUOUS (pendulum: actions rescaled to its torque bounds)"""
     seed: int = 0
     """seed of the first run; vmapped seed i uses seed + i"""
     num_seeds: int = 1
@@ -173,11 +173,16 @@ DEFAULTS = dict(epoch_length=1000, init_steps=5000, model_width=200, model_train
                 total_timesteps=100_000, updates_per_step=20, rollout_schedule=(20, 100, 1, 1))
 
 
+def make_env(args: Args):
+    """(env, params); `backend` picks the physics of the MuJoCo tasks (pendulum has one)."""
+    return envs.make(args.env_id, **({"backend": args.backend} if args.env_id in envs.MUJOCO_TASKS else {}))
+
+
 def resolve(args: Args) -> Args:
     """Fill `None` fields from the env's preset and check every argument (one-line errors)."""
     check = utils.check
     check(args.env_id in envs.NAMES, f"unknown env {args.env_id!r}; valid: {', '.join(envs.NAMES)}")
-    check(args.env_id in envs.MUJOCO_TASKS, f"MBPO needs a continuous-action Brax task, not {args.env_id}")
+    check(args.env_id in envs.CONTINUOUS, f"MBPO needs a continuous-action task, not {args.env_id}")
     preset = {**DEFAULTS, **PRESETS.get(args.env_id, {})}
     filled = {k: (preset[k] if v is None and k in preset else v) for k, v in dataclasses.asdict(args).items()}
     if filled["seed_batch"] is None:
@@ -185,7 +190,7 @@ def resolve(args: Args) -> Args:
     if filled["sequential_fit"] is None:
         filled["sequential_fit"] = jax.default_backend() == "cpu"
     if filled["target_entropy"] is None:  # the usual SAC heuristic: -|A|
-        filled["target_entropy"] = -float(envs.make(args.env_id, backend=args.backend)[0].action_size)
+        filled["target_entropy"] = -float(make_env(args)[0].action_size)
     args = Args(**filled)
     for name in ["num_seeds", "seed_batch", "total_timesteps", "epoch_length", "eval_episodes", "ensemble_size", "num_elites",
                  "model_width", "model_depth", "model_batch_size", "max_holdout", "model_patience",
@@ -217,7 +222,7 @@ def check_memory(args: Args):
     """Estimate the preallocated buffers (real + model) of the seeds that share one memory (a
     device's, or this host's) before anything is allocated; print it, and stop with a one-line
     error if it exceeds that memory."""
-    env = envs.make(args.env_id, backend=args.backend)[0]
+    env = make_env(args)[0]
     row = 4 * (2 * env.obs_size + env.action_size + 1) + 1  # obs, action, reward, next_obs (f32), terminated
     model_rows = (args.retain_epochs * max(args.rollout_schedule[2:]) * args.rollout_batch_size
                   * (args.epoch_length // args.model_train_freq))
@@ -449,8 +454,10 @@ def make_train(args: Args):
       switches (`init_steps`, fits, k) are real branches even under `vmap`.
     * `train(key) -> metrics`: the whole run as one pure function, `jax.vmap`-able over keys.
     """
-    env, env_params = envs.make(args.env_id, backend=args.backend)
+    env, env_params = make_env(args)
     obs_size, action_size = env.obs_size, env.action_size
+    # Actions live in [-1, 1] (tanh policy, random phase, buffers, model); the env gets them on its own bounds.
+    to_env = utils.to_env_actions(env, env_params)
     model_out = obs_size + 1  # (next_obs - obs, reward)
     num_chunks = args.total_timesteps // args.epoch_length
     periods_per_chunk = args.epoch_length // args.model_train_freq
@@ -472,7 +479,7 @@ def make_train(args: Args):
             lambda: jax.random.uniform(action_key, (action_size,), minval=-1.0, maxval=1.0),
             lambda: sample_action(runner.sac.actor, runner.obs, action_key)[0],
         )
-        next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, runner.env_state, action, env_params)
+        next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, runner.env_state, to_env(action), env_params)
         # The model learns from the true next observation, never the post-reset one.
         transition = (runner.obs[None], action[None], reward[None], info["final_observation"][None], terminated[None])
         real = runner.real.add_batch(transition, jnp.ones(1, bool))
@@ -743,7 +750,7 @@ def make_train(args: Args):
             t, obs, state, total, running = carry
             action = jax.vmap(deterministic_action, (None, 0))(actor, obs)
             obs, state, reward, terminated, truncated, _ = jax.vmap(env.step, (0, 0, 0, None))(
-                jax.random.split(jax.random.fold_in(key, t), args.eval_episodes), state, action, env_params)
+                jax.random.split(jax.random.fold_in(key, t), args.eval_episodes), state, to_env(action), env_params)
             total = total + reward * running
             return t + 1, obs, state, total, running & ~(terminated | truncated)
 
@@ -849,8 +856,9 @@ def render_saved(path):
     """--render: one episode of the first seed's deterministic policy, written into the run dir."""
     args, _, state, _ = utils.load_saved(path, Args, make_train, seed_keys)
     actor = utils.first_seed(state.sac.actor)
-    env = envs.make(args.env_id, backend=args.backend)[0]
-    policy = lambda obs, carry, key: (deterministic_action(actor, obs), carry)
+    env, env_params = make_env(args)
+    to_env = utils.to_env_actions(env, env_params)
+    policy = lambda obs, carry, key: (to_env(deterministic_action(actor, obs)), carry)
     file, total = envs.render_episode(env, policy, None, jax.random.PRNGKey(args.seed), path)
     print(json.dumps({"render": str(file), "episode_return": total}))
 

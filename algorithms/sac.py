@@ -60,7 +60,7 @@ import envs
 class Args:
     # experiment
     env_id: str = "hopper"
-    """task: hopper, walker2d, halfcheetah, ant, humanoid, inverted_pendulum (presets), or any Brax task in envs.NAMES"""
+    """task: hopper, walker2d, halfcheetah, ant, humanoid, inverted_pendulum (presets), or any of envs.CONTINUOUS (pendulum: actions rescaled to its torque bounds)"""
     seed: int = 0
     """seed of the first run; vmapped seed i uses seed + i"""
     num_seeds: int = 1
@@ -132,16 +132,21 @@ PRESETS = {  # MBPO App. C / reference configuration (the tasks SAC is compared 
 DEFAULTS = dict(epoch_length=1000, init_steps=5000, total_timesteps=100_000)
 
 
+def make_env(args: Args):
+    """(env, params); `backend` picks the physics of the MuJoCo tasks (pendulum has one)."""
+    return envs.make(args.env_id, **({"backend": args.backend} if args.env_id in envs.MUJOCO_TASKS else {}))
+
+
 def resolve(args: Args) -> Args:
     """Fill `None` fields from the env's preset and check every argument (one-line errors)."""
     check = utils.check
     check(args.env_id in envs.NAMES, f"unknown env {args.env_id!r}; valid: {', '.join(envs.NAMES)}")
-    check(args.env_id in envs.MUJOCO_TASKS, f"SAC here needs a continuous-action Brax task, not {args.env_id}")
+    check(args.env_id in envs.CONTINUOUS, f"SAC here needs a continuous-action task, not {args.env_id}")
     check(args.backend in envs.BACKENDS, f"unknown backend {args.backend!r}; valid: {', '.join(envs.BACKENDS)}")
     preset = {**DEFAULTS, **PRESETS.get(args.env_id, {})}
     filled = {k: (preset[k] if v is None and k in preset else v) for k, v in dataclasses.asdict(args).items()}
     if filled["target_entropy"] is None:  # the usual SAC heuristic: -|A|
-        filled["target_entropy"] = -float(envs.make(args.env_id, backend=args.backend)[0].action_size)
+        filled["target_entropy"] = -float(make_env(args)[0].action_size)
     if filled["buffer_size"] is None:
         filled["buffer_size"] = filled["total_timesteps"]
     args = Args(**filled)
@@ -319,8 +324,10 @@ def make_train(args: Args):
       (unbatched), so the switch at `init_steps` is a real branch even under `vmap`.
     * `train(key) -> (state, metrics)`: the whole run as one pure function, `jax.vmap`-able.
     """
-    env, env_params = envs.make(args.env_id, backend=args.backend)
+    env, env_params = make_env(args)
     obs_size, action_size = env.obs_size, env.action_size
+    # Actions live in [-1, 1] (tanh policy, random phase, buffers, model); the env gets them on its own bounds.
+    to_env = utils.to_env_actions(env, env_params)
     num_chunks = args.total_timesteps // args.epoch_length
     optimizer = optax.adam(args.sac_lr)
 
@@ -348,7 +355,7 @@ def make_train(args: Args):
             lambda: sample_action(runner.sac.actor, runner.obs, action_key)[0],
         )
         next_obs, env_state, reward, terminated, truncated, info = env.step(
-            step_key, runner.env_state, action, env_params)
+            step_key, runner.env_state, to_env(action), env_params)
         # Store the true next observation and `terminated` alone (truncation is not an MDP end).
         buffer = runner.buffer.add((runner.obs, action, reward, info["final_observation"], terminated))
         done = terminated | truncated
@@ -391,7 +398,7 @@ def make_train(args: Args):
             t, obs, state, total, running = carry
             action = jax.vmap(deterministic_action, (None, 0))(actor, obs)
             obs, state, reward, terminated, truncated, _ = jax.vmap(env.step, (0, 0, 0, None))(
-                jax.random.split(jax.random.fold_in(key, t), args.eval_episodes), state, action, env_params)
+                jax.random.split(jax.random.fold_in(key, t), args.eval_episodes), state, to_env(action), env_params)
             total = total + reward * running
             return t + 1, obs, state, total, running & ~(terminated | truncated)
 
@@ -477,8 +484,9 @@ def render_saved(path):
     """--render: one episode of the first seed's deterministic policy, written into the run dir."""
     args, _, state, _ = utils.load_saved(path, Args, make_train, seed_keys)
     actor = utils.first_seed(state.sac.actor)
-    env = envs.make(args.env_id, backend=args.backend)[0]
-    policy = lambda obs, carry, key: (deterministic_action(actor, obs), carry)
+    env, env_params = make_env(args)
+    to_env = utils.to_env_actions(env, env_params)
+    policy = lambda obs, carry, key: (to_env(deterministic_action(actor, obs)), carry)
     file, total = envs.render_episode(env, policy, None, jax.random.PRNGKey(args.seed), path)
     print(json.dumps({"render": str(file), "episode_return": total}))
 

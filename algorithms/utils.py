@@ -63,6 +63,17 @@ class NonFiniteError(FloatingPointError):
     pass
 
 
+def to_env_actions(env, params):
+    """`f(action)`: a tanh policy's action in [-1, 1] mapped linearly onto the env's action bounds.
+    The identity (the same array, no arithmetic) where the bounds are [-1, 1], as on every MuJoCo
+    task; pendulum's torque bounds are [-2, 2]."""
+    space = env.action_space(params)
+    low, high = (np.broadcast_to(np.asarray(b, np.float32), (env.action_size,)) for b in (space.low, space.high))
+    if np.all(low == -1.0) and np.all(high == 1.0):
+        return lambda action: action
+    return lambda action: low + (action + 1.0) * (0.5 * (high - low))
+
+
 def assert_finite(metrics: dict, where: str):
     """Raise, naming the quantity, the seeds and `where`, if any metric is NaN or infinite."""
     for name, value in metrics.items():

@@ -17,9 +17,11 @@ does, so that its smoke run reads the programs its other runs compiled), and mea
   over seeds and per seed;
 * peak memory: the device's `peak_bytes_in_use` (GPU), or the process's peak RSS on CPU.
 The sizes below follow each paper's settings (hopper MBPO, halfcheetah PETS with the reference
-planner, ...) but shorten the runs (on an H200 SAC alone took 5 minutes at one seed: give `--budget` ~30 min); `--smoke`
-shrinks every network and loop and runs on Brax's `positional` pendulum (it checks this script,
-not the physics), so the CPU can run it in the test suite. SAC's and MBPO's smoke configs are the
+planner, ...) but shorten the runs (on an H200 SAC alone took 5 minutes at one seed: give
+`--budget` ~30 min). `--smoke` shrinks every network and loop and runs on gymnax's pendulum
+(TDML, which restarts the physics from snapshots, on Brax's `positional` inverted pendulum): it
+checks this script, not the physics, and a pendulum compiles in a third of the time (MBPO's
+tiny epoch: 7 s against 23 s), so the CPU can run it in the test suite. SAC's and MBPO's smoke configs are the
 ones tests/test_devices.py runs in one process and in two (it imports them from here).
 """
 
@@ -38,18 +40,18 @@ TDML_POLICY = str(ROOT / "benchmarks" / "results" / "tdml" / "sac_policy")
 CASES = {
     "sac": ("env step", "env_steps",
             dict(env_id="hopper", total_timesteps=3000, epoch_length=500, init_steps=500, updates_per_step=20),
-            dict(env_id="inverted_pendulum", backend="positional", total_timesteps=1000, buffer_size=1000,
+            dict(env_id="pendulum", total_timesteps=1000, buffer_size=1000,
                  epoch_length=250, init_steps=500, updates_per_step=2, sac_width=64, sac_batch_size=128)),
     "mbpo": ("env step", "env_steps",  # hopper at the paper's settings, in epochs of one model period (250 steps)
              dict(env_id="hopper", total_timesteps=1500, epoch_length=250, init_steps=250),
-             dict(env_id="inverted_pendulum", backend="positional", total_timesteps=750, epoch_length=250,
+             dict(env_id="pendulum", total_timesteps=750, epoch_length=250,
                   init_steps=250, model_train_freq=250, rollout_batch_size=500, ensemble_size=3, num_elites=2,
                   model_width=32, model_depth=2, model_weight_decay=(1e-5, 1e-5, 1e-5), sac_width=32,
                   updates_per_step=2, model_max_epochs=5, max_holdout=100, eval_episodes=2,
                   rollout_schedule=(0, 2, 1, 3))),
     "pets": ("env step", "env_steps",  # halfcheetah with the reference planner (400 / 40, P = 20, H = 30)
              dict(env_id="halfcheetah", num_trials=4, episode_length=100),
-             dict(env_id="inverted_pendulum", backend="positional", num_trials=4, episode_length=20, population=20, num_elites=4,
+             dict(env_id="pendulum", num_trials=4, episode_length=20, population=20, num_elites=4,
                   ensemble_size=2, num_particles=2, horizon=5, cem_iterations=2, model_width=32, model_depth=2,
                   model_weight_decay=(1e-5, 1e-5, 1e-5))),
     "dam": ("round", "env_steps",

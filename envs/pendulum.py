@@ -29,6 +29,13 @@ class Pendulum(gymnax_pendulum.Pendulum):
         self._params = with_overrides("pendulum", gymnax_pendulum.EnvParams(), param_overrides, lambda p: [
             (p.max_torque > 0 and p.max_speed > 0 and p.dt > 0, "max_torque, max_speed and dt must be positive")])
 
+    def reset_env(self, key, params):
+        """gymnax's reset, with the state's `last_u` and `time` strongly typed (float32, int32): gymnax
+        starts them as Python 0.0 and 0 (weak types) while a step returns strong ones, so a compiled
+        loop that carries the state would compile a second time at its second call."""
+        obs, state = super().reset_env(key, params)
+        return obs, state.replace(last_u=jnp.asarray(state.last_u, jnp.float32), time=jnp.asarray(state.time, jnp.int32))
+
     @property
     def default_params(self):
         return self._params

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent('''
     # The four runs compile two programs (4 devices, 1 device): the killed run and the resumed one
     # read them from the persistent cache (the tests' shared one, conftest.py) instead of compiling again.
     utils.enable_compilation_cache()
-    config = dict(env_id="inverted_pendulum", backend="positional", total_timesteps=1000, buffer_size=1000, epoch_length=250, init_steps=500,
+    config = dict(env_id="pendulum", total_timesteps=1000, buffer_size=1000, epoch_length=250, init_steps=500,
                   updates_per_step=2, sac_width=64, sac_batch_size=128, progress=False, num_seeds=4, run_dir=root)
     assert jax.device_count() == 4
     # The state is split: each device holds one seed's buffer.
@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_seeds_split_over_devices_match_one_device_and_resume_on_another_count(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=1200, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -146,7 +146,8 @@ def test_gpu_check_smoke_runs_every_algorithm(tmp_path):
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["algo"] for r in rows] == ["sac", "mbpo", "pets", "dam", "tdml"] and all(r["seeds"] == 2 for r in rows)
     for r in rows:
-        assert 0 < r["compile_s"] < r["total_s"] and 0 < r["steady_chunk_s"] < r["total_s"], r
+        # compile_s <= total_s: a pendulum run is mostly its compile (PETS': 11.2 s of 11.2 s, rounded)
+        assert 0 < r["compile_s"] <= r["total_s"] and 0 < r["steady_chunk_s"] < r["total_s"], r
         assert r["steady_per_s"] > 0 and r["peak_memory_gib"] > 0.1 and r["memory_of"] == "host peak RSS", r
     assert out.read_text().count("| 2 |") == 5
 

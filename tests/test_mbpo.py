@@ -20,8 +20,13 @@ from algorithms import mbpo, utils
 from helpers import as_cli
 
 ROOT = Path(__file__).resolve().parents[1]
+# The whole-loop runs step gymnax's pendulum: its epoch compiles in a third of the time of Brax's
+# inverted pendulum (7 s against 23 s, measured alone), and what they test (seeds, resume, files,
+# the CLI) does not depend on the physics. The model, rollout and termination tests and the
+# learning test use BRAX's inverted pendulum, which terminates.
+BRAX = dict(env_id="inverted_pendulum", backend="positional")
 TINY = dict(
-    env_id="inverted_pendulum", backend="positional", total_timesteps=1000, epoch_length=250, init_steps=250, model_train_freq=250,
+    env_id="pendulum", total_timesteps=1000, epoch_length=250, init_steps=250, model_train_freq=250,
     rollout_batch_size=1000, ensemble_size=3, num_elites=2, model_width=32, model_depth=2,
     model_weight_decay=(1e-5, 1e-5, 1e-5), sac_width=32, updates_per_step=2, model_max_epochs=5, max_holdout=100,
     eval_episodes=2, rollout_schedule=(0, 2, 1, 3), progress=False,
@@ -35,7 +40,7 @@ def tiny_args(**overrides):
 # --- the model ---------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _fitter(**overrides):
-    args = tiny_args(**overrides)
+    args = tiny_args(**BRAX, **overrides)
     trainer = mbpo.make_train(args)
     return args, trainer, jax.jit(trainer.fit_model)
 
@@ -175,7 +180,7 @@ def test_holdout_is_capped_and_fit_compiles_once_as_the_buffer_grows():
 # --- rollouts and batches ------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _runner():
-    args = tiny_args()
+    args = tiny_args(**BRAX)
     trainer = mbpo.make_train(args)
     runner = jax.jit(trainer.init)(jax.random.PRNGKey(0))
     # Real buffer: 500 non-terminal inverted-pendulum states (|angle| <= 0.2).
@@ -261,7 +266,7 @@ def test_run_writes_metrics_summary_and_checkpoint(reference):
     assert list(df["model/rollout_length"]) == [1, 1, 2, 3]
     assert df.loc[1:, "model/holdout_mse"].notna().all() and df["eval/return"].notna().all()
     summary = json.loads((run_dir.path / "summary.json").read_text())
-    assert summary["env_steps"] == 1000 and summary["backend"] == "positional"
+    assert summary["env_steps"] == 1000 and summary["env_id"] == "pendulum"
     assert (run_dir.path / "checkpoint.eqx").exists()
 
 
@@ -436,7 +441,7 @@ def test_nonfinite_predictions_end_rollouts_and_only_a_dead_branch_stops():
 def test_bad_arguments_fail_before_compiling():
     for overrides, message in [
         (dict(env_id="Hopper-v4"), "unknown env"),
-        (dict(env_id="IcyRoad"), "continuous-action Brax task"),
+        (dict(env_id="IcyRoad"), "continuous-action task"),
         (dict(num_elites=4), "--num-elites 4 > --ensemble-size 3"),
         (dict(real_ratio=1.5), "--real-ratio"),
         (dict(updates_per_step=0), "--updates-per-step must be positive"),
@@ -466,14 +471,14 @@ def test_cli_from_another_directory_and_evaluate_saved_policy(tmp_path):
         assert flag in help_text
     returns = mbpo.evaluate_saved(summary["run_dir"])
     assert returns.shape == (1,) and np.isfinite(returns).all()
-    mbpo.render_saved(summary["run_dir"])  # --render: Brax's HTML viewer of one episode
-    assert 'id="brax-viewer"' in (Path(summary["run_dir"]) / "episode.html").read_text()
+    mbpo.render_saved(summary["run_dir"])  # --render: pendulum's trajectory plot (Brax's viewer: test_sac.py)
+    assert (Path(summary["run_dir"]) / "episode.png").stat().st_size > 1000
 
 
 def test_mbpo_learns_inverted_pendulum(tmp_path):
     """A short run (4000 steps, small networks) must reach a clearly-better-than-random return
     (random actions balance for ~10-40 steps; measured here: 100-250 by 2500-4000 steps)."""
-    _, df = _run(tmp_path, total_timesteps=4000, rollout_batch_size=5000, model_width=64, sac_width=64,
+    _, df = _run(tmp_path, **BRAX, total_timesteps=4000, rollout_batch_size=5000, model_width=64, sac_width=64,
                  sac_batch_size=128, updates_per_step=10, model_max_epochs=20, max_holdout=500, eval_episodes=4,
                  rollout_schedule=(1, 15, 1, 1))
     first, last = df["eval/return"].iloc[0], df["eval/return"].iloc[-6:]

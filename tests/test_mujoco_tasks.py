@@ -84,18 +84,28 @@ def _any_contact(g, ctrl):
     return contact
 
 
-def one_step_errors(env, task, seed=0):
+def _shared_step(env, task):
+    """One step of the task's shared `run` (tests/probe.py): (final obs, reward, terminated)."""
+    horizon, params = probe.GYM_HORIZON[task], probe.params_of(env)
+    run, _ = probe.runner(env, horizon)
+
+    def step(states, action, key):
+        actions = jnp.zeros((CHUNK, horizon, env.action_size)).at[:, 0].set(action)
+        _, out = run(states, actions, probe.step_keys(key, horizon), 1, params)
+        return tuple(out[k][:, 0] for k in ("final_obs", "reward", "terminated"))
+
+    return step
+
+
+def one_step_errors(env, task, seed=0, step=None):
     qpos, qvel, warm, action, gym_obs, gym_reward, gym_term, contact = gym_transitions(task, NUM_TRANSITIONS, seed)
     # In chunks: one vmapped call over all 240 humanoid states never returned on this CPU (XLA sat
     # idle, a deadlock; 64 at a time took 1 s).
-    horizon, params = probe.GYM_HORIZON[task], probe.params_of(env)
-    run, _ = probe.runner(env, horizon)
+    step = step or _shared_step(env, task)
     chunks = []
     for i in range(0, len(qpos), CHUNK):
         states = probe.state_from(env, qpos[i:i + CHUNK], qvel[i:i + CHUNK], warm[i:i + CHUNK])
-        actions = jnp.zeros((CHUNK, horizon, env.action_size)).at[:, 0].set(action[i:i + CHUNK])
-        _, out = run(states, actions, probe.step_keys(jax.random.PRNGKey(i), horizon), 1, params)
-        chunks.append([np.asarray(out[k][:, 0]) for k in ("final_obs", "reward", "terminated")])
+        chunks.append([np.asarray(x) for x in step(states, action[i:i + CHUNK], jax.random.PRNGKey(i))])
     obs, reward, term = (np.concatenate([c[k] for c in chunks]) for k in range(3))
     scale = np.maximum(1.0, np.abs(gym_obs).max(-1))
     obs_err = np.abs(obs[:, : env.gym_obs_size] - gym_obs).max(-1) / scale
@@ -131,7 +141,17 @@ def test_brax_model_file_fails_the_gymnasium_oracle(monkeypatch):
     brax_xml = os.path.join(os.path.dirname(brax.__file__), "envs", "assets", "hopper.xml")
     monkeypatch.setitem(mujoco_tasks.SPECS, "hopper", mujoco_tasks.SPECS["hopper"]._replace(xml=brax_xml))
     env = mujoco_tasks.MujocoTask("hopper")
-    obs_err, *_ = one_step_errors(env, "hopper")
+    params = env.default_params
+    # Its own program (a new model is a new compile): one vmapped step, compiled without XLA's backend
+    # optimisation (tests/probe.py FAST_COMPILE), since it runs once on NUM_TRANSITIONS states.
+    one = jax.jit(jax.vmap(lambda state, action, key: env.step(key, state, action, params)),
+                  compiler_options=probe.FAST_COMPILE)
+
+    def step(states, action, key):
+        _, _, reward, terminated, _, info = one(states, action, jax.random.split(key, CHUNK))
+        return info["final_observation"], reward, terminated
+
+    obs_err, *_ = one_step_errors(env, "hopper", step=step)
     assert obs_err.max() > 100 * TOL
 
 

@@ -43,3 +43,20 @@ def test_overrides_and_bad_parameters():
         envs.make("pendulum", backend="positional")
     with pytest.raises(ValueError, match="max_torque"):
         envs.make("pendulum", max_torque=0.0)
+
+
+def test_a_reset_state_and_a_stepped_state_have_the_same_types():
+    """A compiled loop that carries the state (an algorithm's epoch) is traced once: the state
+    from `reset` has the types of the state from `step` (gymnax's own reset gives weak types)."""
+    env, params = envs.make("pendulum")
+    traces = []
+
+    @jax.jit
+    def step(state, key):
+        traces.append(1)
+        return env.step(key, state, jnp.ones(1), params)[1]
+
+    _, state = env.reset(jax.random.PRNGKey(0), params)
+    for key in jax.random.split(jax.random.PRNGKey(1), 3):
+        state = step(state, key)
+    assert len(traces) == 1

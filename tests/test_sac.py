@@ -178,6 +178,26 @@ def test_buffer_stores_true_next_obs_and_termination_only():
     assert terminated[5:-1].sum() == ends[5:-1].sum() > 3  # every later episode ended by falling
 
 
+def test_pendulum_gets_the_policys_actions_on_its_torque_bounds():
+    """Actions live in [-1, 1] (tanh policy, random phase, buffer); pendulum's torque bounds are
+    [-2, 2], so the env must get them rescaled: the reward it returned for each stored transition is
+    the task's reward of twice the stored action (the torque cost 0.001 u^2 tells 2a from a)."""
+    args = sac.resolve(sac.Args(**{**SHORT, "env_id": "pendulum"}))
+    trainer = sac.make_train(args)
+    state = jax.jit(jax.vmap(trainer.init))(sac.seed_keys(args))
+    state, _ = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)))(state, jnp.int32(0))  # random actions
+    buf = jax.tree.map(lambda x: np.asarray(x[0]), state.buffer)
+    n = args.epoch_length
+    obs, action, reward, next_obs = buf.obs[:n], buf.action[:n], buf.reward[:n], buf.next_obs[:n]
+    assert np.abs(action).max() <= 1.0 and np.abs(action).max() > 0.95
+    env, _ = envs.make("pendulum")
+    np.testing.assert_allclose(reward, env.reward_fn(obs, 2.0 * action, next_obs), rtol=1e-6, atol=1e-6)
+    assert np.abs(reward - np.asarray(env.reward_fn(obs, action, next_obs))).max() > 1e-3
+    identity = utils.to_env_actions(*envs.make("hopper"))  # the MuJoCo tasks' bounds are [-1, 1]: no arithmetic
+    a = jnp.array([0.3, -1.0, 1.0])
+    assert identity(a) is a
+
+
 def test_buffer_ring_keeps_the_latest():
     buf = sac.Buffer.empty(3, 2, 1)
     for i in range(5):
@@ -218,7 +238,7 @@ def test_resume_after_kill_is_exact(seed1, tmp_path, monkeypatch):
 def test_bad_arguments_fail_before_compiling(tmp_path, capsys):
     cases = [
         (dict(env_id="nope"), "unknown env 'nope'"),
-        (dict(env_id="IcyRoad"), "continuous-action Brax task"),
+        (dict(env_id="IcyRoad"), "continuous-action task"),
         (dict(updates_per_step=0), "--updates-per-step must be positive"),
         (dict(sac_batch_size=5000), "larger than the replay buffer"),
         (dict(buffer_size=100), "larger than the replay buffer"),
