@@ -123,16 +123,16 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 # Seconds per group (sums of setup + call, two workers), to queue the longest first: the cold run
-# of 06848c5 (tests/README.md). Groups not listed queue after these, in file order.
+# of be264b8 (tests/README.md). Groups not listed queue after these, in file order.
 GROUP_SECONDS = {
-    "test_mbpo": 600, "test_devices": 530, "test_host": 30, "test_tdml": 259, "test_dam": 253,
-    "pusher/gymnasium": 225, "humanoid/gymnasium": 189, "test_pets": 178, "test_sac": 170, "ant/gymnasium": 157,
-    "walker2d/gymnasium": 146, "hopper/gymnasium": 108, "halfcheetah/gymnasium": 96, "reacher/gymnasium": 63,
-    "test_mujoco_tasks": 62, "inverted_double_pendulum/gymnasium": 56, "hopper/mjx": 54,
-    "inverted_pendulum/gymnasium": 51, "test_brax_tasks": 49, "humanoid/positional": 46, "pusher/positional": 46,
-    "hopper/positional": 39, "halfcheetah/positional": 39, "walker2d/positional": 37, "ant/positional": 32,
-    "reacher/positional": 26, "inverted_double_pendulum/positional": 24, "inverted_pendulum/positional": 21,
-    "test_dam_envs": 18,
+    "test_mbpo": 319, "test_tdml": 298, "test_dam": 282, "test_devices": 264, "test_sac": 213, "test_pets": 203,
+    "humanoid/gymnasium": 118, "hopper/gymnasium": 93, "ant/gymnasium": 82, "walker2d/gymnasium": 76,
+    "pusher/gymnasium": 75, "halfcheetah/gymnasium": 55, "test_mujoco_tasks": 52, "test_brax_tasks": 51,
+    "inverted_double_pendulum/gymnasium": 43, "reacher/gymnasium": 43, "hopper/mjx": 41, "pusher/positional": 38,
+    "inverted_pendulum/gymnasium": 38, "humanoid/positional": 35, "hopper/positional": 29, "test_host": 29,
+    "halfcheetah/positional": 24, "walker2d/positional": 23, "ant/positional": 19,
+    "inverted_double_pendulum/positional": 16, "reacher/positional": 16, "inverted_pendulum/positional": 14,
+    "test_dam_envs": 12,
 }
 
 
