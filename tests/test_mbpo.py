@@ -270,6 +270,19 @@ def test_run_writes_metrics_summary_and_checkpoint(reference):
     assert (run_dir.path / "checkpoint.eqx").exists()
 
 
+def test_pendulum_gets_the_policys_actions_on_its_torque_bounds(reference):
+    """The reference run's real buffer (from its checkpoint): actions stored in [-1, 1], and the
+    reward the env returned is pendulum's reward of twice the stored action (torque bounds [-2, 2])."""
+    _, _, state, _ = utils.load_saved(str(reference[0].path), mbpo.Args, mbpo.make_train, mbpo.seed_keys)
+    real = jax.tree.map(lambda x: np.asarray(x[0]), state.real)
+    n = int(real.size)
+    obs, action, reward, next_obs = real.obs[:n], real.action[:n], real.reward[:n], real.next_obs[:n]
+    assert n == 1000 and np.abs(action).max() <= 1.0 and np.abs(action).max() > 0.95
+    env, _ = mbpo.envs.make("pendulum")
+    np.testing.assert_allclose(reward, env.reward_fn(obs, 2.0 * action, next_obs), rtol=1e-5, atol=1e-5)  # as test_pendulum_env.py
+    assert np.abs(reward - np.asarray(env.reward_fn(obs, action, next_obs))).max() > 1e-3
+
+
 def test_same_seed_gives_identical_metrics(reference, tmp_path):
     _, df = _run(tmp_path)
     pd.testing.assert_frame_equal(df.drop(columns="charts/steps_per_second"),
