@@ -130,6 +130,7 @@ ARCHS = {  # App. C, Table 1
     "slbo": dict(model_layers=(500, 500), model_batch_size=256, model_l2=1e-5, weight_norm=False),
 }
 LOSSES = ("one-step", "tdml")
+SNAPSHOT_TASKS = ("pendulum", *envs.MUJOCO_TASKS)  # envs whose states are stored and restored exactly
 CRITIC_TARGETS = ("online", "target", "algorithm1")
 CRITIC_OUTPUTS = ("clamp", "softplus", "linear")
 POLICY_WIDTH, POLICY_DEPTH = 256, 2  # sac.py's default actor, the shape of a --random-policy one
@@ -141,7 +142,7 @@ POLICY_WIDTH, POLICY_DEPTH = 256, 2  # sac.py's default actor, the shape of a --
 class Args:
     # experiment
     env_id: str = "walker2d"
-    """Brax task: walker2d (the paper's), hopper; any Brax task in envs.NAMES works"""
+    """a task with snapshots: walker2d (the paper's), hopper, any MuJoCo task on any backend, or pendulum"""
     seed: int = 0
     """seed of the first run (model and critic init, minibatches); vmapped seed i uses seed + i"""
     num_seeds: int = 1
@@ -254,7 +255,7 @@ def resolve(args: Args) -> Args:
     """Fill `None` fields from --arch and --policy-run and check every argument (one-line errors)."""
     check = utils.check
     check(args.env_id in envs.NAMES, f"unknown env {args.env_id!r}; valid: {', '.join(envs.NAMES)}")
-    check(args.env_id in envs.MUJOCO_TASKS, f"TDML needs a Brax task (snapshots of the physics), not {args.env_id}")
+    check(args.env_id in SNAPSHOT_TASKS, f"TDML needs a task with snapshots (a MuJoCo task or pendulum), not {args.env_id}")
     check(args.backend in envs.BACKENDS, f"unknown backend {args.backend!r}; valid: {', '.join(envs.BACKENDS)}")
     check(args.arch in ARCHS, f"unknown --arch {args.arch!r}; valid: {', '.join(ARCHS)}")
     check(args.loss in LOSSES, f"unknown --loss {args.loss!r}; valid: {', '.join(LOSSES)}")
@@ -323,13 +324,21 @@ class System(NamedTuple):
     policy: callable  # (policy_params, observation) -> action: the deterministic pi
 
 
-def brax_system(env) -> System:
+def make_env(args: Args):
+    """(env, params); `backend` picks the physics of the MuJoCo tasks (pendulum has one)."""
+    return envs.make(args.env_id, **({"backend": args.backend} if args.env_id in envs.MUJOCO_TASKS else {}))
+
+
+def env_system(env) -> System:
+    """An env of `envs` with snapshots (the MuJoCo tasks, pendulum) as the real system. The policy
+    acts in [-1, 1], mapped onto the env's action bounds as SAC's policy is (`to_env_actions`)."""
     params = env.default_params
+    to_env = utils.to_env_actions(env, params)
     return System(
         obs_size=env.obs_size, action_size=env.action_size,
         reset=lambda key: env.reset_env(key, params)[1],
-        step=lambda state, action: env.step_env(jax.random.PRNGKey(0), state, action, params)[1],
-        observe=lambda state: state.obs,
+        step=lambda state, action: env.step_env(jax.random.PRNGKey(0), state, to_env(action), params)[1],
+        observe=lambda state: env.get_obs(state, params),
         snapshot=env.snapshot, restore=env.restore,
         policy=lambda actor, obs: actor(obs),
     )
@@ -468,7 +477,7 @@ def make_train(args: Args, system: System | None = None):
     * `train(key, data, policy) -> (state, metrics)`: the whole run as one pure function.
     """
     if system is None:
-        system = brax_system(envs.make(args.env_id, backend=args.backend)[0])
+        system = env_system(make_env(args)[0])
     obs_size, action_size = system.obs_size, system.action_size
     H, N = args.trajectory_length, args.num_trajectories
     num_chunks = args.total_steps // args.eval_every
@@ -769,7 +778,7 @@ def load_policy(args, system):
 def data_stats(env, data):
     """How good pi is on the data set: return until the first fall (as SAC's eval/return), and
     the share of trajectories that fell by the task's rule."""
-    obs, action = data.obs, data.action
+    obs, action = data.obs, utils.to_env_actions(env, env.default_params)(data.action)
     reward = env.reward_fn(obs[:-1], action, obs[1:])
     fell = env.termination_fn(obs[:-1], action, obs[1:])
     alive = (jnp.cumsum(fell, 0) - fell) == 0  # no fall before this transition
@@ -780,8 +789,8 @@ def data_stats(env, data):
 
 def _setup(args, run_dir, fresh):
     """Trainer, policy and data set of a run (the policy copied into / read from the run dir)."""
-    env, _ = envs.make(args.env_id, backend=args.backend)
-    trainer = make_train(args, brax_system(env))
+    env, _ = make_env(args)
+    trainer = make_train(args, env_system(env))
     policy_file = run_dir.path / "policy.eqx"
     if fresh:
         policy = load_policy(args, trainer.system)

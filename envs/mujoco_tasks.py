@@ -323,14 +323,23 @@ class MujocoTask(PhysicsTask):
                                 self._features(data, before_x, after_x)]).astype(jnp.float32)
 
     def state_from(self, qpos, qvel, qacc_warmstart=None, time=0):
-        """The state at (qpos, qvel) after MuJoCo's forward pass (Gymnasium's `set_state`)."""
+        """The state at (qpos, qvel), as Gymnasium's `set_state` leaves it for what is read from it.
+
+        Gymnasium runs MuJoCo's whole forward pass there; we run its kinematics only (body, geom
+        and site poses), which is all that an observation, `x` or a render reads, and `mjx.step`
+        begins with its own forward pass from (qpos, qvel, ctrl, qacc_warmstart), so the next step
+        is the same: measured bit for bit on hopper over 30 vmapped steps. Why: the auto-reset
+        inside `step` is a select under `vmap`, computed at every step, and a forward pass is
+        most of a step; a reset compiles in 4.0 s instead of 11.4 s (hopper, this CPU). The one
+        observation entry beyond kinematics, inverted_double_pendulum's qfrc_constraint, is zero
+        after any reset in Gymnasium too (v5 drops it as always zero)."""
         data = mjx.make_data(self.model)
         data = data.replace(qpos=jnp.asarray(qpos, data.qpos.dtype), qvel=jnp.asarray(qvel, data.qvel.dtype))
         if qacc_warmstart is not None:
             data = data.replace(qacc_warmstart=jnp.asarray(qacc_warmstart, data.qacc_warmstart.dtype))
-        # MJX's forward pass writes back free joints' quaternions normalised; MuJoCo's does not, so
+        # MJX's kinematics writes back free joints' quaternions normalised; MuJoCo's does not, so
         # Gymnasium's first observation holds the noisy, unnormalised one (its step normalises it).
-        data = mjx.forward(self.model, data).replace(qpos=data.qpos)
+        data = mjx.kinematics(self.model, data).replace(qpos=data.qpos)
         x = self._x(data)
         return EnvState(data=data, obs=self._observe(data, x, x), x=x, time=jnp.int32(time))
 

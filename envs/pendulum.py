@@ -9,9 +9,11 @@ Observation (cos theta, sin theta, theta_dot); theta = 0 is upright. Reward of a
 state before it: -(theta^2 + 0.1 theta_dot^2 + 0.001 u^2), theta wrapped to [-pi, pi], u the
 clipped torque; so `reward_fn(obs, action, next_obs)` uses obs and action only (theta =
 atan2(sin, cos)). Dynamics, reset and spaces are gymnax's; this class adds the registry's
-keyword overrides, `obs_size`/`action_size`, the task functions and a trajectory plot.
+keyword overrides, `obs_size`/`action_size`, the task functions, snapshots (`snapshot(state)` /
+`restore(v)`: the state as a flat vector [theta, theta_dot, last_u, time]) and a trajectory plot.
 """
 
+import jax
 import jax.numpy as jnp
 from gymnax.environments.classic_control import pendulum as gymnax_pendulum
 
@@ -35,6 +37,17 @@ class Pendulum(gymnax_pendulum.Pendulum):
         loop that carries the state would compile a second time at its second call."""
         obs, state = super().reset_env(key, params)
         return obs, state.replace(last_u=jnp.asarray(state.last_u, jnp.float32), time=jnp.asarray(state.time, jnp.int32))
+
+    snapshot_size = 4
+
+    def snapshot(self, state) -> jax.Array:
+        """The whole state as a flat float32 vector [theta, theta_dot, last_u, time]."""
+        return jnp.stack([state.theta, state.theta_dot, state.last_u, state.time]).astype(jnp.float32)
+
+    def restore(self, snapshot: jax.Array):
+        """Inverse of `snapshot`: a state that steps exactly like the stored one."""
+        return gymnax_pendulum.EnvState(theta=snapshot[0], theta_dot=snapshot[1], last_u=snapshot[2],
+                                        time=snapshot[3].astype(jnp.int32))
 
     @property
     def default_params(self):

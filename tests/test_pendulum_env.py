@@ -60,3 +60,29 @@ def test_a_reset_state_and_a_stepped_state_have_the_same_types():
     for key in jax.random.split(jax.random.PRNGKey(1), 3):
         state = step(state, key)
     assert len(traces) == 1
+
+
+def test_a_restored_snapshot_steps_and_truncates_like_the_stored_state():
+    """restore(snapshot(s)) is s: from states along a random-action episode, the restored copy
+    gives the same observations, rewards and truncation step over the following steps (the time
+    limit reads `time`, the render reads `last_u`)."""
+    env, params = envs.make("pendulum", max_steps_in_episode=30)
+    assert env.snapshot_size == 4
+
+    @jax.jit
+    def follow(state, key):
+        def step(state, key):
+            _, state, reward, _, truncated, info = env.step(key, state, jnp.ones(1), params)
+            return state, (info["final_observation"], reward, truncated)
+
+        return jax.lax.scan(step, state, jax.random.split(key, 12))[1]
+
+    _, state = env.reset(jax.random.PRNGKey(0), params)
+    for t, key in enumerate(jax.random.split(jax.random.PRNGKey(1), 25)):
+        state = env.step(key, state, jax.random.uniform(key, (1,), minval=-2, maxval=2), params)[1]
+        if t in (3, 19, 24):
+            restored = env.restore(env.snapshot(state))
+            assert jax.tree.map(lambda x: x.dtype, restored) == jax.tree.map(lambda x: jnp.asarray(x).dtype, state)
+            for a, b in zip(follow(state, key), follow(restored, key)):
+                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(restored.last_u, state.last_u)

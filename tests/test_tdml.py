@@ -1,10 +1,11 @@
 """TDML: the TD critic against the closed-form TDML of a linear system, the true-TDML metric
-against plain loops (linear system and hopper), Eq. 8 / Eq. 9 by hand, clipping, the policy
-loaded from a SAC run, and the compiled loop end to end on a tiny hopper buffer (one-step and
+against plain loops (linear system and pendulum), Eq. 8 / Eq. 9 by hand, clipping, the policy
+loaded from a SAC run, and the compiled loop end to end on a tiny pendulum buffer (one-step and
 tdml, vmapped seeds, resume, CLI).
 
-The linear system needs no Brax: `make_train` takes any `tdml.System`. The hopper runs share one
-data set and one evaluation program (the only Brax compiles); their chunks are MLP-only."""
+`make_train` takes any `tdml.System`: the linear system, or an env with snapshots
+(`tdml.env_system`). The runs step gymnax's pendulum, whose programs compile in seconds; TDML on a
+MuJoCo task runs in the GPU check's smoke case (tests/test_devices.py)."""
 
 import dataclasses
 import functools
@@ -27,7 +28,7 @@ from helpers import as_cli
 from test_sac import SHORT as SAC_SHORT
 
 SCRIPT = Path(tdml.__file__).resolve()
-TINY = dict(env_id="hopper", backend="positional", random_policy=True, num_trajectories=8, trajectory_length=40, total_steps=60,
+TINY = dict(env_id="pendulum", random_policy=True, num_trajectories=8, trajectory_length=40, total_steps=60,
             eval_every=20, model_layers=(32, 32), model_batch_size=32, critic_layers=(32, 32), critic_batch_size=64,
             eval_starts=4, eval_horizon=30, n_step_batch=16, progress=False)
 TIMING = ["charts/steps_per_second"]
@@ -391,27 +392,27 @@ def test_architectures_of_table_1():
             args.tau_critic, args.model_lr, args.clip) == (2e-4, 2048, 10, 5, 0.005, 1.0, 1e-3, 1e6)
 
 
-# --- hopper: the data set, the metric against the real physics ------------------------------------
+# --- pendulum: the data set, the metric against the real physics ----------------------------------
 @functools.lru_cache(maxsize=None)
-def hopper():
+def pendulum():
     args = tiny_args()
-    env, _ = envs.make("hopper", backend=args.backend)
-    trainer = tdml.make_train(args, tdml.brax_system(env))
+    env, _ = envs.make("pendulum")
+    trainer = tdml.make_train(args, tdml.env_system(env))
     policy = tdml.load_policy(args, trainer.system)
     data = jax.jit(trainer.make_data)(policy, jax.random.PRNGKey(args.data_seed))
     return args, env, trainer, policy, data
 
 
 def test_buffer_snapshots_restart_the_real_env_and_true_tdml_matches_a_python_loop():
-    args, env, trainer, policy, data = hopper()
+    args, env, trainer, policy, data = pendulum()
     H, N = args.trajectory_length, args.num_trajectories
     assert data.obs.shape == (H + 1, N, env.obs_size) and data.snapshot.shape == (H + 1, N, env.snapshot_size)
-    step = jax.jit(trainer.system.step)
+    step, observe = jax.jit(trainer.system.step), trainer.system.observe
     pi = jax.jit(lambda actor, obs: actor(obs))
-    # Stored transitions are f's: restoring s_t and stepping with a_t gives s_{t+1} (also past falls).
+    # Stored transitions are f's: restoring s_t and stepping with a_t gives s_{t+1}.
     for t, j in [(0, 0), (17, 3), (H - 1, N - 1)]:
         state = step(env.restore(data.snapshot[t, j]), data.action[t, j])
-        np.testing.assert_allclose(state.obs, data.obs[t + 1, j], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(observe(state), data.obs[t + 1, j], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(pi(policy, data.obs[t, j]), data.action[t, j], atol=1e-6)
 
     model = jax.jit(trainer.init)(jax.random.PRNGKey(0)).model
@@ -421,42 +422,54 @@ def test_buffer_snapshots_restart_the_real_env_and_true_tdml_matches_a_python_lo
     totals = []
     for b in range(args.eval_starts):
         state = env.restore(batch.start_snapshot[b])
-        s_hat, total = state.obs, 0.0
+        s_hat, total = observe(state), 0.0
         for n in range(1, args.eval_horizon + 1):
-            state = step(state, pi(policy, state.obs))
+            state = step(state, pi(policy, observe(state)))
             s_hat = predict(s_hat)
-            np.testing.assert_allclose(batch.real_obs[n, b], state.obs, rtol=1e-3, atol=1e-3)
-            total += args.gamma**n * float(jnp.sum((state.obs - s_hat) ** 2))
+            np.testing.assert_allclose(batch.real_obs[n, b], observe(state), rtol=1e-3, atol=1e-3)
+            total += args.gamma**n * float(jnp.sum((observe(state) - s_hat) ** 2))
         totals.append(total)
     np.testing.assert_allclose(metrics["eval/true_tdml"], np.mean(totals), rtol=1e-3)
     assert np.isfinite(metrics["eval/true_tdml"]) and metrics["eval/true_tdml"] > 0
 
 
+SAC_PENDULUM = dict(env_id="pendulum", total_timesteps=500, buffer_size=500, epoch_length=250, init_steps=250,
+                    updates_per_step=1, sac_width=64, sac_batch_size=32, progress=False)
+
+
 def test_policy_is_loaded_from_a_sac_run(tmp_path):
-    """A real sac.py run (test_sac's SHORT config, 2 seeds: the epoch program test_sac compiles):
-    tdml.py, which does not import sac.py, reads the actor of --policy-index from actor.eqx, and
-    it is sac.py's own actor from the full checkpoint, acting as sac.py's deterministic policy."""
-    sac_dir, _ = sac.run(sac.Args(**{**SAC_SHORT, "num_seeds": 2, "run_dir": str(tmp_path), "run_name": "sac"}))
-    args = tdml.resolve(tdml.Args(env_id="inverted_pendulum", backend="positional", policy_run=str(sac_dir.path), policy_index=1))
+    """A real sac.py run (pendulum, 2 seeds, one learning epoch): tdml.py, which does not import
+    sac.py, reads the actor of --policy-index from actor.eqx, and it is sac.py's own actor from the
+    full checkpoint, acting as sac.py's deterministic policy, on pendulum's torque bounds as sac.py
+    acts on them."""
+    sac_dir, _ = sac.run(sac.Args(**{**SAC_PENDULUM, "num_seeds": 2, "run_dir": str(tmp_path), "run_name": "sac"}))
+    args = tdml.resolve(tdml.Args(env_id="pendulum", policy_run=str(sac_dir.path), policy_index=1))
     assert (args.policy_width, args.policy_depth) == (64, 2)
-    env, _ = envs.make("inverted_pendulum", backend="positional")
-    policy = tdml.load_policy(args, tdml.brax_system(env))
+    env, _ = envs.make("pendulum")
+    system = tdml.env_system(env)
+    policy = tdml.load_policy(args, system)
     sac_args = sac_dir.load_args(sac.Args)
     state, _ = sac_dir.load_checkpoint(jax.eval_shape(jax.vmap(sac.make_train(sac_args).init), sac.seed_keys(sac_args)))
     actor = jax.tree.map(lambda x: x[1], state.sac.actor)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(actor)))
     obs = jax.random.normal(jax.random.PRNGKey(0), (5, env.obs_size))
-    np.testing.assert_array_equal(jax.vmap(policy)(obs), jax.vmap(sac.deterministic_action, (None, 0))(actor, obs))
-    for overrides, message in [(dict(env_id="hopper"), "is a inverted_pendulum policy, not hopper"),
+    actions = jax.vmap(policy)(obs)
+    np.testing.assert_array_equal(actions, jax.vmap(sac.deterministic_action, (None, 0))(actor, obs))
+    # The real system steps with the torque sac.py would apply: 2 a on bounds [-2, 2].
+    start = env.reset_env(jax.random.PRNGKey(1), env.default_params)[1]
+    stepped = jax.vmap(lambda a: system.observe(system.step(start, a)))(actions)
+    torque = jax.vmap(lambda a: env.get_obs(env.step_env(jax.random.PRNGKey(0), start, 2.0 * a, env.default_params)[1]))(actions)
+    np.testing.assert_allclose(stepped, torque, rtol=1e-6, atol=1e-6)
+    for overrides, message in [(dict(env_id="hopper"), "is a pendulum policy, not hopper"),
                                (dict(policy_index=2), "out of range: the SAC run has 2 seeds"),
                                (dict(policy_width=32), "differs from the SAC run's 64"),
                                (dict(policy_run=str(tmp_path / "nope")), "no SAC run with a saved actor"),
                                (dict(random_policy=True), "exactly one of --policy-run")]:
         with pytest.raises(SystemExit, match=message):
-            tdml.resolve(tdml.Args(**{"env_id": "inverted_pendulum", "policy_run": str(sac_dir.path), **overrides}))
+            tdml.resolve(tdml.Args(**{"env_id": "pendulum", "policy_run": str(sac_dir.path), **overrides}))
 
 
-# --- the whole loop on hopper ---------------------------------------------------------------------
+# --- the whole loop on pendulum -------------------------------------------------------------------
 def _run(root, **overrides):
     run_dir, _ = tdml.run(tdml.Args(**{**TINY, "run_dir": str(root), **overrides}))
     return run_dir.path, pd.read_csv(run_dir.path / "metrics.csv").drop(columns=TIMING)
@@ -487,7 +500,7 @@ def test_tdml_run_writes_metrics_summary_and_checkpoint(reference):
                    "eval/open_loop_n_step", "eval/closed_loop_n_step", "eval/one_step"]:
         assert np.isfinite(df[column]).all(), column
     summary = json.loads((path / "summary.json").read_text())
-    assert summary["steps"] == 60 and summary["backend"] == "positional" and summary["loss"] == "tdml"
+    assert summary["steps"] == 60 and summary["env_id"] == "pendulum" and summary["loss"] == "tdml"
     assert summary["policy"] == "random (untrained)" and summary["data/transitions"] == 8 * 40
     assert (path / "checkpoint.eqx").exists() and (path / "policy.eqx").exists()
 
@@ -537,7 +550,7 @@ def test_killed_run_resumes_to_identical_results(reference, tmp_path, monkeypatc
 def test_bad_arguments_fail_before_compiling(tmp_path, capsys):
     for overrides, message in [
         (dict(env_id="Hopper-v4"), "unknown env"),
-        (dict(env_id="IcyRoad"), "needs a Brax task"),
+        (dict(env_id="IcyRoad"), "needs a task with snapshots"),
         (dict(arch="mlp"), "unknown --arch 'mlp'"),
         (dict(loss="two-step"), "unknown --loss"),
         (dict(random_policy=False), "exactly one of --policy-run"),
