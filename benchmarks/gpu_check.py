@@ -51,13 +51,15 @@ CASES = {
                   rollout_schedule=(0, 2, 1, 3))),
     "pets": ("env step", "env_steps",  # halfcheetah with the reference planner (400 / 40, P = 20, H = 30)
              dict(env_id="halfcheetah", num_trials=4, episode_length=100),
+             # the smoke case runs PETS' other paths (tests/test_pets.py's CLI run is this config)
              dict(env_id="pendulum", num_trials=4, episode_length=20, population=20, num_elites=4,
                   ensemble_size=2, num_particles=2, horizon=5, cem_iterations=2, model_width=32, model_depth=2,
-                  model_weight_decay=(1e-5, 1e-5, 1e-5))),
+                  model_weight_decay=(1e-5, 1e-5, 1e-5), propagation="ts1", optimizer="random", learn_reward=True)),
     "dam": ("round", "env_steps",
             dict(env_id="Intersection", rounds=4),
-            dict(env_id="IcyRoad", rounds=4, init_episodes=2, eval_episodes=2, num_sequences=16, num_particles=2,
-                 horizon=5, model_width=32, model_train_steps=20, disc_width=32, disc_train_steps=20)),
+            # tests/test_dam.py's TINY: its reference run is this case's program
+            dict(env_id="IcyRoad", rounds=2, init_episodes=4, num_sequences=32, num_particles=2, model_width=32,
+                 disc_width=32, model_train_steps=100, disc_train_steps=100, model_batch_size=64, disc_batch_size=64)),
     "tdml": ("model step", "steps",  # hopper, Figure 2's slbo model, the committed SAC data policy
              dict(env_id="hopper", policy_run=TDML_POLICY, arch="slbo", num_trajectories=20, total_steps=2000,
                   eval_every=250, eval_starts=4, eval_horizon=200),

@@ -47,15 +47,21 @@ if os.environ.get("MBRL_TEST_WORKERS_PERSIST"):
     jax.config.update("jax_compilation_cache_dir", os.environ["MBRL_JAX_CACHE"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 else:
-    import tempfile
-
     from jax._src import compiler
 
-    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="mbrl-jax-unused-"))  # enables the keys
+    # Read-only, the subprocesses' cache: a program a CLI run already compiled (test_sac.py's one-seed
+    # run, test_tdml.py's) is read from its file instead of compiled again in the worker.
+    jax.config.update("jax_compilation_cache_dir", os.environ["MBRL_TEST_SUBPROCESS_CACHE"])
+    _disk_read = compiler._cache_read
 
     def _read(module_name, cache_key, compile_options, backend, executable_devices):
         executable = _EXECUTABLES.get(cache_key)
-        if executable is not None:
+        if executable is None:
+            executable, _ = _disk_read(module_name, cache_key, compile_options, backend, executable_devices)
+            if executable is not None:
+                _EXECUTABLES[cache_key] = executable
+                _log_compile(module_name, cache_key, -1.0)
+        else:
             _log_compile(module_name, cache_key, None)
         return (executable, 0) if executable is not None else (None, None)
 
@@ -68,7 +74,8 @@ else:
 
 
 _EXECUTABLES = {}
-# MBRL_TEST_COMPILE_LOG=<dir>: one JSON line per compile (seconds) or in-memory hit (null) of the
+# MBRL_TEST_COMPILE_LOG=<dir>: one JSON line per compile (seconds), in-memory hit (null) or read of the
+# subprocesses' cache (-1) of the
 # test processes, with the test and the program's cache key, to find what is compiled twice.
 _COMPILE_LOG = os.environ.get("MBRL_TEST_COMPILE_LOG")
 

@@ -6,6 +6,7 @@ import itertools
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -16,11 +17,16 @@ import pytest
 
 from algorithms import dam, utils
 from envs.icy_road import EnvState as IcyState
+from helpers import as_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(env_id="IcyRoad", rounds=2, init_episodes=4, num_sequences=32, num_particles=2, model_width=32,
-            disc_width=32, model_train_steps=100, disc_train_steps=100, model_batch_size=64, disc_batch_size=64,
-            progress=False)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gpu_check import CASES  # noqa: E402
+
+# The GPU check's DAM smoke case (IcyRoad, rounds 2, 4 random episodes, K = 32, P = 2, 32-wide nets,
+# 100 SGD steps): the reference run below, with its 2 seeds, is that case's program, compiled once
+# for both (the tests' shared cache).
+TINY = {**CASES["dam"][3], "progress": False}
 
 
 def tiny_args(**overrides):
@@ -198,14 +204,29 @@ def test_true_model_planner_reaches_icy_roads_optimum():
     assert np.all(np.asarray(returns) > 9.0) and float(np.mean(returns)) > 9.5, returns
 
 
-def test_short_runs_stay_finite_on_intersection_for_every_seed(tmp_path):
-    """One round of the tiny config on Intersection, seeds 0-3, the corrected method (the
-    normalizer bug made planner values reach 1e21-1e32 and NaN here)."""
-    run_dir, df = _run(tmp_path, env_id="Intersection", method="dam", model="mdn", rounds=1, num_seeds=4, horizon=5,
-                       eval_episodes=2)
-    summary = json.loads((run_dir.path / "summary.json").read_text())
+INTERSECTION = dict(env_id="Intersection", method="dam", model="mdn", rounds=1, num_seeds=4, horizon=5, eval_episodes=2)
+
+
+@pytest.fixture(scope="module")
+def intersection_cli(tmp_path_factory):
+    """One round of the tiny config on Intersection, seeds 0-3, the corrected method, through the
+    command line from another directory: (summary, metrics)."""
+    root = tmp_path_factory.mktemp("intersection")
+    done = subprocess.run([sys.executable, str(ROOT / "algorithms" / "dam.py"),
+                           *as_cli({**TINY, **INTERSECTION, "run_dir": str(root)})],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary == json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
+    return summary, pd.read_csv(Path(summary["run_dir"]) / "metrics.csv")
+
+
+def test_short_runs_stay_finite_on_intersection_for_every_seed(intersection_cli):
+    """The normalizer bug made planner values reach 1e21-1e32 and NaN here."""
+    summary, df = intersection_cli
+    assert sorted(df["seed"]) == [0, 1, 2, 3] and summary["env_id"] == "Intersection"
     assert np.isfinite(df.drop(columns=["charts/steps_per_second"]).to_numpy(float)).all()
-    assert np.isfinite(summary["eval/return_per_seed"]).all()
+    assert np.isfinite(summary["eval/return_per_seed"]).all() and len(summary["eval/return_per_seed"]) == 4
     assert (df["disc/ratio_on_model_samples"] > 0).all()
 
 
@@ -275,14 +296,16 @@ def test_each_method_runs_end_to_end(tmp_path, method, model):
     assert summary["rounds"] == 2 and summary["method"] == method
 
 
-@functools.lru_cache(maxsize=None)
-def _reference(tmp_root):
-    return _run(Path(tmp_root), method="dam", model="mdn", num_seeds=2)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return _reference(str(tmp_path_factory.mktemp("dam")))
+    """TINY (the corrected method, mdn), seeds 0 and 1, through the command line; the in-process
+    runs of the same config read its programs from the tests' shared cache (conftest.py)."""
+    root = tmp_path_factory.mktemp("dam")
+    done = subprocess.run([sys.executable, str(ROOT / "algorithms" / "dam.py"),
+                           *as_cli({**TINY, "num_seeds": 2, "run_dir": str(root), "run_name": "run"})],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return types.SimpleNamespace(path=root / "run"), pd.read_csv(root / "run" / "metrics.csv")
 
 
 def test_same_seed_identical_and_vmapped_seed_equals_single_run(reference, tmp_path):
@@ -335,23 +358,18 @@ def test_bad_arguments_fail_before_compiling():
             tiny_args(**overrides)
 
 
-def test_cli_help_and_evaluate_saved(tmp_path):
-    cli = ["--env-id", "Intersection", "--method", "disc", "--model", "gaussian", "--rounds", "1",
-           "--init-episodes", "2", "--num-sequences", "8", "--num-particles", "2", "--horizon", "3",
-           "--model-train-steps", "20", "--disc-train-steps", "20", "--model-width", "16", "--disc-width", "16",
-           "--run-dir", str(tmp_path), "--no-progress"]
-    done = subprocess.run([sys.executable, str(ROOT / "algorithms" / "dam.py"), *cli],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["env_id"] == "Intersection" and np.isfinite(summary["final_return_mean"])
+def test_cli_help_and_evaluate_saved(intersection_cli, tmp_path):
+    """The command line (the Intersection run is its: `intersection_cli`), --help, the saved run
+    evaluated in this process (the run's evaluation program, read from the tests' shared cache)
+    and rendered from the command line."""
+    summary, _ = intersection_cli
     help_text = subprocess.run([sys.executable, str(ROOT / "algorithms" / "dam.py"), "--help"],
                                cwd=tmp_path, capture_output=True, text=True).stdout
     for flag in ["--method", "--model", "--num-sequences", "--horizon", "--rounds", "--mixture-components",
                  "--weight", "--max-log-weight", "--disc-lr", "--model-train-steps", "--num-seeds"]:
         assert flag in help_text
     returns = dam.evaluate_saved(summary["run_dir"], eval_episodes=2)
-    assert returns.shape == (1,) and np.isfinite(returns).all()
+    assert returns.shape == (4,) and np.isfinite(returns).all()
     rendered = subprocess.run([sys.executable, str(ROOT / "algorithms" / "dam.py"), "--render", summary["run_dir"]],
                               cwd=tmp_path, capture_output=True, text=True, timeout=600)  # --render, from the CLI
     assert rendered.returncode == 0, rendered.stderr[-2000:]

@@ -7,6 +7,7 @@ import functools
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -249,14 +250,18 @@ def _run(tmp_path, **overrides):
     return run_dir, pd.read_csv(run_dir.path / "metrics.csv")
 
 
-@functools.lru_cache(maxsize=None)
-def _reference_run(tmp_root):
-    return _run(Path(tmp_root) / "reference")
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return _reference_run(str(tmp_path_factory.mktemp("mbpo")))
+    """TINY, seed 0, through the command line from another working directory. Its programs go to
+    the tests' shared cache, where the in-process runs of TINY below read them (conftest.py)."""
+    root = tmp_path_factory.mktemp("mbpo")
+    done = subprocess.run([sys.executable, str(ROOT / "algorithms" / "mbpo.py"), *as_cli({**TINY, "run_dir": str(root)})],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    path = Path(summary["run_dir"])
+    assert summary == json.loads((path / "summary.json").read_text())
+    return types.SimpleNamespace(path=path), pd.read_csv(path / "metrics.csv")
 
 
 def test_run_writes_metrics_summary_and_checkpoint(reference):
@@ -470,22 +475,19 @@ def test_nonfinite_metrics_are_reported_with_where():
         utils.assert_finite({"losses/critic": np.array([1.0, np.nan])}, "env step 500")
 
 
-def test_cli_from_another_directory_and_evaluate_saved_policy(tmp_path):
-    cli = as_cli({**TINY, "total_timesteps": 500, "run_dir": str(tmp_path)})
-    done = subprocess.run([sys.executable, str(ROOT / "algorithms" / "mbpo.py"), *cli],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    df = pd.read_csv(Path(summary["run_dir"]) / "metrics.csv")
-    assert len(df) == 2 and df["eval/return"].notna().all()
+def test_cli_from_another_directory_and_evaluate_saved_policy(reference, tmp_path):
+    """The reference run is the command line's (its fixture); here its saved policy is evaluated and
+    rendered, and --help lists the flags."""
+    run_dir, df = reference
+    assert len(df) == 4 and df["eval/return"].notna().all()
     help_text = subprocess.run([sys.executable, str(ROOT / "algorithms" / "mbpo.py"), "--help"],
                                cwd=tmp_path, capture_output=True, text=True).stdout
     for flag in ["--ensemble-size", "--rollout-schedule", "--real-ratio", "--num-seeds", "--resume"]:
         assert flag in help_text
-    returns = mbpo.evaluate_saved(summary["run_dir"])
+    returns = mbpo.evaluate_saved(str(run_dir.path))
     assert returns.shape == (1,) and np.isfinite(returns).all()
-    mbpo.render_saved(summary["run_dir"])  # --render: pendulum's trajectory plot (Brax's viewer: test_sac.py)
-    assert (Path(summary["run_dir"]) / "episode.png").stat().st_size > 1000
+    mbpo.render_saved(str(run_dir.path))  # --render: pendulum's trajectory plot (Brax's viewer: test_sac.py)
+    assert (run_dir.path / "episode.png").stat().st_size > 1000
 
 
 def test_mbpo_learns_inverted_pendulum(tmp_path):

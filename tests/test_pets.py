@@ -22,6 +22,10 @@ from algorithms import pets, utils
 from helpers import as_cli
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from gpu_check import CASES  # noqa: E402
+
+PETS_SMOKE = CASES["pets"][3]
 TINY = dict(
     env_id="inverted_pendulum", backend="positional", num_trials=5, episode_length=100, horizon=15, population=50, num_elites=5,
     cem_iterations=3, num_particles=5, model_width=32, model_depth=2, model_weight_decay=(1e-5, 1e-5, 1e-5),
@@ -448,15 +452,17 @@ def test_nonfinite_metrics_are_reported_with_where():
 
 
 def test_cli_with_the_other_options_and_evaluate_saved_model(tmp_path):
-    """The non-default paths end to end (TS1, random shooting, learned reward), from another directory."""
-    cli = as_cli({**TINY, "num_trials": 2, "propagation": "ts1", "optimizer": "random", "learn_reward": True,
-                  "run_dir": str(tmp_path)})
+    """The non-default paths end to end (TS1, random shooting, learned reward), from another
+    directory: the GPU check's PETS smoke case, 2 seeds on pendulum, the same program (the tests'
+    shared cache compiles it once for both, whichever runs first)."""
+    cli = as_cli({**PETS_SMOKE, "num_seeds": 2, "run_dir": str(tmp_path), "progress": False})
     done = subprocess.run([sys.executable, str(ROOT / "algorithms" / "pets.py"), *cli],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     df = pd.read_csv(Path(summary["run_dir"]) / "metrics.csv")
-    assert len(df) == 2 and df["charts/trial_return"].notna().all() and df.loc[1, "plan/best_value"] > 0
+    assert len(df) == 2 * PETS_SMOKE["num_trials"] and df["charts/trial_return"].notna().all()
+    assert df.loc[df.trial > 0, ["plan/best_value", "model/train_mse"]].notna().all().all()
     help_text = subprocess.run([sys.executable, str(ROOT / "algorithms" / "pets.py"), "--help"],
                                cwd=tmp_path, capture_output=True, text=True).stdout
     for flag in ["--propagation", "--optimizer", "--num-particles", "--learn-reward", "--horizon", "--population",
@@ -466,6 +472,6 @@ def test_cli_with_the_other_options_and_evaluate_saved_model(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "multiple of --ensemble-size" in bad.stderr
     returns = pets.evaluate_saved(summary["run_dir"])
-    assert returns.shape == (1,) and np.isfinite(returns).all()
-    pets.render_saved(summary["run_dir"])  # --render: one MPC episode in Brax's HTML viewer
-    assert 'id="brax-viewer"' in (Path(summary["run_dir"]) / "episode.html").read_text()
+    assert returns.shape == (2,) and np.isfinite(returns).all()
+    pets.render_saved(summary["run_dir"])  # --render: one MPC episode (pendulum: its trajectory plot)
+    assert (Path(summary["run_dir"]) / "episode.png").stat().st_size > 1000

@@ -75,6 +75,15 @@ def _trainer():
     return args, sac.make_train(args)
 
 
+def _run_programs(args, trainer):
+    """(init, chunk) jitted as sac.run jits them: one seed of TINY's epoch is then the program that
+    the CLI run of `seed1` compiled (conftest.py reads it from the subprocesses' cache)."""
+    mesh = utils.seed_mesh(args)
+    init = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)
+    return lambda keys: init(utils.on_devices(keys, mesh)), utils.over_devices(
+        jax.vmap(trainer.chunk, in_axes=(0, None)), mesh, replicated=1)
+
+
 # ---------------------------------------------------------------------------------------------
 def test_learns_inverted_pendulum(two_seeds):
     _, df = two_seeds
@@ -160,10 +169,11 @@ def test_buffer_stores_true_next_obs_and_termination_only():
     `terminated` exactly where the task's rule says so (not at the truncation) and the true,
     pre-reset next observation."""
     args, trainer = _trainer()
-    state = jax.jit(jax.vmap(trainer.init))(sac.seed_keys(args))
-    state = state._replace(env_state=state.env_state.replace(time=jnp.full(1, 995, jnp.int32)))
-    chunk = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)), donate_argnums=0)  # as sac.run
-    state, _ = chunk(state, jnp.int32(0))
+    init, chunk = _run_programs(args, trainer)
+    state = init(sac.seed_keys(args))
+    time = jax.device_put(jnp.full(1, 995, jnp.int32), state.env_state.time.sharding)  # placed as sac.run's
+    state = state._replace(env_state=state.env_state.replace(time=time))
+    state, _ = chunk(state, np.int32(0))  # as sac.run calls it
     buf = jax.tree.map(lambda x: np.asarray(x[0]), state.buffer)
     steps = args.epoch_length
     assert buf.size == steps

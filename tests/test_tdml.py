@@ -476,7 +476,9 @@ def _run(root, **overrides):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, cli_seed1):
+    """TINY, seed 0, in this process: after the command-line run of seed 1 (the same programs,
+    which conftest.py reads from the tests' shared cache instead of compiling them again)."""
     return _run(tmp_path_factory.mktemp("tdml"), run_name="reference")
 
 
