@@ -2,9 +2,11 @@
 with the envs vmapped or stepped one after another (lax.map): how tests/probe.py's MAPPED was chosen.
 
     python benchmarks/probe_compile.py humanoid mapped      # or vmapped; one task and mode per process
+    python benchmarks/probe_compile.py hopper mapped positional   # Brax's variant (MAPPED_POSITIONAL)
 
-Prints: task, mode, compile seconds, seconds for GYM_HORIZON steps of probe.BATCH envs. Run alone
-on the cores (two at once slow each compile ~1.6x)."""
+Prints: task, mode, compile seconds, seconds for GYM_HORIZON steps (Brax's variants: 120, the
+probes of test_brax_tasks.py) of probe.BATCH envs. Run alone on the cores (two at once slow each
+compile ~1.6x)."""
 
 import sys
 import time
@@ -17,12 +19,16 @@ import jax  # noqa: E402
 import probe  # noqa: E402
 
 task, mode = sys.argv[1], sys.argv[2]
+backend = sys.argv[3] if len(sys.argv) > 3 else probe.envs.DEFAULT_BACKEND
 if mode not in ("mapped", "vmapped"):
     raise SystemExit("error: mode must be mapped or vmapped")
-(probe.MAPPED.add if mode == "mapped" else probe.MAPPED.discard)(task)
-env = probe.env_of(task)[0]
+if backend not in (probe.envs.DEFAULT_BACKEND, "positional"):
+    raise SystemExit("error: backend must be gymnasium or positional")
+chosen = probe.MAPPED if backend == probe.envs.DEFAULT_BACKEND else probe.MAPPED_POSITIONAL
+(chosen.add if mode == "mapped" else chosen.discard)(task)
+env = probe.env_of(task, backend)[0]
 params = probe.params_of(env)
-horizon = probe.GYM_HORIZON[task]
+horizon = probe.GYM_HORIZON[task] if backend == probe.envs.DEFAULT_BACKEND else 120
 run, _ = probe.runner(env, horizon)
 _, states = probe.reset(env, jax.random.PRNGKey(0), params)
 actions = jax.random.uniform(jax.random.PRNGKey(1), (probe.BATCH, horizon, env.action_size), minval=-1, maxval=1)
@@ -32,4 +38,4 @@ compiled = run.lower(states, actions, keys, horizon, params).compile()
 compile_s = time.perf_counter() - start
 start = time.perf_counter()
 jax.block_until_ready(compiled(states, actions, keys, horizon, params))
-print(f"{task} {mode}: compile {compile_s:.1f} s, {horizon} steps x {probe.BATCH} envs {time.perf_counter() - start:.2f} s")
+print(f"{task} {backend} {mode}: compile {compile_s:.1f} s, {horizon} steps x {probe.BATCH} envs {time.perf_counter() - start:.2f} s")

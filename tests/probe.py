@@ -26,6 +26,14 @@ BATCH = 32  # states per call, for every use (a batch size is a shape: each one 
 # 24.6, 5.9 -> 17.3, 1.1; but hopper 46-49, 6-7 -> 44.6, 19.2 (vmapped kept). Pusher vmapped did
 # not finish a 1-step call of 64 envs in minutes; 32 envs mapped take 0.4 s for 20 steps.
 MAPPED = {"pusher", "humanoid", "ant", "walker2d", "halfcheetah"}
+# Brax's positional variants stepped one after another: measured alone on this CPU (compile s, then
+# s for 120 steps of 32 envs; 2026-12-05, `benchmarks/probe_compile.py <task> <mode> positional`),
+# vmapped -> mapped: hopper 16.8, 0.20 -> 9.3, 0.58; walker2d 15.2, 0.26 -> 10.2, 0.68; ant 13.3,
+# 0.65 -> 7.7, 1.43; reacher 10.3, 0.11 -> 6.2, 0.25; inverted_pendulum 7.4, 0.08 -> 4.3, 0.17;
+# inverted_double_pendulum 9.1, 0.11 -> 5.0, 0.17. Kept vmapped, where the longer steps cost what the
+# compile saves over test_brax_tasks.py's ~2-4 calls: humanoid 19.6, 0.77 -> 13.9, 2.06; halfcheetah
+# 15.8, 1.03 -> 9.6, 3.72; pusher 23.5, 4.26 -> 11.8, 13.5.
+MAPPED_POSITIONAL = {"hopper", "walker2d", "ant", "reacher", "inverted_pendulum", "inverted_double_pendulum"}
 # Gymnasium's tasks: the steps `run` is compiled for, the longest call of any test of the task
 # (test_mujoco_tasks.py's episodes, HORIZON there; test_brax_tasks.py's probe, 120 steps).
 GYM_HORIZON = {"hopper": 250, "walker2d": 200, "halfcheetah": 120, "ant": 300, "humanoid": 120,
@@ -41,6 +49,12 @@ def params_of(env, max_steps_in_episode=None):
     """The env's parameters with the time limit as an array, so that it is an input of `run`."""
     steps = env.default_params.max_steps_in_episode if max_steps_in_episode is None else max_steps_in_episode
     return env.default_params.replace(max_steps_in_episode=jnp.int32(steps))
+
+
+def _mapped(env):
+    if isinstance(env, envs.MujocoTask):
+        return env.task in MAPPED
+    return env.backend == "positional" and env.task in MAPPED_POSITIONAL
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,7 +83,7 @@ def runner(env, horizon):
 
         return jax.lax.fori_loop(0, n, body, (state, zeros))
 
-    if isinstance(env, envs.MujocoTask) and env.task in MAPPED:
+    if _mapped(env):
         return jax.jit(lambda states, actions, keys, n, params: jax.lax.map(
             lambda x: one(*x, n, params), (states, actions, keys)), compiler_options=FAST_COMPILE_PRESET), traces
     return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None)), compiler_options=FAST_COMPILE_PRESET), traces
