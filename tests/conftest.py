@@ -130,16 +130,16 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 # Seconds per group (sums of setup + call, two workers), to queue the longest first: the cold run
-# of be264b8 (tests/README.md). Groups not listed queue after these, in file order.
+# of cc10d94 (tests/README.md). Groups not listed queue after these, in file order.
 GROUP_SECONDS = {
-    "test_mbpo": 319, "test_tdml": 298, "test_dam": 282, "test_devices": 264, "test_sac": 213, "test_pets": 203,
-    "humanoid/gymnasium": 118, "hopper/gymnasium": 93, "ant/gymnasium": 82, "walker2d/gymnasium": 76,
-    "pusher/gymnasium": 75, "halfcheetah/gymnasium": 55, "test_mujoco_tasks": 52, "test_brax_tasks": 51,
-    "inverted_double_pendulum/gymnasium": 43, "reacher/gymnasium": 43, "hopper/mjx": 41, "pusher/positional": 38,
-    "inverted_pendulum/gymnasium": 38, "humanoid/positional": 35, "hopper/positional": 29, "test_host": 29,
-    "halfcheetah/positional": 24, "walker2d/positional": 23, "ant/positional": 19,
-    "inverted_double_pendulum/positional": 16, "reacher/positional": 16, "inverted_pendulum/positional": 14,
-    "test_dam_envs": 12,
+    "test_dam": 405, "test_mbpo": 299, "test_devices": 290, "test_pets": 183, "test_sac": 169, "test_tdml": 168,
+    "humanoid/gymnasium": 85, "hopper/gymnasium": 80, "ant/gymnasium": 80, "walker2d/gymnasium": 72,
+    "hopper/mjx": 66, "test_brax_tasks": 63, "pusher/positional": 58, "humanoid/positional": 54,
+    "pusher/gymnasium": 50, "test_mujoco_tasks": 45, "halfcheetah/gymnasium": 43, "reacher/gymnasium": 37,
+    "halfcheetah/positional": 35, "inverted_double_pendulum/gymnasium": 32, "inverted_pendulum/gymnasium": 30,
+    "test_host": 29, "walker2d/positional": 28, "hopper/positional": 24, "ant/positional": 23,
+    "reacher/positional": 17, "inverted_double_pendulum/positional": 16, "test_dam_envs": 16,
+    "inverted_pendulum/positional": 13, "test_pendulum_env": 5,
 }
 
 
