@@ -75,8 +75,8 @@ else:
 
 _EXECUTABLES = {}
 # MBRL_TEST_COMPILE_LOG=<dir>: one JSON line per compile (seconds), in-memory hit (null) or read of the
-# subprocesses' cache (-1) of the
-# test processes, with the test and the program's cache key, to find what is compiled twice.
+# subprocesses' cache (-1) of the test processes, with the test and the program's cache key, to find
+# what is compiled twice.
 _COMPILE_LOG = os.environ.get("MBRL_TEST_COMPILE_LOG")
 
 
