@@ -25,7 +25,6 @@ import tyro
 import envs
 from algorithms import sac, tdml, utils
 from helpers import as_cli
-from test_sac import SHORT as SAC_SHORT
 
 SCRIPT = Path(tdml.__file__).resolve()
 TINY = dict(env_id="pendulum", random_policy=True, num_trajectories=8, trajectory_length=40, total_steps=60,
