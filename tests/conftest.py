@@ -91,6 +91,41 @@ def _log_compile(module_name, cache_key, seconds):
             f.write(json.dumps(line) + "\n")
 
 
+if _COMPILE_LOG:
+    # The tracing and lowering JAX does before each compile or cache read, and each test's CPU
+    # seconds (this process's and its finished subprocesses'), in <worker>-tests.jsonl.
+    import resource
+
+    from jax._src import monitoring
+
+    _STAGES = {"/jax/core/compile/jaxpr_trace_duration": "trace", "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower"}
+    _stage_seconds = {}
+
+    def _on_duration(event, seconds, **_):
+        if event in _STAGES:
+            _stage_seconds[_STAGES[event]] = _stage_seconds.get(_STAGES[event], 0.0) + seconds
+
+    monitoring.register_event_duration_secs_listener(_on_duration)
+
+    def _cpu():
+        me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        import json
+        import time
+
+        _stage_seconds.clear()
+        (me, children), start = _cpu(), time.time()
+        yield
+        (me2, children2), wall = _cpu(), time.time() - start
+        line = dict(test=item.nodeid, wall=round(wall, 2), cpu=round(me2 - me, 2), children_cpu=round(children2 - children, 2),
+                    **{k: round(v, 2) for k, v in _stage_seconds.items()})
+        with open(os.path.join(_COMPILE_LOG, f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-tests.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
 def pytest_runtest_teardown(item, nextitem):
     """Free every compiled program at the end of a group. An XLA:CPU executable holds its memory
     maps while anything caches it, and a process may hold vm.max_map_count = 65530 of them:
