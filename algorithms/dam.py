@@ -603,7 +603,7 @@ def run(args: Args):
                                          show="charts/episode_return")
     final = metrics.get("charts/episode_return", np.full(args.num_seeds, np.nan))
     # The final model, evaluated apart from data collection (`eval_episodes` per seed).
-    _, evaluation = jax.jit(jax.vmap(trainer.evaluate))(state, eval_keys(args))
+    _, evaluation = jax.jit(jax.vmap(trainer.evaluate))(utils.on_devices(state, mesh), eval_keys(args))
     evaluation = jax.tree.map(np.asarray, evaluation)
     utils.assert_finite(evaluation, "the final evaluation")
     run_dir.write_summary({"env_id": args.env_id, "method": args.method, "model": args.model, "rounds": args.rounds,

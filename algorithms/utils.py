@@ -168,9 +168,13 @@ def place(x, sharding):
 
 
 def on_devices(tree, mesh):
-    """Place host arrays with their leading seed axis split over `mesh`."""
+    """Place arrays (host or device) with their leading seed axis split over `mesh`. A program's
+    inputs are placed as its outputs were left (on one device, XLA leaves them unsplit), and a
+    jit compiles for its inputs' placement: placed here, a saved state and a run's own state
+    give the same program (dam.py's final evaluation and --evaluate)."""
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
-    return jax.tree.map(lambda x: place(x, sharding) if eqx.is_array(x) else x, tree)
+    return jax.tree.map(lambda x: (jax.device_put(x, sharding) if isinstance(x, jax.Array) else place(x, sharding))
+                        if eqx.is_array(x) else x, tree)
 
 
 _GATHERS = itertools.count()  # each barrier needs its own name; every process counts the same
@@ -298,14 +302,18 @@ def open_run(args, args_cls, algo: str, resolve=lambda a: a, validate=lambda a: 
 
 
 def load_saved(path, args_cls, make_train, seed_keys, **overrides):
-    """(args, trainer, state, env_steps) of a saved run, for --evaluate and --render."""
+    """(args, trainer, state, env_steps) of a saved run, for --evaluate and --render. The seeds are
+    split over this process's devices as a run splits them (over one where they do not divide), so
+    an evaluation compiles the program of the run's own final evaluation (dam.py: a cache hit)."""
     check((Path(path) / "args.json").exists(), f"{path}: no run there (no args.json)")
     run_dir = RunDir(path)
     args = dataclasses.replace(run_dir.load_args(args_cls), **overrides)
     trainer = make_train(args)
     state, info = run_dir.load_checkpoint(jax.eval_shape(jax.vmap(trainer.init), seed_keys(args)))
     check(state is not None, f"no checkpoint in {path}")
-    return args, trainer, state, info["env_steps"]
+    count = jax.local_device_count()
+    mesh = seed_mesh(dataclasses.replace(args, devices=count if args.num_seeds % count == 0 else 1))
+    return args, trainer, on_devices(state, mesh), info["env_steps"]
 
 
 def first_seed(tree):

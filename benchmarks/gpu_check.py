@@ -63,9 +63,10 @@ CASES = {
     "tdml": ("model step", "steps",  # hopper, Figure 2's slbo model, the committed SAC data policy
              dict(env_id="hopper", policy_run=TDML_POLICY, arch="slbo", num_trajectories=20, total_steps=2000,
                   eval_every=250, eval_starts=4, eval_horizon=200),
-             dict(env_id="inverted_pendulum", backend="positional", random_policy=True, arch="slbo", num_trajectories=4, trajectory_length=50,
-                  model_layers=(32, 32), model_batch_size=32, critic_layers=(32, 32), critic_batch_size=32,
-                  n_step_batch=8, total_steps=400, eval_every=100, eval_starts=2, eval_horizon=20)),
+             # tests/test_tdml.py's TINY: its 2-seed run is this case's program
+             dict(env_id="pendulum", random_policy=True, num_trajectories=8, trajectory_length=40, total_steps=60,
+                  eval_every=20, model_layers=(32, 32), model_batch_size=32, critic_layers=(32, 32),
+                  critic_batch_size=64, eval_starts=4, eval_horizon=30, n_step_batch=16)),
 }
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")

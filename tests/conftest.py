@@ -122,6 +122,7 @@ if _COMPILE_LOG:
         (me2, children2), wall = _cpu(), time.time() - start
         line = dict(test=item.nodeid, wall=round(wall, 2), cpu=round(me2 - me, 2), children_cpu=round(children2 - children, 2),
                     **{k: round(v, 2) for k, v in _stage_seconds.items()})
+        os.makedirs(_COMPILE_LOG, exist_ok=True)
         with open(os.path.join(_COMPILE_LOG, f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-tests.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -139,15 +140,19 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 def group_of(nodeid: str) -> str:
-    """The tests that run on one worker, one after another: a test file, except in the two MuJoCo
-    files, where the tests of one task on one backend form a group across both files (the task and
-    backend are in the test's id: `[hopper]` in test_mujoco_tasks.py is the default backend, as
-    `[hopper-gymnasium]` in test_brax_tasks.py), so that they share tests/probe.py's one compile."""
+    """The tests that run on one worker, one after another: a test file, except the tests of one
+    MuJoCo task on one backend, which form a group across files (the task and backend are in the
+    test's id: `[hopper]` in test_mujoco_tasks.py is the default backend, as `[hopper-gymnasium]`
+    in test_brax_tasks.py; elsewhere both must be named, as test_pets.py's
+    `[halfcheetah-positional]`), so that they share tests/probe.py's one compile."""
     path, _, test = nodeid.partition("::")
     module = path.rsplit("/", 1)[-1].removesuffix(".py")
     params = test.partition("[")[2].rstrip("]").split("-")
-    if module in ("test_brax_tasks", "test_mujoco_tasks") and params[0] in envs.MUJOCO_TASKS:
-        return f"{params[0]}/{params[1] if len(params) > 1 else envs.DEFAULT_BACKEND}"
+    if params[0] in envs.MUJOCO_TASKS:
+        if len(params) > 1 and params[1] in envs.BACKENDS:
+            return f"{params[0]}/{params[1]}"
+        if module in ("test_brax_tasks", "test_mujoco_tasks"):
+            return f"{params[0]}/{envs.DEFAULT_BACKEND}"
     return module
 
 
@@ -164,21 +169,31 @@ def pytest_xdist_make_scheduler(config, log):
     return GroupScheduling(config, log)
 
 
-# Seconds per group (sums of setup + call, two workers), to queue the longest first: the cold run
-# of cc10d94 (tests/README.md). Groups not listed queue after these, in file order.
+# Seconds per group (its tests' wall times added, two workers), to queue the longest first: the cold
+# run of 3993487 (tests/README.md). Groups not listed queue after these, in file order.
 GROUP_SECONDS = {
-    "test_dam": 405, "test_mbpo": 299, "test_devices": 290, "test_pets": 183, "test_sac": 169, "test_tdml": 168,
-    "humanoid/gymnasium": 85, "hopper/gymnasium": 80, "ant/gymnasium": 80, "walker2d/gymnasium": 72,
-    "hopper/mjx": 66, "test_brax_tasks": 63, "pusher/positional": 58, "humanoid/positional": 54,
-    "pusher/gymnasium": 50, "test_mujoco_tasks": 45, "halfcheetah/gymnasium": 43, "reacher/gymnasium": 37,
-    "halfcheetah/positional": 35, "inverted_double_pendulum/gymnasium": 32, "inverted_pendulum/gymnasium": 30,
-    "test_host": 29, "walker2d/positional": 28, "hopper/positional": 24, "ant/positional": 23,
-    "reacher/positional": 17, "inverted_double_pendulum/positional": 16, "test_dam_envs": 16,
-    "inverted_pendulum/positional": 13, "test_pendulum_env": 5,
+    "test_dam": 359, "test_mbpo": 304, "test_devices": 287, "test_pets": 253, "test_sac": 183, "test_tdml": 165,
+    "humanoid/gymnasium": 93, "ant/gymnasium": 86, "hopper/gymnasium": 85, "walker2d/gymnasium": 84,
+    "test_brax_tasks": 66, "hopper/mjx": 60, "pusher/positional": 53, "pusher/gymnasium": 49, "test_mujoco_tasks": 49,
+    "humanoid/positional": 48, "halfcheetah/gymnasium": 48, "reacher/gymnasium": 44,
+    "inverted_double_pendulum/gymnasium": 40, "test_host": 40, "halfcheetah/positional": 38, "ant/positional": 26,
+    "walker2d/positional": 26, "inverted_pendulum/gymnasium": 26, "hopper/positional": 25, "test_dam_envs": 21,
+    "reacher/positional": 17, "inverted_double_pendulum/positional": 16, "inverted_pendulum/positional": 14,
+    "test_pendulum_env": 5,
 }
+# Queued after the algorithm groups, whatever its length: the GPU check's smoke cases of PETS, DAM and
+# TDML are those groups' runs, whose programs it then reads from the subprocesses' shared cache.
+QUEUED_AFTER_ALGORITHMS = "test_devices"
+ALGORITHMS = ("test_dam", "test_mbpo", "test_pets", "test_sac", "test_tdml")
+
+
+def _queue_key(group):
+    if group == QUEUED_AFTER_ALGORITHMS:
+        return -min(GROUP_SECONDS[g] for g in ALGORITHMS) + 0.5
+    return -GROUP_SECONDS.get(group, 0)
 
 
 def pytest_collection_modifyitems(config, items):
     groups = {item.nodeid: group_of(item.nodeid) for item in items}
     order = {name: i for i, name in enumerate(dict.fromkeys(groups.values()))}
-    items.sort(key=lambda item: (-GROUP_SECONDS.get(groups[item.nodeid], 0), order[groups[item.nodeid]]))
+    items.sort(key=lambda item: (_queue_key(groups[item.nodeid]), order[groups[item.nodeid]]))

@@ -19,6 +19,8 @@ import pandas as pd
 import pytest
 
 from algorithms import pets, utils
+import probe
+import test_brax_tasks
 from helpers import as_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,25 +221,22 @@ def _reference_halfcheetah(obs, next_obs):
     return preproc, targ, postproc
 
 
-def test_halfcheetah_preprocessing_is_the_references_and_gives_back_the_observation_layout():
+# In the group of Brax's positional halfcheetah (conftest.py, by the id), whose stepping program
+# test_brax_tasks.py compiles (tests/probe.py): its transitions cost no compile of their own.
+@pytest.mark.parametrize("task,backend", [("halfcheetah", "positional")])
+def test_halfcheetah_preprocessing_is_the_references_and_gives_back_the_observation_layout(task, backend):
     """Oracles: the reference's transforms (its config, on its observation layout) and real
     transitions of the env: postprocess(obs, target(obs, next_obs)) must be the env's next
     observation, on which `reward_fn` gives `step`'s reward."""
-    env, params = pets.envs.make("halfcheetah", backend="positional")
-    preprocess, target, postprocess = pets.transforms(pets.PREPROCESS["halfcheetah"], env.obs_size)
-
-    @jax.jit
-    def transitions(key):
-        _, state = env.reset(key, params)
-
-        def step(state, key):
-            action = jax.random.uniform(key, (env.action_size,), minval=-1, maxval=1)
-            _, next_state, reward, *_ = env.step(key, state, action, params)
-            return next_state, (state.obs, action, next_state.obs, reward)
-
-        return jax.lax.scan(step, state, jax.random.split(key, 30))[1]
-
-    obs, action, next_obs, reward = map(np.array, transitions(jax.random.PRNGKey(0)))
+    env, _ = probe.env_of(task, backend)
+    preprocess, target, postprocess = pets.transforms(pets.PREPROCESS[task], env.obs_size)
+    horizon, steps = test_brax_tasks.horizon(task, backend), 30  # one env's first 30 random steps
+    actions = jax.random.uniform(jax.random.PRNGKey(1), (probe.BATCH, horizon, env.action_size), minval=-1, maxval=1)
+    _, states = probe.reset(env, jax.random.PRNGKey(0), probe.params_of(env))
+    _, out = probe.runner(env, horizon)[0](states, actions, probe.step_keys(jax.random.PRNGKey(2), horizon), steps,
+                                           probe.params_of(env))
+    obs, next_obs, reward = (np.array(out[k][0, :steps]) for k in ("obs", "final_obs", "reward"))
+    action = np.asarray(actions[0, :steps])
     obs[:, 1] += np.linspace(-4, 4, len(obs))  # root angles of a flipped cheetah too
     next_obs[:, 1] += np.linspace(-4, 4, len(obs))
     # Ours keeps Brax's layout with the x-velocity appended (index 17); the reference's has it first.

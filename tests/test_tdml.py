@@ -26,10 +26,13 @@ import envs
 from algorithms import sac, tdml, utils
 from helpers import as_cli
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from gpu_check import CASES  # noqa: E402
+
 SCRIPT = Path(tdml.__file__).resolve()
-TINY = dict(env_id="pendulum", random_policy=True, num_trajectories=8, trajectory_length=40, total_steps=60,
-            eval_every=20, model_layers=(32, 32), model_batch_size=32, critic_layers=(32, 32), critic_batch_size=64,
-            eval_starts=4, eval_horizon=30, n_step_batch=16, progress=False)
+# The GPU check's TDML smoke case (pendulum under random actions, 32-wide nets, 3 chunks of 20 model
+# steps): test_vmapped_seeds_equal_single_runs' 2-seed run is that case's program (the tests' shared cache).
+TINY = {**CASES["tdml"][3], "progress": False}
 TIMING = ["charts/steps_per_second"]
 
 
