@@ -27,6 +27,11 @@ What the paper (Sec. 5, App. C) and its reference code (jannerm/mbpo) fix, and w
   SAC never samples a row that was never written.
 * SAC with G updates per env step on batches of int(real_ratio x 256) = 12 real rows and the rest
   model data.
+* Real transitions join the data that fits, rollout starts and SAC's real rows see when their
+  episode ends (`--add-at-episode-end`, the default): the reference's sampler (softlearning's
+  `SimpleSampler`) adds a whole path to the pool at its end. Its random phase also runs on until
+  a path ends with >= 5000 rows pooled; ours is exactly `init_steps` steps (a random hopper
+  episode lasts ~20 steps; halfcheetah's 1000-step episodes end exactly at 5000).
 
 Choices where the paper is silent (and why):
 * Holdout loss is the MSE of the mean prediction, as in the reference code, which ranks the
@@ -146,6 +151,8 @@ class Args:
     # agent (SAC)
     real_ratio: float = 0.05
     """share of real transitions in each SAC batch"""
+    add_at_episode_end: bool = True
+    """real transitions become visible to fits, rollout starts and SAC only when their episode ends, as the reference's sampler adds whole paths (at least one episode must end within init_steps); --no-add-at-episode-end: at once"""
     updates_per_step: int | None = None
     """G, SAC gradient updates per env step (preset 20; 40 halfcheetah; 10 inverted_pendulum)"""
     target_entropy: float | None = None
@@ -410,6 +417,7 @@ class RunnerState(NamedTuple):
     elites: jax.Array
     sac: SACState
     episode_return: jax.Array
+    unfinished: jax.Array  # the newest real rows, of the episode in progress (0 with --no-add-at-episode-end)
     key: jax.Array
 
 
@@ -485,9 +493,15 @@ def make_train(args: Args):
         real = runner.real.add_batch(transition, jnp.ones(1, bool))
         done = terminated | truncated
         episode_return = runner.episode_return + reward
-        runner = runner._replace(env_state=env_state, obs=next_obs, real=real,
+        unfinished = jnp.where(done, 0, runner.unfinished + 1) if args.add_at_episode_end else runner.unfinished
+        runner = runner._replace(env_state=env_state, obs=next_obs, real=real, unfinished=unfinished,
                                  episode_return=jnp.where(done, 0.0, episode_return))
         return runner, jnp.where(done, episode_return, jnp.nan)
+
+    def pooled(runner):
+        """The real rows the learner sees: all but the episode in progress (its rows are the newest;
+        the real buffer holds every env step, so it never wraps and they are [size - unfinished, size))."""
+        return runner.real._replace(size=runner.real.size - runner.unfinished)
 
     # --- FIT MODEL --------------------------------------------------------------------------
     def model_loss(model, inputs, targets, weights):
@@ -611,7 +625,7 @@ def make_train(args: Args):
         a non-finite prediction (that step is dropped: the reference's termination functions call
         it done but still store it, NaNs included)."""
         start_key, key = jax.random.split(key)
-        obs = runner.real.sample(start_key, num_rollouts)[0]
+        obs = pooled(runner).sample(start_key, num_rollouts)[0]
 
         def step(t, carry):
             obs, alive, buffer, nonfinite, key = carry
@@ -671,7 +685,7 @@ def make_train(args: Args):
     def sample_batch(runner, key):
         """`n_real` real and `batch - n_real` model transitions (real ones first)."""
         real_key, model_key = jax.random.split(key)
-        real = runner.real.sample(real_key, n_real)
+        real = pooled(runner).sample(real_key, n_real)
         fake = runner.model_data.sample(model_key, args.sac_batch_size - n_real)
         return jax.tree.map(lambda r, f: jnp.concatenate([r, f]), real, fake)
 
@@ -701,7 +715,7 @@ def make_train(args: Args):
             real=Buffer.empty(args.total_timesteps, obs_size, action_size),
             model_data=Buffer.empty(model_capacity, obs_size, action_size),
             model=model, model_opt=model_optimizer.init(eqx.filter(model, eqx.is_array)),
-            elites=jnp.arange(args.num_elites), sac=sac, episode_return=jnp.float32(0.0), key=key,
+            elites=jnp.arange(args.num_elites), sac=sac, episode_return=jnp.float32(0.0), unfinished=jnp.int32(0), key=key,
         )
 
     # --- one epoch ------------------------------------------------------------------------------
@@ -721,7 +735,7 @@ def make_train(args: Args):
 
         def fit_and_branch(runner):
             key, fit_key, rollout_key = jax.random.split(runner.key, 3)
-            model, model_opt, elites, _, fit_metrics = fit_model(runner.model, runner.model_opt, runner.real, fit_key)
+            model, model_opt, elites, _, fit_metrics = fit_model(runner.model, runner.model_opt, pooled(runner), fit_key)
             runner = runner._replace(model=model, model_opt=model_opt, elites=elites, key=key)
             # Reallocate the model pool for this k before branching (reference order), then branch.
             runner = runner._replace(model_data=runner.model_data.resize(capacity, can_shrink=k_shrinks))

@@ -33,6 +33,10 @@ Choices (and why):
   have ended (the same returns as mbpo.py's fixed-length scan, much cheaper while episodes are short).
 * Replay buffer: preallocated, capacity `total_timesteps` by default (nothing is ever discarded,
   as MBPO's real buffer); `--buffer-size` makes it a ring buffer of that size.
+* A transition is sampled only once its episode has ended (`--add-at-episode-end`, the default),
+  as in MBPO's reference, whose sampler (softlearning's `SimpleSampler`) adds a whole path to the
+  pool at its end. (A full ring has then overwritten, with the episode in progress, rows that the
+  reference would still sample; it holds `buffer_size` transitions in all, as the reference.)
 * The run directory holds, beside the whole training state (checkpoint.eqx), the actors alone
   in actor.eqx: the leaves of `Actor` (each layer's weight (out, in), then bias) with a leading
   seed axis, written by `equinox.tree_serialise_leaves`. That file is the contract for programs
@@ -77,6 +81,8 @@ class Args:
     """deterministic-policy episodes per evaluation, at the end of every epoch"""
     buffer_size: int | None = None
     """replay-buffer capacity (default: total_timesteps, i.e. keep every transition); when full, the oldest are overwritten"""
+    add_at_episode_end: bool = True
+    """transitions are sampled only once their episode has ended, as MBPO's reference adds whole paths (at least one episode must end within init_steps); --no-add-at-episode-end: at once"""
     run_dir: str = "runs"
     """where runs/<run-name>/ is created"""
     run_name: str | None = None
@@ -241,8 +247,11 @@ class Buffer(NamedTuple):
                   for name, value in zip(self._fields[:5], transition)]
         return Buffer(*fields, (self.insert_pos + 1) % capacity, jnp.minimum(self.size + 1, capacity))
 
-    def sample(self, key, n):
-        index = jax.random.randint(key, (n,), 0, jnp.maximum(self.size, 1))
+    def sample(self, key, n, hidden=0):
+        """`n` rows drawn uniformly from all but the `hidden` newest (the episode in progress)."""
+        capacity = self.obs.shape[0]
+        oldest = jnp.where(self.size == capacity, self.insert_pos, 0)
+        index = (oldest + jax.random.randint(key, (n,), 0, jnp.maximum(self.size - hidden, 1))) % capacity
         return tuple(getattr(self, name)[index] for name in self._fields[:5])
 
 
@@ -262,6 +271,7 @@ class RunnerState(NamedTuple):
     buffer: Buffer
     sac: SACState
     episode_return: jax.Array
+    unfinished: jax.Array  # the newest buffer rows, of the episode in progress (0 with --no-add-at-episode-end)
     key: jax.Array
 
 
@@ -316,7 +326,7 @@ def sac_update(args, optimizer, sac, batch, key):
 
 # ---------------------------------------------------------------------------------------------
 def make_train(args: Args):
-    """Returns `Trainer(init, chunk, evaluate, train, num_chunks, sac_update)`:
+    """Returns `Trainer(init, chunk, evaluate, train, num_chunks, sac_update, update)`:
 
     * `init(key) -> RunnerState`
     * `chunk(state, start_step) -> (state, metrics)`: one epoch (`epoch_length` env steps, each
@@ -342,7 +352,7 @@ def make_train(args: Args):
         sac = SACState(actor, critics, critics, log_alpha, optimizer.init(eqx.filter(actor, eqx.is_array)),
                        optimizer.init(eqx.filter(critics, eqx.is_array)), optimizer.init(log_alpha))
         return RunnerState(env_state=env_state, obs=obs, buffer=Buffer.empty(args.buffer_size, obs_size, action_size),
-                           sac=sac, episode_return=jnp.float32(0.0), key=key)
+                           sac=sac, episode_return=jnp.float32(0.0), unfinished=jnp.int32(0), key=key)
 
     # --- COLLECT --------------------------------------------------------------------------------
     def collect(runner, random_actions, key):
@@ -360,7 +370,8 @@ def make_train(args: Args):
         buffer = runner.buffer.add((runner.obs, action, reward, info["final_observation"], terminated))
         done = terminated | truncated
         episode_return = runner.episode_return + reward
-        runner = runner._replace(env_state=env_state, obs=next_obs, buffer=buffer,
+        unfinished = jnp.where(done, 0, runner.unfinished + 1) if args.add_at_episode_end else runner.unfinished
+        runner = runner._replace(env_state=env_state, obs=next_obs, buffer=buffer, unfinished=unfinished,
                                  episode_return=jnp.where(done, 0.0, episode_return))
         return runner, jnp.where(done, episode_return, jnp.nan)
 
@@ -370,7 +381,7 @@ def make_train(args: Args):
 
         def one_update(sac, key):
             sample_key, update_key = jax.random.split(key)
-            return sac_update(args, optimizer, sac, runner.buffer.sample(sample_key, args.sac_batch_size), update_key)
+            return sac_update(args, optimizer, sac, runner.buffer.sample(sample_key, args.sac_batch_size, runner.unfinished), update_key)
 
         sac, metrics = jax.lax.scan(one_update, runner.sac, jax.random.split(key, args.updates_per_step))
         return runner._replace(sac=sac), jax.tree.map(jnp.mean, metrics)
@@ -431,7 +442,7 @@ def make_train(args: Args):
 
         return jax.lax.scan(one_chunk, runner, jnp.arange(num_chunks))
 
-    return Trainer(init, chunk, evaluate, train, num_chunks, partial(sac_update, args, optimizer))
+    return Trainer(init, chunk, evaluate, train, num_chunks, partial(sac_update, args, optimizer), update)
 
 
 class Trainer(NamedTuple):
@@ -440,8 +451,10 @@ class Trainer(NamedTuple):
     evaluate: callable
     train: callable
     num_chunks: int
-    # exposed for tests and for reuse: sac_update(sac_state, batch, key) -> (sac_state, metrics)
+    # exposed for tests and for reuse: sac_update(sac_state, batch, key) -> (sac_state, metrics);
+    # update(runner, key) -> (runner, metrics): G updates on batches drawn from the replay buffer
     sac_update: callable
+    update: callable
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,10 @@ the full-length one.
 
 `--plot` reads every metrics.csv under benchmarks/results/curves/<env>/ and writes <env>.csv
 (env_steps, algo, seed, eval_return), <env>.png (mean +- std over the seeds present at each step)
-and <env>_table.md.
+and <env>_table.md, each with the published curves (PUBLISHED) and the task's do-nothing and
+random-action returns (benchmarks/results/mujoco_tasks_baselines.md, from
+`python benchmarks/mujoco_tasks.py baselines`) beside ours. A backend other than the default
+(the papers' task) gets its own directory, <env>_<backend>: its curves are another task's.
 """
 
 import argparse
@@ -36,20 +39,51 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from algorithms import mbpo, sac, utils  # noqa: E402
+from algorithms import mbpo, sac, utils  # noqa: E402  (utils first: a multi-process run joins before Brax starts JAX)
+import envs  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "curves"
 ALGOS = ("mbpo", "sac_same_g", "sac_g1")
-# The paper's MBPO curve (Fig. 2, mean over 5 trials, on MuJoCo Hopper-v2), approximate: the file
-# data/mbpo/hopper_mbpo.pkl of facebookresearch/svg (commit c05887e), which has the format of the
-# curve files jannerm/mbpo's README links to (x in thousands of env steps from 6.019, random
-# steps included, so it lines up with our x-axis). Not a result of ours.
-PAPER = {"hopper": {6000: 167, 10000: 329, 15000: 459, 20000: 530, 25000: 587, 30000: 697}}
+# Published curves (mean over the trials; x: env steps, random steps included, as ours). Not results
+# of ours. MBPO: the paper's Fig. 2 curve files (the format jannerm/mbpo's README links to; mean of
+# 5 trials, MuJoCo v2 tasks): hopper 6k-30k from data/mbpo/hopper_mbpo.pkl of facebookresearch/svg
+# (commit c05887e); the 10k/20k/30k/50k/100k points of both tasks (hopper also 40k and 75k) as the
+# MBPO-curves issue quotes them from those files. SAC: erl_lib (TMLR 2025),
+# results/main/gym/sac/*.csv, 8 seeds on Gymnasium v4, one update per step, an ensemble critic and
+# its own warm-up: an approximate SAC reference, as quoted in the same issue.
+PUBLISHED = {
+    "hopper": {
+        "MBPO (paper)": {6000: 167, 10000: 329, 15000: 459, 20000: 530, 25000: 587, 30000: 697, 40000: 897,
+                         50000: 1702, 75000: 3034, 100000: 3315},
+        "SAC (erl_lib)": {10000: 291, 20000: 301, 30000: 484, 50000: 1125, 100000: 2667},
+    },
+    "halfcheetah": {
+        "MBPO (paper)": {10000: 1720, 20000: 4236, 30000: 5777, 50000: 7963, 100000: 9553},
+        "SAC (erl_lib)": {10000: 536, 20000: 4047, 30000: 4759, 50000: 5733, 100000: 7039},
+    },
+}
+BASELINES = Path(__file__).parent / "results" / "mujoco_tasks_baselines.md"
+
+
+def curve_name(env_id, backend=None):
+    """The task's directory under results/curves: <env> on the default backend, else <env>_<backend>."""
+    return env_id if backend in (None, envs.DEFAULT_BACKEND) else f"{env_id}_{backend}"
+
+
+def baselines(env_id, backend=None):
+    """{"do nothing": return, "random": return} of the task (mean over its episodes), read from
+    mujoco_tasks_baselines.md; {} where the table has no row."""
+    backend = backend or envs.DEFAULT_BACKEND
+    for line in BASELINES.read_text().splitlines() if BASELINES.exists() else []:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[:2] == [env_id, backend]:
+            return {"do nothing": float(cells[3]), "random actions": float(cells[5])}
+    return {}
 
 
 def make_args(env_id, algo, seed, total_timesteps, backend):
     common = dict(env_id=env_id, seed=seed, total_timesteps=total_timesteps, progress=False,
-                  run_dir=str(RESULTS / env_id / algo), run_name=f"seed{seed}")
+                  run_dir=str(RESULTS / curve_name(env_id, backend) / algo), run_name=f"seed{seed}")
     if backend:
         common["backend"] = backend
     if algo == "mbpo":
@@ -112,36 +146,40 @@ def train_one(env_id, algo, seed, total_timesteps, backend):
         print(json.dumps({"run": str(path), **record["sessions"][-1]}))
 
 
-def load(env_id):
+def load(name):
     frames = []
     for algo in ALGOS:
-        for file in sorted((RESULTS / env_id / algo).rglob("metrics.csv")):
+        for file in sorted((RESULTS / name / algo).rglob("metrics.csv")):
             df = pd.read_csv(file)[["env_steps", "seed", "eval/return"]].rename(columns={"eval/return": "eval_return"})
             frames.append(df.assign(algo=algo))
-    utils.check(bool(frames), f"no runs under {RESULTS / env_id}")
+    utils.check(bool(frames), f"no runs under {RESULTS / name}")
     return pd.concat(frames)[["env_steps", "algo", "seed", "eval_return"]].sort_values(["algo", "seed", "env_steps"])
 
 
-def plot(env_id, table_steps):
-    data = load(env_id)
-    data.to_csv(RESULTS / f"{env_id}.csv", index=False)
+def plot(env_id, backend, table_steps):
+    name = curve_name(env_id, backend)
+    data = load(name)
+    data.to_csv(RESULTS / f"{name}.csv", index=False)
+    published = PUBLISHED.get(env_id, {}) if name == env_id else {}  # the papers' task only
+    lines_at = baselines(env_id, backend)
     fig, ax = plt.subplots(figsize=(6, 4))
     for algo, group in data.groupby("algo", sort=False):
         stats = group.groupby("env_steps")["eval_return"].agg(["mean", "std", "count"])
         ax.plot(stats.index, stats["mean"], label=f"{algo} ({group['seed'].nunique()} seeds)")
         ax.fill_between(stats.index, stats["mean"] - stats["std"].fillna(0), stats["mean"] + stats["std"].fillna(0),
                         alpha=0.2)
-    if env_id in PAPER:
-        ax.plot(list(PAPER[env_id]), list(PAPER[env_id].values()), "k--", label="paper MBPO (approx., MuJoCo)")
-    ax.set(xlabel="env steps (incl. random-action steps)", ylabel="eval return (mean ± std over seeds)", title=env_id)
-    ax.legend()
+    for (label, curve), style in zip(published.items(), ("k--", "k:")):
+        ax.plot(list(curve), list(curve.values()), style, label=f"{label}, published")
+    for (label, value), style in zip(lines_at.items(), ("-.", ":")):
+        ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{label} ({value:.0f})")
+    ax.set(xlabel="env steps (incl. random-action steps)", ylabel="eval return (mean ± std over seeds)", title=name)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{env_id}.png", dpi=100)
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
     plt.close(fig)
-    # Table: mean ± std (seeds) at the chosen steps.
-    paper = PAPER.get(env_id, {})
-    lines = ["| env steps | " + " | ".join(ALGOS) + (" | paper MBPO (approx.)" if paper else "") + " |",
-             "|---" * (len(ALGOS) + 1 + bool(paper)) + "|"]
+    # Table: mean ± std (seeds) at the chosen steps, the published curves beside.
+    extra = [f"{label}, published" for label in published]
+    lines = ["| env steps | " + " | ".join([*ALGOS, *extra]) + " |", "|---" * (len(ALGOS) + 1 + len(extra)) + "|"]
     for step in table_steps:
         cells = []
         for algo in ALGOS:
@@ -149,10 +187,11 @@ def plot(env_id, table_steps):
             cells.append("-" if values.empty else
                          f"{values.mean():.0f} ± {values.std():.0f} ({len(values)})" if len(values) > 1
                          else f"{values.mean():.0f} (1)")
-        if paper:
-            cells.append(str(paper.get(step, "-")))
+        cells += [str(curve.get(step, "-")) for curve in published.values()]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    (RESULTS / f"{env_id}_table.md").write_text("\n".join(lines) + "\n")
+    lines += ["", "Baselines of the task (mean episode return, benchmarks/results/mujoco_tasks_baselines.md): "
+              + (", ".join(f"{label} {value:.1f}" for label, value in lines_at.items()) or "none measured")]
+    (RESULTS / f"{name}_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -164,13 +203,14 @@ def main():
     parser.add_argument("--total-timesteps", type=int, default=None, help="default: MBPO's preset")
     parser.add_argument("--backend", default=None, help="default: envs.DEFAULT_BACKEND")
     parser.add_argument("--plot", action="store_true", help="only aggregate the runs present")
-    parser.add_argument("--table-steps", type=int, nargs="+", default=[5000, 6000, 10000, 15000, 20000, 25000, 30000])
+    parser.add_argument("--table-steps", type=int, nargs="+",
+                        default=[5000, 6000, 10000, 15000, 20000, 25000, 30000, 40000, 50000, 75000, 100000])
     cli = parser.parse_args()
     utils.check(cli.plot or cli.algo is not None, "give --algo (to train one seed) or --plot")
     utils.enable_compilation_cache()
     if not cli.plot:
         train_one(cli.env_id, cli.algo, cli.seed, cli.total_timesteps, cli.backend)
-    plot(cli.env_id, cli.table_steps)
+    plot(cli.env_id, cli.backend, cli.table_steps)
 
 
 if __name__ == "__main__":

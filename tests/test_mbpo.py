@@ -372,6 +372,46 @@ def test_model_buffer_matches_the_reference_pool_through_resizes():
         np.testing.assert_array_equal(np.asarray(ours.obs[: ref.size]), ref.data[: ref.size])
 
 
+def _reference_programs(args, trainer):
+    """(init, chunk) built as mbpo.run builds its programs: for TINY, the reference run's compiled
+    programs (the tests' compile cache serves them)."""
+    mesh = utils.seed_mesh(args)
+    chunk = utils.over_devices(lambda state, start: utils.map_in_batches(lambda s: trainer.chunk(s, start), state,
+                                                                         args.seed_batch), mesh, replicated=1)
+    init = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)
+    return lambda: init(utils.on_devices(mbpo.seed_keys(args), mesh)), chunk
+
+
+def test_the_episode_in_progress_reaches_no_fit_rollout_or_sac_batch():
+    """The reference's sampler (softlearning's SimpleSampler) adds a path to the pool when it ends:
+    until then its rows are in no model fit, no rollout start and no SAC batch. Pendulum's episodes
+    last 200 steps, so after the random epoch (250 steps) rows 200-249 are the episode in progress;
+    poisoned (observations 1e6), not one of them may show."""
+    args = tiny_args()
+    trainer = mbpo.make_train(args)
+    init, chunk = _reference_programs(args, trainer)
+    state, _ = chunk(init(), jnp.int32(0))
+    assert int(state.real.size[0]) == 250 and int(state.unfinished[0]) == 50
+    poison = lambda x: x.at[:, 200:250].set(1e6)  # noqa: E731
+    state = state._replace(real=state.real._replace(obs=poison(state.real.obs), next_obs=poison(state.real.next_obs)))
+    n_real = int(args.real_ratio * args.sac_batch_size)
+    batches = jax.jit(jax.vmap(trainer.sample_batch, (None, 0)))(jax.tree.map(lambda x: x[0], state),
+                                                                jax.random.split(jax.random.PRNGKey(0), 200))
+    assert np.abs(np.asarray(batches[0][:, :n_real])).max() < 100  # SAC's real rows
+    state, _ = chunk(state, jnp.int32(250))  # fits, then branches k = 1 rollouts from real states
+    assert np.abs(np.asarray(state.model.input_mean)).max() < 100  # the fit's inputs
+    starts = np.asarray(state.model_data.obs[0, :int(state.model_data.size[0])])
+    assert len(starts) == args.rollout_batch_size and np.abs(starts).max() < 100  # the rollouts' starts
+    # The count follows the env's own step counter (pendulum's `time`: steps into the episode);
+    # with --no-add-at-episode-end it stays 0 (every row is seen at once).
+    runner = jax.tree.map(lambda x: x[0], state)._replace(unfinished=jnp.int32(0))
+    for flag in (True, False):
+        collect = (trainer if flag else mbpo.make_train(tiny_args(add_at_episode_end=False))).collect
+        after = jax.jit(lambda runner, key: jax.lax.fori_loop(
+            0, 130, lambda i, r: collect(r, True, jax.random.fold_in(key, i))[0], runner))(runner, jax.random.PRNGKey(1))
+        assert int(after.unfinished) == (int(after.env_state.time) if flag else 0) and int(after.env_state.time) > 0
+
+
 def test_every_sampled_model_row_was_written_as_k_grows_and_epochs_compile_once():
     """The model buffer starts as NaN: after every fit (k = 1, 2, 3) the range that SAC samples
     from, [0, size), must hold only written rows, and the ring holds retain x k x rollouts."""
@@ -385,10 +425,8 @@ def test_every_sampled_model_row_was_written_as_k_grows_and_epochs_compile_once(
 
     # Built as mbpo.run builds its programs, so that this is the reference run's compiled chunk
     # (the same program: the test's compile cache serves it), not one of its own (38 s on a worker before).
-    mesh = utils.seed_mesh(args)
-    chunk = utils.over_devices(lambda state, start: utils.map_in_batches(lambda s: counted(s, start), state,
-                                                                         args.seed_batch), mesh, replicated=1)
-    state = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)(utils.on_devices(mbpo.seed_keys(args), mesh))
+    init, chunk = _reference_programs(args, trainer._replace(chunk=counted))
+    state = init()
     nan_fields = {name: jnp.full_like(getattr(state.model_data, name), jnp.nan) for name in ("obs", "action", "next_obs")}
     state = state._replace(model_data=state.model_data._replace(**nan_fields))
     ks = []

@@ -100,7 +100,10 @@ def test_learns_inverted_pendulum(two_seeds):
     assert df.loc[~learning, "losses/critic"].isna().all()
     assert np.isfinite(df.loc[learning, ["losses/critic", "losses/actor", "losses/alpha", "charts/alpha"]]).all().all()
     assert (df.loc[learning, "charts/alpha"] < 1.0).all()
-    assert (df["charts/train_episodes"] > 0).all()
+    # Random-action epochs end many episodes (~10-40 steps each); a trained policy may balance through
+    # a whole 250-step epoch, which then reports no training return (NaN), never a stale one.
+    assert (df.loc[~learning, "charts/train_episodes"] > 3).all()
+    np.testing.assert_array_equal(df["charts/train_episodes"] == 0, df["charts/train_return"].isna())
 
 
 def test_same_seed_identical(seed1, tmp_path):
@@ -186,16 +189,30 @@ def test_buffer_stores_true_next_obs_and_termination_only():
     np.testing.assert_array_equal(next_obs[:-1][~ends[:-1]], obs[1:][~ends[:-1]])
     assert np.nonzero(ends)[0][0] == 4 and not terminated[4]  # the truncation, stored as not terminated
     assert terminated[5:-1].sum() == ends[5:-1].sum() > 3  # every later episode ended by falling
+    # The episode in progress: the rows since the last end (the last row's own end is unknown here).
+    in_progress = steps - 1 - np.nonzero(ends[:-1])[0][-1]
+    assert int(state.unfinished[0]) == in_progress > 0
+    # MBPO's reference pools a path when it ends: SAC's batches must not reach those rows. Poisoned
+    # (observations 1e6), drawn rows blow the critic loss up (measured with them drawn: 2.5e8-4.7e8).
+    poison = lambda x: x.at[:, steps - in_progress:steps].set(1e6)  # noqa: E731
+    poisoned = state._replace(buffer=state.buffer._replace(obs=poison(state.buffer.obs), next_obs=poison(state.buffer.next_obs)))
+    update = jax.jit(jax.vmap(trainer.update))
+    keys = jax.random.split(jax.random.PRNGKey(7), (20, 1))
+    losses = np.array([float(update(poisoned, k)[1]["losses/critic"][0]) for k in keys])
+    assert np.all(losses < 1e3), losses.max()
 
 
 def test_pendulum_gets_the_policys_actions_on_its_torque_bounds():
     """Actions live in [-1, 1] (tanh policy, random phase, buffer); pendulum's torque bounds are
     [-2, 2], so the env must get them rescaled: the reward it returned for each stored transition is
     the task's reward of twice the stored action (the torque cost 0.001 u^2 tells 2a from a)."""
-    args = sac.resolve(sac.Args(**{**SHORT, "env_id": "pendulum"}))
+    args = sac.resolve(sac.Args(**{**SHORT, "env_id": "pendulum", "add_at_episode_end": False}))
     trainer = sac.make_train(args)
     state = jax.jit(jax.vmap(trainer.init))(sac.seed_keys(args))
     state, _ = jax.jit(jax.vmap(trainer.chunk, in_axes=(0, None)))(state, jnp.int32(0))  # random actions
+    # --no-add-at-episode-end: no row is held back (with the default, the 50 rows after pendulum's
+    # 200-step episode would be).
+    assert int(state.unfinished[0]) == 0 and int(state.env_state.time[0]) == 50
     buf = jax.tree.map(lambda x: np.asarray(x[0]), state.buffer)
     n = args.epoch_length
     obs, action, reward, next_obs = buf.obs[:n], buf.action[:n], buf.reward[:n], buf.next_obs[:n]
@@ -217,6 +234,12 @@ def test_buffer_ring_keeps_the_latest():
     np.testing.assert_array_equal(buf.terminated, [False, True, False])
     sampled = buf.sample(jax.random.PRNGKey(0), 100)[2]
     assert set(np.asarray(sampled).tolist()) == {2.0, 3.0, 4.0}
+    # The newest `hidden` rows (the episode in progress) are never drawn, full ring or not.
+    assert set(np.asarray(buf.sample(jax.random.PRNGKey(0), 100, 1)[2]).tolist()) == {2.0, 3.0}
+    part = sac.Buffer.empty(5, 2, 1)
+    for i in range(4):
+        part = part.add((jnp.full(2, i), jnp.full(1, i), jnp.float32(i), jnp.full(2, i + 1), jnp.bool_(False)))
+    assert set(np.asarray(part.sample(jax.random.PRNGKey(0), 100, 2)[2]).tolist()) == {0.0, 1.0}
 
 
 # ---------------------------------------------------------------------------------------------
