@@ -30,8 +30,9 @@ What the paper (Sec. 5, App. C) and its reference code (jannerm/mbpo) fix, and w
 * Real transitions join the data that fits, rollout starts and SAC's real rows see when their
   episode ends (`--add-at-episode-end`, the default): the reference's sampler (softlearning's
   `SimpleSampler`) adds a whole path to the pool at its end. Its random phase also runs on until
-  a path ends with >= 5000 rows pooled; ours is exactly `init_steps` steps (a random hopper
-  episode lasts ~20 steps; halfcheetah's 1000-step episodes end exactly at 5000).
+  a path ends with >= 5000 rows pooled; ours is exactly `init_steps` steps (a random-action
+  hopper episode lasts 25-40 steps, benchmarks/results/mujoco_tasks_baselines.md; halfcheetah's
+  1000-step episodes end exactly at 5000).
 
 Choices where the paper is silent (and why):
 * Holdout loss is the MSE of the mean prediction, as in the reference code, which ranks the
