@@ -92,7 +92,8 @@ def test_learns_inverted_pendulum(two_seeds):
     print("\neval/return per epoch:\n" + curve.round(1).T.to_string())
     # A uniform-random policy balances for ~10-40 steps; so does the untrained policy.
     assert (curve.iloc[0] < 60).all()
-    # Measured on 6 seeds: every seed >= 100 from 2000 steps on, 100-270 typical.
+    # Measured on 6 seeds before the reference's data path (--add-at-episode-end): every seed >= 100
+    # from 2000 steps on, 100-270 typical; with it, this fixture's 2 seeds: 122-274 from 1250 steps on.
     assert (curve.iloc[-4:].max() > 80).all(), curve.iloc[-4:]
     assert curve.iloc[-4:].to_numpy().mean() > 80
     # Losses are NaN before init_steps (no updates) and finite after; alpha is tuned.
