@@ -11,9 +11,12 @@ with `algorithms/mbpo.py --num-seeds N`). A seed is a normal run of `algorithms/
 `algorithms/sac.py` in benchmarks/results/curves/<env>/<algo>/seed<S>/, resumable: started again,
 the script continues it from its last checkpoint. Each invocation appends its commit, backend,
 CPU, steps covered and wall-clock to run.json there, so a curve put together over several
-sessions says where every piece came from. `--total-timesteps` is only where a run stops: the
-k schedule, buffers and everything else follow the preset, so a 30k run is the first 30k steps of
-the full-length one.
+sessions says where every piece came from. A fresh machine has no checkpoint.eqx (git ignores it:
+MBPO's holds the model pool); `--portable` writes portable.npz, the state without the pool's rows,
+to commit, and a run resumes from it with an empty pool (what that changes: the comment at
+PORTABLE). `--total-timesteps` is only where a run stops: the k schedule, buffers and everything
+else follow the preset, so a 30k run is the first 30k steps of the full-length one up to rounding
+(the real buffer's length is the run's total, and XLA's kernels round by shape).
 
 `--plot` reads every metrics.csv under benchmarks/results/curves/<env>/ and writes <env>.csv
 (env_steps, algo, seed, eval_return), <env>.png (mean +- std over the seeds present at each step)
@@ -33,7 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -111,10 +116,67 @@ def commit():
         return "unknown"
 
 
+# --- resuming on a fresh machine ----------------------------------------------------------------
+# checkpoint.eqx (ignored by git) holds MBPO's model pool, allocated for the run's largest k: 0.7 GB
+# on hopper. portable.npz is the same state without the pool's rows, compressed (`--portable`
+# writes it from the checkpoint, for a commit at a session's end). A run that has portable.npz and
+# no checkpoint.eqx continues from it with an empty pool. What that changes: the reference's pool
+# (retain_epochs = 1) still holds the previous epoch's rollouts when an epoch starts; after such a
+# resume the SAC batches of the first epoch's model periods draw their model rows only from the
+# rollouts made since (the fit and the first branch come before any update, so the pool is never
+# empty when sampled), and every random draw differs from an unbroken run's from there on.
+PORTABLE = "portable.npz"
+POOL_ROWS = ("obs", "action", "reward", "next_obs", "terminated")  # the Buffer fields that hold rows
+
+
+def _state_shape(module, path):
+    args = utils.RunDir(path).load_args(module.Args)
+    return jax.eval_shape(jax.vmap(module.make_train(args).init), module.seed_keys(args))
+
+
+def _pool_field(key_path):
+    """The Buffer field name if this leaf is in MBPO's model pool (`RunnerState.model_data`), else None."""
+    names = [getattr(k, "name", None) for k in key_path]
+    return names[names.index("model_data") + 1] if "model_data" in names else None
+
+
+def save_portable(module, path):
+    like = _state_shape(module, path)
+    state, info = utils.RunDir(path).load_checkpoint(like)
+    utils.check(state is not None, f"{path}: no checkpoint.eqx to make {PORTABLE} from")
+    kept = {str(i): np.asarray(x) for i, (key_path, x) in enumerate(jax.tree_util.tree_flatten_with_path(state)[0])
+            if hasattr(x, "dtype") and _pool_field(key_path) not in POOL_ROWS}
+    np.savez_compressed(path / PORTABLE, env_steps=info["env_steps"], chunks=info["chunks"], **kept)
+    print(json.dumps({"portable": str(path / PORTABLE), "env_steps": info["env_steps"],
+                      "bytes": (path / PORTABLE).stat().st_size}))
+
+
+def restore_portable(module, path):
+    """checkpoint.eqx from portable.npz: the saved leaves, and an empty model pool of the same capacity."""
+    saved = np.load(path / PORTABLE)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(_state_shape(module, path))
+    state = []
+    for i, (key_path, like) in enumerate(leaves):
+        if not hasattr(like, "dtype"):
+            state.append(like)
+        elif _pool_field(key_path) in (*POOL_ROWS, "insert_pos", "size"):
+            state.append(np.zeros(like.shape, like.dtype))  # no rows: size 0, next row at 0
+        else:
+            utils.check(str(i) in saved and saved[str(i)].shape == like.shape,
+                        f"{path / PORTABLE} does not match this code's state (leaf {i})")
+            state.append(saved[str(i)])
+    env_steps, chunks = int(saved["env_steps"]), int(saved["chunks"])
+    utils.RunDir(path).save_checkpoint(jax.tree_util.tree_unflatten(treedef, state), env_steps, chunks)
+    return env_steps
+
+
 def train_one(env_id, algo, seed, total_timesteps, backend):
     module, args = make_args(env_id, algo, seed, total_timesteps, backend)
     path = Path(args.run_dir) / args.run_name
     resuming = (path / "args.json").exists()
+    note = None
+    if resuming and not (path / "checkpoint.eqx").exists() and (path / PORTABLE).exists():
+        note = f"resumed from {PORTABLE} at env step {restore_portable(module, path)}, with an empty model pool"
     if resuming:
         stored = json.loads((path / "args.json").read_text())
         utils.check(total_timesteps is None or stored["total_timesteps"] == total_timesteps,
@@ -140,6 +202,7 @@ def train_one(env_id, algo, seed, total_timesteps, backend):
             "env_steps_from": start_steps, "env_steps_to": done, "wall_clock_s": round(end - start, 1),
             **({"interrupted": "stopped before the end; steps after the last checkpoint are redone on resume"}
                if interrupted else {}),
+            **({"resume": note} if note else {}),
         })
         record["wall_clock_s_total"] = round(sum(s["wall_clock_s"] for s in record["sessions"]), 1)
         record_file.write_text(json.dumps(record, indent=2))
@@ -203,11 +266,16 @@ def main():
     parser.add_argument("--total-timesteps", type=int, default=None, help="default: MBPO's preset")
     parser.add_argument("--backend", default=None, help="default: envs.DEFAULT_BACKEND")
     parser.add_argument("--plot", action="store_true", help="only aggregate the runs present")
+    parser.add_argument("--portable", action="store_true",
+                        help=f"write the seed's {PORTABLE} from its checkpoint (to commit), then stop")
     parser.add_argument("--table-steps", type=int, nargs="+",
                         default=[5000, 6000, 10000, 15000, 20000, 25000, 30000, 40000, 50000, 75000, 100000])
     cli = parser.parse_args()
     utils.check(cli.plot or cli.algo is not None, "give --algo (to train one seed) or --plot")
     utils.enable_compilation_cache()
+    if cli.portable:
+        module, args = make_args(cli.env_id, cli.algo, cli.seed, None, cli.backend)
+        return save_portable(module, Path(args.run_dir) / args.run_name)
     if not cli.plot:
         train_one(cli.env_id, cli.algo, cli.seed, cli.total_timesteps, cli.backend)
     plot(cli.env_id, cli.backend, cli.table_steps)

@@ -288,6 +288,33 @@ def test_pendulum_gets_the_policys_actions_on_its_torque_bounds(reference):
     assert np.abs(reward - np.asarray(env.reward_fn(obs, action, next_obs))).max() > 1e-3
 
 
+def test_curves_portable_checkpoint_is_the_checkpoint_without_the_model_pools_rows(reference, tmp_path):
+    """benchmarks/mbpo_curves.py's portable.npz (committed so that a fresh machine can resume a
+    curve run): restored, it gives back every leaf of the run's own checkpoint, and an empty model
+    pool of the same capacity in place of the pool's rows."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import mbpo_curves
+
+    path = tmp_path / "seed0"
+    shutil.copytree(reference[0].path, path)
+    mbpo_curves.save_portable(mbpo, path)
+    like = mbpo_curves._state_shape(mbpo, path)
+    saved, counters = utils.RunDir(path).load_checkpoint(like)
+    (path / "checkpoint.eqx").unlink()
+    assert mbpo_curves.restore_portable(mbpo, path) == counters["env_steps"] == 1000
+    restored, restored_counters = utils.RunDir(path).load_checkpoint(like)
+    assert restored_counters == counters and int(saved.model_data.size[0]) == 3000  # the run's pool was full
+    for (key_path, a), b in zip(jax.tree_util.tree_leaves_with_path(saved), jax.tree.leaves(restored)):
+        field = mbpo_curves._pool_field(key_path)
+        if field in (*mbpo_curves.POOL_ROWS, "insert_pos", "size"):
+            assert not np.any(np.asarray(b)), jax.tree_util.keystr(key_path)
+        else:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(key_path))
+    assert int(restored.model_data.capacity[0]) == 3000 and int(restored.real.size[0]) == 1000
+
+
 def test_same_seed_gives_identical_metrics(reference, tmp_path):
     _, df = _run(tmp_path)
     pd.testing.assert_frame_equal(df.drop(columns="charts/steps_per_second"),
