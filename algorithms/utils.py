@@ -96,10 +96,7 @@ def reported_failures():
 def cli(args_cls):
     """Parse the command line into `args_cls` (tyro) and turn the persistent compile cache on."""
     enable_compilation_cache()
-    args = tyro.cli(args_cls)
-    check(jax.process_count() == 1 or args.run_name or args.resume or args.evaluate or args.render,
-          "a multi-process run needs --run-name: every process opens the same run directory")
-    return args
+    return tyro.cli(args_cls)
 
 
 # --- seeds over devices and processes -----------------------------------------------
@@ -113,6 +110,8 @@ def join_processes(argv):
     parser.add_argument("--coordinator")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
+    for name in ("--run-name", "--resume", "--evaluate", "--render"):
+        parser.add_argument(name)
     flags = parser.parse_known_args(argv)[0]
     if flags.coordinator is None:
         check(flags.num_processes in (None, 1), "--num-processes > 1 needs --coordinator HOST:PORT (or auto)")
@@ -120,6 +119,9 @@ def join_processes(argv):
     auto = flags.coordinator == "auto"
     check(auto or None not in (flags.num_processes, flags.process_id),
           "--coordinator HOST:PORT needs --num-processes and --process-id (or use --coordinator auto)")
+    # Checked before joining: a process that fails after it has joined leaves its peers waiting.
+    check(flags.run_name or flags.resume or flags.evaluate or flags.render,
+          "a multi-process run needs --run-name: every process opens the same run directory")
     jax.distributed.initialize(None if auto else flags.coordinator, flags.num_processes, flags.process_id)
 
 
@@ -215,9 +217,12 @@ class RunDir:
     def __init__(self, path, args=None):
         self.path = Path(path)
         if is_writer():
-            self.path.mkdir(parents=True, exist_ok=True)
-            if args is not None:
-                (self.path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+            try:  # before anything compiles: a run that cannot write its directory stops at once
+                self.path.mkdir(parents=True, exist_ok=True)
+                if args is not None:
+                    (self.path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+            except OSError as error:
+                check(False, f"cannot write the run directory {self.path}: {error.strerror}")
 
     @staticmethod
     def new_name(env_id: str, algo: str, seed: int) -> str:

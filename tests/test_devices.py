@@ -153,8 +153,14 @@ def test_gpu_check_smoke_runs_every_algorithm(tmp_path):
 
 
 def test_multi_process_flags_are_checked_before_anything_starts():
-    for flags, message in [(["--num-processes", "2"], "needs --coordinator"),
-                           (["--coordinator", "127.0.0.1:1234"], "needs --num-processes and --process-id")]:
-        done = subprocess.run([sys.executable, str(ROOT / "algorithms" / "sac.py"), *flags], capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    """Each bad combination stops with one line before the process joins: a process that has
+    joined waits for its peers (tdml.py without --run-name used to wait there, with no peer)."""
+    port = free_port()
+    for algo, flags, message in [
+        ("sac", ["--num-processes", "2"], "needs --coordinator"),
+        ("sac", ["--coordinator", "127.0.0.1:1234"], "needs --num-processes and --process-id"),
+        ("tdml", ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1"], "needs --run-name"),
+    ]:
+        done = subprocess.run([sys.executable, str(ROOT / "algorithms" / f"{algo}.py"), *flags], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "JAX_PLATFORMS": "cpu"})
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -163,6 +163,17 @@ def test_brax_html_shows_the_scene_in_a_headless_browser(tmp_path):
     assert (np.abs(centre - background).sum(-1) > 30).sum() > 50
 
 
+def test_a_run_directory_that_cannot_be_written_stops_with_one_line(tmp_path):
+    """Before anything compiles: `--run-dir` under /proc, where no directory can be made, and under
+    a regular file. Both used to end in an OSError traceback."""
+    (tmp_path / "file").write_text("")
+    for run_dir in ["/proc/mbrl-jax-run", str(tmp_path / "file" / "runs")]:
+        done = subprocess.run([sys.executable, str(ROOT / "algorithms" / "sac.py"), "--env-id", "pendulum",
+                               "--run-dir", run_dir, "--run-name", "x"], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith("error: cannot write the run directory"), done.stderr
+
+
 # --- benchmarks/plot.py ------------------------------------------------------------------------
 def _fake_run(path, seeds, offset):
     path.mkdir(parents=True)
