@@ -276,7 +276,54 @@ class RunnerState(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses and update
+# INIT
+def optimizer(args):
+    return optax.adam(args.sac_lr)
+
+
+def init(args, env, env_params, key):
+    """A fresh run: the env's first state, the networks (target critics = critics), alpha = 1 and an
+    empty replay buffer."""
+    key, env_key, actor_key, critic_key = jax.random.split(key, 4)
+    obs, env_state = env.reset(env_key, env_params)
+    obs_size, action_size = env.obs_size, env.action_size
+    actor = Actor(MLP(actor_key, obs_size, 2 * action_size, args.sac_width, args.sac_depth))
+    critics = Critics(eqx.filter_vmap(lambda k: MLP(k, obs_size + action_size, 1, args.sac_width, args.sac_depth))(
+        jax.random.split(critic_key, 2)))
+    log_alpha = jnp.float32(0.0)
+    adam = optimizer(args)
+    sac = SACState(actor, critics, critics, log_alpha, adam.init(eqx.filter(actor, eqx.is_array)),
+                   adam.init(eqx.filter(critics, eqx.is_array)), adam.init(log_alpha))
+    return RunnerState(env_state=env_state, obs=obs, buffer=Buffer.empty(args.buffer_size, obs_size, action_size),
+                       sac=sac, episode_return=jnp.float32(0.0), unfinished=jnp.int32(0), key=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# COLLECT
+def collect(args, env, env_params, runner, random_actions, key):
+    """One env step with a uniform-random or policy action; returns the finished episode's
+    return (NaN if the episode goes on)."""
+    action_key, step_key = jax.random.split(key)
+    action = jax.lax.cond(
+        random_actions,
+        lambda: jax.random.uniform(action_key, (env.action_size,), minval=-1.0, maxval=1.0),
+        lambda: sample_action(runner.sac.actor, runner.obs, action_key)[0],
+    )
+    # Actions live in [-1, 1] (tanh policy, random phase, buffer); the env gets them on its own bounds.
+    next_obs, env_state, reward, terminated, truncated, info = env.step(
+        step_key, runner.env_state, utils.to_env_actions(env, env_params)(action), env_params)
+    # Store the true next observation and `terminated` alone (truncation is not an MDP end).
+    buffer = runner.buffer.add((runner.obs, action, reward, info["final_observation"], terminated))
+    done = terminated | truncated
+    episode_return = runner.episode_return + reward
+    unfinished = jnp.where(done, 0, runner.unfinished + 1) if args.add_at_episode_end else runner.unfinished
+    runner = runner._replace(env_state=env_state, obs=next_obs, buffer=buffer, unfinished=unfinished,
+                             episode_return=jnp.where(done, 0.0, episode_return))
+    return runner, jnp.where(done, episode_return, jnp.nan)
+
+
+# ---------------------------------------------------------------------------------------------
+# UPDATE
 def critic_target(sac, reward, next_obs, terminated, key, gamma):
     """Soft TD target (eqs. 2-3 with clipped double Q): r + gamma (1 - terminated)
     (min_i Q_target_i(s', a') - alpha log pi(a'|s')), a' ~ pi(s'). Bootstraps through
@@ -288,7 +335,7 @@ def critic_target(sac, reward, next_obs, terminated, key, gamma):
     return reward + gamma * (1.0 - terminated) * (next_q - alpha * next_logp)
 
 
-def sac_update(args, optimizer, sac, batch, key):
+def sac_update(args, sac, batch, key):
     """One gradient step of critics (eq. 5), actor (eq. 9, reparameterized) and temperature
     (eq. 18), then the Polyak update of the target critics."""
     obs, action, reward, next_obs, terminated = batch
@@ -312,11 +359,12 @@ def sac_update(args, optimizer, sac, batch, key):
         lambda log_alpha: -jnp.mean(log_alpha * jax.lax.stop_gradient(logp + args.target_entropy))
     )(sac.log_alpha)
 
-    c_updates, critic_opt = optimizer.update(c_grads, sac.critic_opt)
+    adam = optimizer(args)
+    c_updates, critic_opt = adam.update(c_grads, sac.critic_opt)
     critics = eqx.apply_updates(sac.critics, c_updates)
-    a_updates, actor_opt = optimizer.update(a_grads, sac.actor_opt)
+    a_updates, actor_opt = adam.update(a_grads, sac.actor_opt)
     actor = eqx.apply_updates(sac.actor, a_updates)
-    al_update, alpha_opt = optimizer.update(alpha_grad, sac.alpha_opt)
+    al_update, alpha_opt = adam.update(alpha_grad, sac.alpha_opt)
     log_alpha = sac.log_alpha + al_update
     target_critics = jax.tree.map(lambda t, o: (1 - args.tau) * t + args.tau * o, sac.target_critics, critics)
     sac = SACState(actor, critics, target_critics, log_alpha, actor_opt, critic_opt, alpha_opt)
@@ -324,137 +372,96 @@ def sac_update(args, optimizer, sac, batch, key):
                  "charts/alpha": jnp.exp(log_alpha), "charts/entropy": -jnp.mean(logp)}
 
 
+def update(args, runner, key):
+    """G SAC updates, each on a fresh uniform batch from the replay buffer (all but the episode in
+    progress); the metrics are their means."""
+
+    def one_update(sac, key):
+        sample_key, update_key = jax.random.split(key)
+        batch = runner.buffer.sample(sample_key, args.sac_batch_size, runner.unfinished)
+        return sac_update(args, sac, batch, update_key)
+
+    sac, metrics = jax.lax.scan(one_update, runner.sac, jax.random.split(key, args.updates_per_step))
+    return runner._replace(sac=sac), jax.tree.map(jnp.mean, metrics)
+
+
 # ---------------------------------------------------------------------------------------------
-def make_train(args: Args):
-    """Returns `Trainer(init, chunk, evaluate, train, num_chunks, sac_update, update)`:
-
-    * `init(key) -> RunnerState`
-    * `chunk(state, start_step) -> (state, metrics)`: one epoch (`epoch_length` env steps, each
-      one env step then G updates) plus an evaluation; `start_step` is shared by all seeds
-      (unbatched), so the switch at `init_steps` is a real branch even under `vmap`.
-    * `train(key) -> (state, metrics)`: the whole run as one pure function, `jax.vmap`-able.
-    """
-    env, env_params = make_env(args)
-    obs_size, action_size = env.obs_size, env.action_size
-    # Actions live in [-1, 1] (tanh policy, random phase, buffers, model); the env gets them on its own bounds.
+# EVALUATE
+def evaluate(args, env, env_params, actor, key):
+    """Mean return of `eval_episodes` deterministic-policy episodes in the real env (as mbpo.py's,
+    but stepping only until every episode has ended, not always the time limit)."""
+    reset_key, key = jax.random.split(key)
+    obs, state = jax.vmap(env.reset, (0, None))(jax.random.split(reset_key, args.eval_episodes), env_params)
     to_env = utils.to_env_actions(env, env_params)
+
+    def step(carry):
+        t, obs, state, total, running = carry
+        action = jax.vmap(deterministic_action, (None, 0))(actor, obs)
+        obs, state, reward, terminated, truncated, _ = jax.vmap(env.step, (0, 0, 0, None))(
+            jax.random.split(jax.random.fold_in(key, t), args.eval_episodes), state, to_env(action), env_params)
+        total = total + reward * running
+        return t + 1, obs, state, total, running & ~(terminated | truncated)
+
+    init = (jnp.int32(0), obs, state, jnp.zeros(args.eval_episodes), jnp.ones(args.eval_episodes, bool))
+    # The time limit (truncation) ends every episode within max_steps_in_episode steps.
+    total = jax.lax.while_loop(lambda carry: jnp.any(carry[-1]), step, init)[3]
+    return jnp.mean(total)
+
+
+# ---------------------------------------------------------------------------------------------
+# One epoch: Algorithm 1's loop over env steps, then an evaluation
+def env_step(args, env, env_params, runner, t):
+    """One env step, then G gradient steps once learning has begun (`t` is the unbatched global
+    step, so under vmap this cond stays a branch). Before that the update's metrics are NaN."""
+    key, collect_key, update_key = jax.random.split(runner.key, 3)
+    runner, finished_return = collect(args, env, env_params, runner._replace(key=key), t < args.init_steps, collect_key)
+    no_update = jax.tree.map(lambda m: jnp.full(m.shape, jnp.nan, m.dtype),
+                             jax.eval_shape(partial(update, args), runner, update_key)[1])
+    runner, sac_metrics = jax.lax.cond(t >= args.init_steps, partial(update, args), lambda r, k: (r, no_update),
+                                       runner, update_key)
+    return runner, (finished_return, sac_metrics)
+
+
+def chunk(args, env, env_params, runner, start_step):
+    """`epoch_length` env steps from `start_step` (shared by all seeds, unbatched), then an evaluation."""
+    runner, (returns, sac_metrics) = jax.lax.scan(partial(env_step, args, env, env_params), runner,
+                                                  start_step + jnp.arange(args.epoch_length))
+    key, eval_key = jax.random.split(runner.key)
+    runner = runner._replace(key=key)
+    finished = jnp.isfinite(returns)
+    metrics = {
+        "env_steps": start_step + args.epoch_length,
+        "eval/return": evaluate(args, env, env_params, runner.sac.actor, eval_key),
+        # NaN when no training episode ended in this epoch (allowed by the host's NaN check).
+        "charts/train_return": jnp.sum(jnp.where(finished, returns, 0.0)) / jnp.sum(finished),
+        "charts/train_episodes": jnp.sum(finished),
+        # Means over the epoch's updating steps (NaN if it had none: before learning starts).
+        **{k: jnp.nanmean(v) for k, v in sac_metrics.items()},
+    }
+    return runner, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+class Trainer(NamedTuple):
+    init: callable  # init(key) -> RunnerState
+    chunk: callable  # chunk(state, start_step) -> (state, metrics): one epoch
+    evaluate: callable  # evaluate(actor, key) -> mean return
+    train: callable  # train(key) -> (state, metrics of every epoch): the whole run, jax.vmap-able
+    num_chunks: int
+
+
+def make_train(args: Args) -> Trainer:
+    """The phases above bound to `args` and its env."""
+    env, env_params = make_env(args)
     num_chunks = args.total_timesteps // args.epoch_length
-    optimizer = optax.adam(args.sac_lr)
-
-    # --- init -------------------------------------------------------------------------------
-    def init(key):
-        key, env_key, actor_key, critic_key = jax.random.split(key, 4)
-        obs, env_state = env.reset(env_key, env_params)
-        actor = Actor(MLP(actor_key, obs_size, 2 * action_size, args.sac_width, args.sac_depth))
-        critics = Critics(eqx.filter_vmap(lambda k: MLP(k, obs_size + action_size, 1, args.sac_width, args.sac_depth))(
-            jax.random.split(critic_key, 2)))
-        log_alpha = jnp.float32(0.0)
-        sac = SACState(actor, critics, critics, log_alpha, optimizer.init(eqx.filter(actor, eqx.is_array)),
-                       optimizer.init(eqx.filter(critics, eqx.is_array)), optimizer.init(log_alpha))
-        return RunnerState(env_state=env_state, obs=obs, buffer=Buffer.empty(args.buffer_size, obs_size, action_size),
-                           sac=sac, episode_return=jnp.float32(0.0), unfinished=jnp.int32(0), key=key)
-
-    # --- COLLECT --------------------------------------------------------------------------------
-    def collect(runner, random_actions, key):
-        """One env step with a uniform-random or policy action; returns the finished episode's
-        return (NaN if the episode goes on)."""
-        action_key, step_key = jax.random.split(key)
-        action = jax.lax.cond(
-            random_actions,
-            lambda: jax.random.uniform(action_key, (action_size,), minval=-1.0, maxval=1.0),
-            lambda: sample_action(runner.sac.actor, runner.obs, action_key)[0],
-        )
-        next_obs, env_state, reward, terminated, truncated, info = env.step(
-            step_key, runner.env_state, to_env(action), env_params)
-        # Store the true next observation and `terminated` alone (truncation is not an MDP end).
-        buffer = runner.buffer.add((runner.obs, action, reward, info["final_observation"], terminated))
-        done = terminated | truncated
-        episode_return = runner.episode_return + reward
-        unfinished = jnp.where(done, 0, runner.unfinished + 1) if args.add_at_episode_end else runner.unfinished
-        runner = runner._replace(env_state=env_state, obs=next_obs, buffer=buffer, unfinished=unfinished,
-                                 episode_return=jnp.where(done, 0.0, episode_return))
-        return runner, jnp.where(done, episode_return, jnp.nan)
-
-    # --- UPDATE AGENT ---------------------------------------------------------------------------
-    def update(runner, key):
-        """G SAC updates, each on a fresh uniform batch from the replay buffer."""
-
-        def one_update(sac, key):
-            sample_key, update_key = jax.random.split(key)
-            return sac_update(args, optimizer, sac, runner.buffer.sample(sample_key, args.sac_batch_size, runner.unfinished), update_key)
-
-        sac, metrics = jax.lax.scan(one_update, runner.sac, jax.random.split(key, args.updates_per_step))
-        return runner._replace(sac=sac), jax.tree.map(jnp.mean, metrics)
-
-    # --- one epoch ------------------------------------------------------------------------------
-    empty_sac = {"losses/critic": jnp.nan, "losses/actor": jnp.nan, "losses/alpha": jnp.nan,
-                 "charts/alpha": jnp.nan, "charts/entropy": jnp.nan}
-
-    def env_step(runner, t):
-        """Algorithm 1's inner loop: one env step, then G gradient steps once learning has begun
-        (`t` is the unbatched global step, so under vmap this cond stays a branch)."""
-        key, collect_key, update_key = jax.random.split(runner.key, 3)
-        runner, finished_return = collect(runner._replace(key=key), t < args.init_steps, collect_key)
-        runner, sac_metrics = jax.lax.cond(t >= args.init_steps, update, lambda r, k: (r, empty_sac),
-                                           runner, update_key)
-        return runner, (finished_return, sac_metrics)
-
-    def evaluate(actor, key):
-        """Mean return of `eval_episodes` deterministic-policy episodes in the real env (as
-        mbpo.py's, but stepping only until every episode has ended, not always the time limit)."""
-        reset_key, key = jax.random.split(key)
-        obs, state = jax.vmap(env.reset, (0, None))(jax.random.split(reset_key, args.eval_episodes), env_params)
-
-        def step(carry):
-            t, obs, state, total, running = carry
-            action = jax.vmap(deterministic_action, (None, 0))(actor, obs)
-            obs, state, reward, terminated, truncated, _ = jax.vmap(env.step, (0, 0, 0, None))(
-                jax.random.split(jax.random.fold_in(key, t), args.eval_episodes), state, to_env(action), env_params)
-            total = total + reward * running
-            return t + 1, obs, state, total, running & ~(terminated | truncated)
-
-        init = (jnp.int32(0), obs, state, jnp.zeros(args.eval_episodes), jnp.ones(args.eval_episodes, bool))
-        # The time limit (truncation) ends every episode within max_steps_in_episode steps.
-        total = jax.lax.while_loop(lambda carry: jnp.any(carry[-1]), step, init)[3]
-        return jnp.mean(total)
-
-    def chunk(runner, start_step):
-        runner, (returns, sac_metrics) = jax.lax.scan(env_step, runner, start_step + jnp.arange(args.epoch_length))
-        key, eval_key = jax.random.split(runner.key)
-        runner = runner._replace(key=key)
-        finished = jnp.isfinite(returns)
-        metrics = {
-            "env_steps": start_step + args.epoch_length,
-            "eval/return": evaluate(runner.sac.actor, eval_key),
-            # NaN when no training episode ended in this epoch (allowed by the host's NaN check).
-            "charts/train_return": jnp.sum(jnp.where(finished, returns, 0.0)) / jnp.sum(finished),
-            "charts/train_episodes": jnp.sum(finished),
-            # Means over the epoch's updating steps (NaN if it had none: before learning starts).
-            **{k: jnp.nanmean(v) for k, v in sac_metrics.items()},
-        }
-        return runner, metrics
 
     def train(key):
-        runner = init(key)
+        runner = init(args, env, env_params, key)
+        return jax.lax.scan(lambda r, i: chunk(args, env, env_params, r, i * args.epoch_length), runner,
+                            jnp.arange(num_chunks))
 
-        def one_chunk(runner, i):
-            return chunk(runner, i * args.epoch_length)
-
-        return jax.lax.scan(one_chunk, runner, jnp.arange(num_chunks))
-
-    return Trainer(init, chunk, evaluate, train, num_chunks, partial(sac_update, args, optimizer), update)
-
-
-class Trainer(NamedTuple):
-    init: callable
-    chunk: callable
-    evaluate: callable
-    train: callable
-    num_chunks: int
-    # exposed for tests and for reuse: sac_update(sac_state, batch, key) -> (sac_state, metrics);
-    # update(runner, key) -> (runner, metrics): G updates on batches drawn from the replay buffer
-    sac_update: callable
-    update: callable
+    return Trainer(partial(init, args, env, env_params), partial(chunk, args, env, env_params),
+                   partial(evaluate, args, env, env_params), train, num_chunks)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def test_critic_target_bootstraps_unless_terminated():
             q = jnp.min(state.target_critics(next_obs[i], a))
             by_hand.append(reward[i] + args.gamma * (q - jnp.exp(-1.0) * logp))
         update_key = jax.random.PRNGKey(2)
-        _, metrics = trainer.sac_update(state, (obs, action, reward, next_obs, terminated), update_key)
+        _, metrics = sac.sac_update(args, state, (obs, action, reward, next_obs, terminated), update_key)
         next_key = jax.random.split(update_key)[0]  # the key sac_update gives critic_target
         update_target = sac.critic_target(state, reward, next_obs, terminated, next_key, args.gamma)
         q = jax.vmap(state.critics)(obs, action)
@@ -197,7 +197,7 @@ def test_buffer_stores_true_next_obs_and_termination_only():
     # (observations 1e6), drawn rows blow the critic loss up (measured with them drawn: 2.5e8-4.7e8).
     poison = lambda x: x.at[:, steps - in_progress:steps].set(1e6)  # noqa: E731
     poisoned = state._replace(buffer=state.buffer._replace(obs=poison(state.buffer.obs), next_obs=poison(state.buffer.next_obs)))
-    update = jax.jit(jax.vmap(trainer.update))
+    update = jax.jit(jax.vmap(functools.partial(sac.update, args)))
     keys = jax.random.split(jax.random.PRNGKey(7), (20, 1))
     losses = np.array([float(update(poisoned, k)[1]["losses/critic"][0]) for k in keys])
     assert np.all(losses < 1e3), losses.max()
