@@ -113,6 +113,8 @@ class Args:
     """G, SAC gradient updates per env step (1 = standard SAC; 20 = MBPO's ratio on most tasks)"""
     target_entropy: float | None = None
     """entropy target of the automatic temperature tuning (preset per task as MBPO; else -action_size)"""
+    init_alpha: float = 1.0
+    """the temperature alpha at the start (softlearning's and the SAC paper's: 1)"""
     gamma: float = 0.99
     """discount"""
     tau: float = 5e-3
@@ -162,6 +164,7 @@ def resolve(args: Args) -> Args:
     check(args.init_steps >= 0, f"--init-steps must be >= 0, got {args.init_steps}")
     check(args.sac_lr > 0, f"--sac-lr must be positive, got {args.sac_lr}")
     check(0.0 < args.gamma <= 1.0 and 0.0 < args.tau <= 1.0, "--gamma and --tau must be in (0, 1]")
+    check(args.init_alpha > 0, f"--init-alpha must be positive, got {args.init_alpha}")
     check(args.total_timesteps % args.epoch_length == 0,
           f"--total-timesteps {args.total_timesteps} must be a multiple of --epoch-length {args.epoch_length}")
     check(args.total_timesteps > args.init_steps, "--total-timesteps must exceed --init-steps")
@@ -277,7 +280,7 @@ class RunnerState(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------
 # INIT
-def optimizer(args):
+def sac_optimizer(args):
     return optax.adam(args.sac_lr)
 
 
@@ -290,8 +293,8 @@ def init(args, env, env_params, key):
     actor = Actor(MLP(actor_key, obs_size, 2 * action_size, args.sac_width, args.sac_depth))
     critics = Critics(eqx.filter_vmap(lambda k: MLP(k, obs_size + action_size, 1, args.sac_width, args.sac_depth))(
         jax.random.split(critic_key, 2)))
-    log_alpha = jnp.float32(0.0)
-    adam = optimizer(args)
+    log_alpha = jnp.float32(np.log(args.init_alpha))
+    adam = sac_optimizer(args)
     sac = SACState(actor, critics, critics, log_alpha, adam.init(eqx.filter(actor, eqx.is_array)),
                    adam.init(eqx.filter(critics, eqx.is_array)), adam.init(log_alpha))
     return RunnerState(env_state=env_state, obs=obs, buffer=Buffer.empty(args.buffer_size, obs_size, action_size),
@@ -359,7 +362,7 @@ def sac_update(args, sac, batch, key):
         lambda log_alpha: -jnp.mean(log_alpha * jax.lax.stop_gradient(logp + args.target_entropy))
     )(sac.log_alpha)
 
-    adam = optimizer(args)
+    adam = sac_optimizer(args)
     c_updates, critic_opt = adam.update(c_grads, sac.critic_opt)
     critics = eqx.apply_updates(sac.critics, c_updates)
     a_updates, actor_opt = adam.update(a_grads, sac.actor_opt)
@@ -388,8 +391,8 @@ def update(args, runner, key):
 # ---------------------------------------------------------------------------------------------
 # EVALUATE
 def evaluate(args, env, env_params, actor, key):
-    """Mean return of `eval_episodes` deterministic-policy episodes in the real env (as mbpo.py's,
-    but stepping only until every episode has ended, not always the time limit)."""
+    """Mean return of `eval_episodes` deterministic-policy episodes in the real env, stepping
+    until every episode has ended (the time limit bounds it)."""
     reset_key, key = jax.random.split(key)
     obs, state = jax.vmap(env.reset, (0, None))(jax.random.split(reset_key, args.eval_episodes), env_params)
     to_env = utils.to_env_actions(env, env_params)
@@ -403,9 +406,7 @@ def evaluate(args, env, env_params, actor, key):
         return t + 1, obs, state, total, running & ~(terminated | truncated)
 
     init = (jnp.int32(0), obs, state, jnp.zeros(args.eval_episodes), jnp.ones(args.eval_episodes, bool))
-    # The time limit (truncation) ends every episode within max_steps_in_episode steps.
-    total = jax.lax.while_loop(lambda carry: jnp.any(carry[-1]), step, init)[3]
-    return jnp.mean(total)
+    return jnp.mean(jax.lax.while_loop(lambda carry: jnp.any(carry[-1]), step, init)[3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,8 +416,7 @@ def env_step(args, env, env_params, runner, t):
     step, so under vmap this cond stays a branch). Before that the update's metrics are NaN."""
     key, collect_key, update_key = jax.random.split(runner.key, 3)
     runner, finished_return = collect(args, env, env_params, runner._replace(key=key), t < args.init_steps, collect_key)
-    no_update = jax.tree.map(lambda m: jnp.full(m.shape, jnp.nan, m.dtype),
-                             jax.eval_shape(partial(update, args), runner, update_key)[1])
+    no_update = utils.nan_like(jax.eval_shape(partial(update, args), runner, update_key)[1])
     runner, sac_metrics = jax.lax.cond(t >= args.init_steps, partial(update, args), lambda r, k: (r, no_update),
                                        runner, update_key)
     return runner, (finished_return, sac_metrics)

@@ -83,6 +83,13 @@ def assert_finite(metrics: dict, where: str):
             raise NonFiniteError(f"non-finite {name} at {where} (seeds {seeds}): {value}")
 
 
+def nan_like(shapes):
+    """What a phase that did not run reports, for `jax.lax.cond`'s other branch: NaN in its
+    float metrics, 0 in its counts. `shapes`: the phase's metrics under `jax.eval_shape`."""
+    return jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else 0, s.dtype),
+                        shapes)
+
+
 @contextlib.contextmanager
 def reported_failures():
     """A run that hits a non-finite value ends with one line and exit status 1, not a traceback."""

@@ -10,6 +10,7 @@ One process per measurement, alone on the cores; the persistent cache is not use
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -22,6 +23,7 @@ from test_mbpo import BRAX, tiny_args  # noqa: E402
 env_id = os.environ.get("ENV", "pendulum")
 args = tiny_args(**(BRAX if env_id == "inverted_pendulum" else {"env_id": env_id}))
 trainer = mbpo.make_train(args)
+env, env_params = mbpo.make_env(args)
 key = jax.random.PRNGKey(0)
 state = trainer.init(key)
 
@@ -35,10 +37,10 @@ def timed(name, fn, *inputs):
 
 
 parts = {
-    "fit": lambda: timed("fit", trainer.fit_model, state.model, state.model_opt, state.real, key),
-    "rollout": lambda: timed("rollout", lambda s, k: trainer.model_rollout(s, 3, k), state, key),
-    "update": lambda: timed("update", trainer.update_agent, state, key),
-    "collect": lambda: timed("collect", lambda s, k: trainer.collect(s, False, k), state, key),
+    "fit": lambda: timed("fit", mbpo.fitter(args), state.model, state.model_opt, state.real, key),
+    "rollout": lambda: timed("rollout", lambda s, k: mbpo.model_rollout(args, env, s, 3, k), state, key),
+    "update": lambda: timed("update", partial(mbpo.update, args), state, key),
+    "collect": lambda: timed("collect", lambda s, k: mbpo.collect(args, env, env_params, s, False, k), state, key),
     "eval": lambda: timed("eval", trainer.evaluate, state.sac.actor, key),
     "chunk": lambda: timed("chunk", trainer.chunk, state, 0),
     "vchunk": lambda: timed("vchunk", lambda s, i: utils.map_in_batches(lambda x: trainer.chunk(x, i), s, 1),

@@ -41,6 +41,7 @@ def phase_seconds(n, capacity):
         args = mbpo.resolve(mbpo.Args(env_id="hopper", init_steps=n, total_timesteps=max(capacity, n + 1000), progress=False,
                                       model_max_epochs=epochs, model_patience=epochs))
         trainer = mbpo.make_train(args)
+        env, env_params = mbpo.make_env(args)
         if epochs == 1:  # fill the real buffer once: random actions, nothing is learned before init_steps
             chunk = jax.jit(trainer.chunk, donate_argnums=0)
             state = jax.jit(trainer.init)(jax.random.PRNGKey(0))
@@ -48,12 +49,12 @@ def phase_seconds(n, capacity):
                 state, _ = chunk(state, jnp.int32(step))
             opt = optax.adam(args.model_lr).init(mbpo.eqx.filter(state.model, mbpo.eqx.is_array))
         # Only the model leaves the program: returning the buffers too would time copies of them.
-        fit = jax.jit(lambda *a: trainer.fit_model(*a)[0])
+        fit = jax.jit(lambda *a: mbpo.fit_model(args, *a)[0])
         timings[f"fit{epochs}"] = best_time(fit, state.model, opt, state.real, jax.random.PRNGKey(1))
     state = state._replace(model=fit(state.model, opt, state.real, jax.random.PRNGKey(1)),
                            model_data=state.model_data.resize(args.rollout_batch_size))
     # The rollout writes into the model buffer in place, as in training: donate a fresh copy per call.
-    rollout = jax.jit(lambda data, s, k: trainer.model_rollout(s._replace(model_data=data), 1, k)[0], donate_argnums=0)
+    rollout = jax.jit(lambda data, s, k: mbpo.model_rollout(args, env, s._replace(model_data=data), 1, k)[0], donate_argnums=0)
     times = []
     for repeat in range(4):
         data = jax.block_until_ready(jax.tree.map(jnp.copy, state.model_data))
@@ -62,8 +63,8 @@ def phase_seconds(n, capacity):
         times.append(time.perf_counter() - start)
     timings["rollout"] = min(times[1:])  # the first call compiles
     state = state._replace(model_data=filled)
-    timings["sac"] = best_time(jax.jit(lambda s, k: trainer.update_agent(s, k)[0].sac), state, jax.random.PRNGKey(3))
-    collect = jax.jit(lambda s, k: jax.lax.scan(lambda c, kk: (trainer.collect(c, False, kk)[0], None), s, k)[0].obs)
+    timings["sac"] = best_time(jax.jit(lambda s, k: mbpo.update(args, s, k)[0].sac), state, jax.random.PRNGKey(3))
+    collect = jax.jit(lambda s, k: jax.lax.scan(lambda c, kk: (mbpo.collect(args, env, env_params, c, False, kk)[0], None), s, k)[0].obs)
     small = state._replace(model_data=mbpo.Buffer.empty(1, state.obs.shape[-1], state.real.action.shape[-1]))
     timings["collect"] = best_time(collect, small, jax.random.split(jax.random.PRNGKey(4), 100)) / 100
     per_epoch = (timings["fit11"] - timings["fit1"]) / 10

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -91,7 +92,7 @@ def phase_flops(trainer, args, num_seeds, big, small, report):
     n = args.sac_batch_size
     obs = jax.random.normal(jax.random.PRNGKey(1), (num_seeds, n, obs_size))
     batch = (obs, jnp.zeros((num_seeds, n, action_size)), jnp.ones((num_seeds, n)), obs, jnp.zeros((num_seeds, n), bool))
-    update = jax.vmap(trainer.sac_update)
+    update = jax.vmap(partial(mbpo.sac_update, args))
     update_flops = flops(update, runner.sac, batch, jax.random.split(jax.random.PRNGKey(0), num_seeds))
     g_updates = jax.jit(lambda sac, key: jax.lax.scan(
         lambda s, k: (update(s, batch, jax.random.split(k, num_seeds))[0], None), sac,
@@ -106,7 +107,7 @@ def phase_flops(trainer, args, num_seeds, big, small, report):
     inputs = jax.random.normal(jax.random.PRNGKey(2), shape + (obs_size + action_size,))
     targets = jax.random.normal(jax.random.PRNGKey(3), shape + (obs_size + 1,))
     model_opt = jax.vmap(optax.adam(args.model_lr).init)(runner.model)
-    sgd_step = jax.vmap(trainer.model_sgd_step)
+    sgd_step = jax.vmap(partial(mbpo.model_sgd_step, args))
     weights = jnp.ones(shape)
     step_flops = flops(sgd_step, runner.model, model_opt, inputs, targets, weights)
     fifty = jax.jit(lambda m, o: jax.lax.fori_loop(0, 50, lambda i, c: sgd_step(*c, inputs, targets, weights)[:2], (m, o)))

@@ -42,8 +42,7 @@ def tiny_args(**overrides):
 @functools.lru_cache(maxsize=None)
 def _fitter(**overrides):
     args = tiny_args(**BRAX, **overrides)
-    trainer = mbpo.make_train(args)
-    return args, trainer, jax.jit(trainer.fit_model)
+    return args, mbpo.fitter(args), jax.jit(mbpo.fitter(args))
 
 
 def _noisy_buffer(key, n, obs_size=4, action_size=1):
@@ -59,7 +58,7 @@ def _noisy_buffer(key, n, obs_size=4, action_size=1):
 
 
 def _fit(overrides, buffer, key, model=None):
-    args, trainer, fit = _fitter(**overrides)
+    args, _, fit = _fitter(**overrides)
     if model is None:
         model = mbpo.Ensemble(key, args.ensemble_size, 5, 5, args.model_width, args.model_depth)
     opt = optax.adam(args.model_lr).init(model)
@@ -123,19 +122,27 @@ def test_early_stopping_matches_the_reference_rule_and_keeps_best_weights():
 
 def test_bootstrap_is_one_resample_per_member_and_fit():
     """The reference draws idxs = randint(n, size=[B, n]) once per fit and walks each row once per
-    epoch in a new order: each member sees ~1 - 1/e = 63% of the rows, each epoch all n draws."""
+    epoch in a new order: each member sees ~1 - 1/e = 63% of the rows, each epoch all n draws.
+    The fit's resample, and its epoch's minibatches (`minibatch_rows`) over a random order."""
     buffer = _noisy_buffer(jax.random.PRNGKey(0), 3000)
+    args, _, _ = _fitter(model_max_epochs=6, model_patience=10, max_holdout=300)
     _, _, _, diagnostics, metrics = _fit(dict(model_max_epochs=6, model_patience=10, max_holdout=300), buffer,
                                          jax.random.PRNGKey(5))
-    epochs, n_train = int(metrics["model/epochs"]), int(diagnostics["n_train"])
-    seen = np.asarray(diagnostics["seen"])  # (B, slots): times member b trained on training row j
-    assert epochs == 6 and n_train == 2700 and not seen[:, n_train:].any()
-    np.testing.assert_array_equal(seen.sum(1), epochs * n_train)  # every epoch = one pass of n draws
-    assert np.all(seen % epochs == 0)  # the same multiset every epoch: one resample per fit
-    distinct = (seen > 0).mean(1) * seen.shape[1] / n_train
+    n_train, resample = int(diagnostics["n_train"]), np.asarray(diagnostics["resample"])
+    bs, width = args.model_batch_size, resample.shape[1]
+    assert n_train == 2700 and resample[:, :n_train].max() < n_train
+    distinct = np.array([len(np.unique(row[:n_train])) for row in resample]) / n_train
     np.testing.assert_allclose(distinct, 1 - np.exp(-1), atol=0.03)
     np.testing.assert_allclose(float(metrics["model/bootstrap_distinct"]), distinct.mean(), rtol=1e-6)
-    assert len({tuple(np.nonzero(row)[0][:50]) for row in seen}) == len(seen)  # members resample independently
+    assert len({tuple(row[:50]) for row in resample}) == len(resample)  # members resample independently
+    # One epoch: every position < n_train once, so each member trains on its whole resample once.
+    order = np.asarray(jnp.argsort(jnp.where(jnp.arange(width) < n_train, jax.random.uniform(jax.random.PRNGKey(9), (width,)), 2.0)))
+    seen = np.zeros((len(resample), 3000), int)
+    for j in range(-(-n_train // bs)):
+        rows, valid = (np.asarray(x) for x in mbpo.minibatch_rows(jnp.asarray(resample), jnp.asarray(order), j, bs, n_train))
+        np.add.at(seen, (np.arange(len(resample))[:, None], rows[:, valid]), 1)
+    for member, row in enumerate(resample):
+        np.testing.assert_array_equal(seen[member], np.bincount(row[:n_train], minlength=3000))
 
 
 def test_sequential_fit_runs_each_vmapped_seed_as_a_single_fit():
@@ -144,14 +151,14 @@ def test_sequential_fit_runs_each_vmapped_seed_as_a_single_fit():
     differs by batch rounding: this test fails with sequential_fit=False). What it saves, the
     epochs a batched loop steps past each seed's stop, is measured by mbpo_throughput.py."""
     overrides = dict(model_max_epochs=200, model_patience=2, sequential_fit=True)
-    args, trainer, fit = _fitter(**overrides)
+    args, fit_model, fit = _fitter(**overrides)
     keys = [jax.random.PRNGKey(11), jax.random.PRNGKey(12)]
     buffers = [_noisy_buffer(jax.random.PRNGKey(i), 800) for i in range(2)]
     models = [mbpo.Ensemble(k, args.ensemble_size, 5, 5, args.model_width, args.model_depth) for k in keys]
     opts = [optax.adam(args.model_lr).init(m) for m in models]
     alone = [fit(m, o, b, k) for m, o, b, k in zip(models, opts, buffers, keys)]
     stack = lambda xs: jax.tree.map(lambda *leaves: jnp.stack(leaves), *xs)
-    batched = jax.jit(jax.vmap(trainer.fit_model))(stack(models), stack(opts), stack(buffers), jnp.stack(keys))
+    batched = jax.jit(jax.vmap(fit_model))(stack(models), stack(opts), stack(buffers), jnp.stack(keys))
     epochs = [int(a[4]["model/epochs"]) for a in alone]
     assert epochs[0] != epochs[1]  # the seeds stop at different epochs
     np.testing.assert_array_equal(np.asarray(batched[4]["model/epochs"]), epochs)
@@ -161,12 +168,12 @@ def test_sequential_fit_runs_each_vmapped_seed_as_a_single_fit():
 
 
 def test_holdout_is_capped_and_fit_compiles_once_as_the_buffer_grows():
-    args, trainer, _ = _fitter()
+    args, fit_model, _ = _fitter()
     traces = []
 
     def counted(*a):
         traces.append(1)
-        return trainer.fit_model(*a)
+        return fit_model(*a)
 
     fit = jax.jit(counted)
     full = _noisy_buffer(jax.random.PRNGKey(0), 1000)
@@ -184,22 +191,23 @@ def _runner():
     args = tiny_args(**BRAX)
     trainer = mbpo.make_train(args)
     runner = jax.jit(trainer.init)(jax.random.PRNGKey(0))
+    env = mbpo.make_env(args)[0]
     # Real buffer: 500 non-terminal inverted-pendulum states (|angle| <= 0.2).
     obs = jax.random.uniform(jax.random.PRNGKey(1), (500, 4), minval=-0.15, maxval=0.15)
     action = jnp.zeros((500, 1))
     real = runner.real.add_batch((obs, action, jnp.ones(500), obs, jnp.zeros(500, bool)), jnp.ones(500, bool))
-    return args, trainer, runner._replace(real=real)
+    return args, env, runner._replace(real=real)
 
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_rollouts_respect_k_and_the_termination_function(k):
-    args, trainer, runner = _runner()
+    args, env, runner = _runner()
     # Bias the model's angle prediction so that rollouts drift out of the healthy range.
     model = mbpo.eqx.tree_at(lambda m: m.biases[-1], runner.model, runner.model.biases[-1].at[:, 1].add(0.08))
     runner = runner._replace(model=model)
     n = args.rollout_batch_size
     runner = runner._replace(model_data=runner.model_data.resize(10 * n))
-    buffer, metrics = jax.jit(trainer.model_rollout, static_argnums=1)(runner, k, jax.random.PRNGKey(5))
+    buffer, metrics = jax.jit(functools.partial(mbpo.model_rollout, args, env), static_argnums=1)(runner, k, jax.random.PRNGKey(5))
     size = int(buffer.size)
     obs, next_obs, terminated = (np.asarray(x[:size]) for x in (buffer.obs, buffer.next_obs, buffer.terminated))
     env = mbpo.envs.make("inverted_pendulum", backend="positional")[0]
@@ -217,12 +225,12 @@ def test_rollouts_respect_k_and_the_termination_function(k):
 
 
 def test_batches_mix_real_and_model_data_as_the_reference():
-    args, trainer, runner = _runner()
+    args, _, runner = _runner()
     n_model = 300
     model_data = runner.model_data.resize(n_model).add_batch(
         (jnp.zeros((n_model, 4)), jnp.zeros((n_model, 1)), -jnp.ones(n_model), jnp.zeros((n_model, 4)),
          jnp.zeros(n_model, bool)), jnp.ones(n_model, bool))
-    batch = jax.jit(trainer.sample_batch)(runner._replace(model_data=model_data), jax.random.PRNGKey(0))
+    batch = jax.jit(functools.partial(mbpo.sample_batch, args))(runner._replace(model_data=model_data), jax.random.PRNGKey(0))
     reward = np.asarray(batch[2])
     assert args.sac_batch_size == 256 and args.real_ratio == 0.05 and len(reward) == 256
     # The reference's env_batch_size = int(256 * 0.05) = 12 real rows (rewards 1), 244 model rows.
@@ -230,12 +238,12 @@ def test_batches_mix_real_and_model_data_as_the_reference():
 
 
 def test_critic_target_bootstraps_through_truncation_not_termination():
-    args, trainer, runner = _runner()
+    args, _, runner = _runner()
     sac = runner.sac
     obs = jnp.zeros((2, 4))
     batch = (obs, jnp.zeros((2, 1)), jnp.ones(2), obs, jnp.array([True, False]))
     # The reported critic loss is that of the pre-update critics against a hand-made target.
-    new_sac, metrics = jax.jit(trainer.sac_update)(sac, batch, jax.random.PRNGKey(0))
+    new_sac, metrics = jax.jit(functools.partial(mbpo.sac_update, args))(sac, batch, jax.random.PRNGKey(0))
     q = np.asarray(jax.vmap(sac.critics)(obs, batch[1]))
     next_a, next_logp = jax.vmap(mbpo.sample_action, (None, 0, 0))(sac.actor, obs, jax.random.split(jax.random.split(jax.random.PRNGKey(0))[0], 2))
     next_q = np.min(np.asarray(jax.vmap(sac.target_critics)(obs, next_a)), -1)
@@ -422,7 +430,7 @@ def test_the_episode_in_progress_reaches_no_fit_rollout_or_sac_batch():
     poison = lambda x: x.at[:, 200:250].set(1e6)  # noqa: E731
     state = state._replace(real=state.real._replace(obs=poison(state.real.obs), next_obs=poison(state.real.next_obs)))
     n_real = int(args.real_ratio * args.sac_batch_size)
-    batches = jax.jit(jax.vmap(trainer.sample_batch, (None, 0)))(jax.tree.map(lambda x: x[0], state),
+    batches = jax.jit(jax.vmap(functools.partial(mbpo.sample_batch, args), (None, 0)))(jax.tree.map(lambda x: x[0], state),
                                                                 jax.random.split(jax.random.PRNGKey(0), 200))
     assert np.abs(np.asarray(batches[0][:, :n_real])).max() < 100  # SAC's real rows
     state, _ = chunk(state, jnp.int32(250))  # fits, then branches k = 1 rollouts from real states
@@ -433,7 +441,8 @@ def test_the_episode_in_progress_reaches_no_fit_rollout_or_sac_batch():
     # with --no-add-at-episode-end it stays 0 (every row is seen at once).
     runner = jax.tree.map(lambda x: x[0], state)._replace(unfinished=jnp.int32(0))
     for flag in (True, False):
-        collect = (trainer if flag else mbpo.make_train(tiny_args(add_at_episode_end=False))).collect
+        flagged = args if flag else tiny_args(add_at_episode_end=False)
+        collect = functools.partial(mbpo.collect, flagged, *mbpo.make_env(flagged))
         after = jax.jit(lambda runner, key: jax.lax.fori_loop(
             0, 130, lambda i, r: collect(r, True, jax.random.fold_in(key, i))[0], runner))(runner, jax.random.PRNGKey(1))
         assert int(after.unfinished) == (int(after.env_state.time) if flag else 0) and int(after.env_state.time) > 0
@@ -504,8 +513,8 @@ def test_presets_branch_100k_rollouts_per_fit_and_memory_is_checked_first(monkey
 
 
 def test_nonfinite_predictions_end_rollouts_and_only_a_dead_branch_stops():
-    args, trainer, runner = _runner()
-    rollout = jax.jit(trainer.model_rollout, static_argnums=1)
+    args, env, runner = _runner()
+    rollout = jax.jit(functools.partial(mbpo.model_rollout, args, env), static_argnums=1)
     nan_bias = runner.model.biases[-1].at[0].set(jnp.nan)  # member 0 predicts NaN
     for elites, dead in [(jnp.array([0, 1]), 0), (jnp.array([0, 0]), 1)]:
         model = mbpo.eqx.tree_at(lambda m: m.biases[-1], runner.model, nan_bias)

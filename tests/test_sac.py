@@ -269,6 +269,21 @@ def test_resume_after_kill_is_exact(seed1, tmp_path, monkeypatch):
     assert _summary(path) == _summary(seed1[0])
 
 
+@pytest.mark.parametrize("algo", ["sac", "mbpo"])
+def test_init_alpha_is_the_starting_temperature(algo):
+    """--init-alpha sets alpha = exp(log_alpha) at the start (default 1, as softlearning); traced
+    eagerly on pendulum with the smallest networks."""
+    import importlib
+
+    module = importlib.import_module(f"algorithms.{algo}")
+    for value in (1.0, 0.1):
+        args = module.resolve(module.Args(env_id="pendulum", total_timesteps=1000, epoch_length=250, init_steps=250,
+                                          sac_width=4, init_alpha=value,
+                                          **({"rollout_batch_size": 10, "model_width": 4} if algo == "mbpo" else {})))
+        state = module.init(args, *module.make_env(args), jax.random.PRNGKey(0))
+        np.testing.assert_allclose(float(jnp.exp(state.sac.log_alpha)), value, rtol=1e-6)
+
+
 def test_bad_arguments_fail_before_compiling(tmp_path, capsys):
     cases = [
         (dict(env_id="nope"), "unknown env 'nope'"),
@@ -279,6 +294,7 @@ def test_bad_arguments_fail_before_compiling(tmp_path, capsys):
         (dict(total_timesteps=3100), "multiple of --epoch-length"),
         (dict(init_steps=3000), "must exceed --init-steps"),
         (dict(backend="nope"), "unknown backend"),
+        (dict(init_alpha=0.0), "--init-alpha must be positive"),
     ]
     for overrides, message in cases:
         with pytest.raises(SystemExit, match=message):
