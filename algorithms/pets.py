@@ -437,239 +437,267 @@ def random_shooting(value_fn, shape, key, *, population, iterations, lower, uppe
 
 
 # ---------------------------------------------------------------------------------------------
-def make_train(args: Args):
-    """Returns `Trainer`:
-
-    * `init(key) -> RunnerState`
-    * `chunk(state, trial) -> (state, metrics)`: one trial (COLLECT an episode, random actions if
-      `trial == 0` else MPC with the model, then FIT MODEL on all data); `trial` is shared by all
-      seeds (unbatched), so the random/planned switch is a real branch even under `vmap`.
-    * `evaluate(state, key) -> return`: one planning episode with the state's model, no data kept.
-    * `train(key) -> (state, metrics)`: the whole run as one pure function, `jax.vmap`-able over keys.
-    """
-    env, env_params = make_env(args)
-    obs_size, action_size = env.obs_size, env.action_size
+# What the phases derive from the arguments and the task
+def action_bounds(env, env_params):
+    """(lower, upper, middle), each (A,) float32: the planner's box and its warm-start default."""
     space = env.action_space(env_params)
-    lower = jnp.broadcast_to(jnp.asarray(space.low, jnp.float32), (action_size,))
-    upper = jnp.broadcast_to(jnp.asarray(space.high, jnp.float32), (action_size,))
-    middle = (lower + upper) / 2
-    preprocess, model_target, postprocess = transforms(PREPROCESS.get(args.env_id, {}) if args.preprocess else {},
-                                                       obs_size)
-    model_in = preprocess(jnp.zeros(obs_size)).shape[-1] + action_size
-    model_out = obs_size + int(args.learn_reward)  # (next_obs - obs, or the task's target[, reward])
-    capacity = args.num_trials * args.episode_length
-    B, bs = args.ensemble_size, args.model_batch_size
+    lower = jnp.broadcast_to(jnp.asarray(space.low, jnp.float32), (env.action_size,))
+    upper = jnp.broadcast_to(jnp.asarray(space.high, jnp.float32), (env.action_size,))
+    return lower, upper, (lower + upper) / 2
+
+
+def task_transforms(args, obs_size):
+    """The model's (preprocess, target, postprocess) for this task (`--no-preprocess`: raw)."""
+    return transforms(PREPROCESS.get(args.env_id, {}) if args.preprocess else {}, obs_size)
+
+
+def particles(args):
+    """Particles per candidate. Expectation propagation is deterministic: all particles would be
+    equal, so it uses one (as the reference)."""
+    return 1 if args.propagation == "expectation" else args.num_particles
+
+
+def model_optimizer(args):
+    return optax.adam(args.model_lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# INIT
+def init(args, env, env_params, key):
+    """A fresh run: an empty buffer for every trial's steps and a fresh ensemble."""
+    key, model_key = jax.random.split(key)
+    preprocess = task_transforms(args, env.obs_size)[0]
+    model_in = preprocess(jnp.zeros(env.obs_size)).shape[-1] + env.action_size
+    model_out = env.obs_size + int(args.learn_reward)  # (next_obs - obs, or the task's target[, reward])
+    model = Ensemble(model_key, args.ensemble_size, model_in, model_out, args.model_width, args.model_depth)
+    return RunnerState(buffer=Buffer.empty(args.num_trials * args.episode_length, env.obs_size, env.action_size),
+                       model=model, model_opt=model_optimizer(args).init(eqx.filter(model, eqx.is_array)), key=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# COLLECT
+def episode(args, env, env_params, runner, random_actions, key):
+    """One trial in the real env until termination or the time limit: random actions, or MPC
+    with the runner's model. Adds every transition (with the true next observation) to the
+    buffer; `random_actions` must be unbatched (a real branch under vmap)."""
+    lower, upper, middle = action_bounds(env, env_params)
+    preprocess, _, postprocess = task_transforms(args, env.obs_size)
+    reset_key, key = jax.random.split(key)
+    obs, env_state = env.reset(reset_key, env_params)
+    plan_mean = jnp.broadcast_to(middle, (args.horizon, env.action_size))
+
+    def act(obs, plan_mean, key):
+        def mpc_branch():
+            return plan(args, env, env_params, partial(model_value, args, env, runner.model, obs), plan_mean, key)
+
+        no_plan = utils.nan_like(jax.eval_shape(mpc_branch)[2])
+
+        def random_branch():
+            return jax.random.uniform(key, (env.action_size,), minval=lower, maxval=upper), plan_mean, no_plan
+
+        return jax.lax.cond(random_actions, random_branch, mpc_branch)
+
+    def step(carry):
+        t, env_state, obs, plan_mean, buffer, total, sq_err, sums, _, key = carry
+        key, act_key, step_key = jax.random.split(key, 3)
+        action, plan_mean, stats = act(obs, plan_mean, act_key)
+        next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, env_state, action, env_params)
+        # The model learns from the true next observation, never the post-reset one.
+        true_next = info["final_observation"]
+        buffer = buffer.add((obs, action, reward, true_next, terminated))
+        inputs = jnp.concatenate([preprocess(obs), action])
+        predicted, _ = runner.model(jnp.broadcast_to(inputs, (args.ensemble_size, 1, inputs.shape[-1])))
+        sq_err = sq_err + jnp.mean((postprocess(obs, jnp.mean(predicted[:, 0, :env.obs_size], 0)) - true_next) ** 2)
+        sums = jax.tree.map(jnp.add, sums, stats)
+        return t + 1, env_state, next_obs, plan_mean, buffer, total + reward, sq_err, sums, terminated | truncated, key
+
+    stat_sums = jax.tree.map(lambda x: jnp.zeros((), x.dtype), jax.eval_shape(act, obs, plan_mean, key)[2])
+    init = (jnp.int32(0), env_state, obs, plan_mean, runner.buffer, jnp.float32(0), jnp.float32(0), stat_sums,
+            jnp.bool_(False), key)
+    t, _, _, _, buffer, total, sq_err, sums, _, _ = jax.lax.while_loop(
+        lambda c: ~c[-2] & (c[0] < args.episode_length), step, init)
+    metrics = {"charts/trial_return": total, "charts/trial_length": t, "model/trial_mse": sq_err / t,
+               **{k: v / t for k, v in sums.items()}}
+    return buffer, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# FIT MODEL
+def model_io(args, buffer):
+    """Inputs (preprocessed obs, action) and targets (the task's target of next_obs[, reward]) of
+    every row: the layout `model_step` decodes."""
+    preprocess, model_target, _ = task_transforms(args, buffer.obs.shape[-1])
+    inputs = jnp.concatenate([preprocess(buffer.obs), buffer.action], -1)
+    targets = model_target(buffer.obs, buffer.next_obs)
+    if args.learn_reward:
+        targets = jnp.concatenate([targets, buffer.reward[:, None]], -1)
+    return inputs, targets
+
+
+def model_loss(args, model, inputs, targets, mask):
+    """Gaussian NLL per member (mean over valid rows and dims) + log-var bound term + weight decay."""
+    mean, logvar = model(inputs)
+    per_row = jnp.mean((mean - targets) ** 2 * jnp.exp(-logvar) + logvar, -1)
+    nll = jnp.sum(per_row * mask, -1) / jnp.sum(mask)
+    mse = jnp.sum(jnp.mean((mean - targets) ** 2, -1) * mask, -1) / jnp.sum(mask)
+    bounds = 0.01 * (jnp.sum(model.max_logvar) - jnp.sum(model.min_logvar))
+    decay = sum(0.5 * wd * jnp.sum(w**2) for wd, w in zip(args.model_weight_decay, model.weights))
+    return jnp.sum(nll) + bounds + decay, (nll, mse)
+
+
+def model_sgd_step(args, model, opt_state, inputs, targets, mask):
+    """One Adam step of every member on its own minibatch (inputs[b], targets[b]); rows where
+    `mask` is False (the padding of an epoch's last minibatch) do not count."""
+    (_, (nll, mse)), grads = eqx.filter_value_and_grad(partial(model_loss, args), has_aux=True)(
+        model, inputs, targets, mask)
+    updates, opt_state = model_optimizer(args).update(grads, opt_state, eqx.filter(model, eqx.is_array))
+    return eqx.apply_updates(model, updates), opt_state, nll, mse
+
+
+def fit_model(args, model, opt_state, buffer, key):
+    """`model_epochs` epochs (or more, up to `model_min_sgd_steps` SGD steps) over all n stored
+    transitions, each member on its own bootstrap resample (n draws with replacement,
+    reshuffled every epoch). Shapes are those of the full buffer; the number of minibatches,
+    ceil(n / batch) per epoch, and of epochs are traced."""
+    capacity, members, bs = buffer.obs.shape[0], args.ensemble_size, args.model_batch_size
     padded = -(-capacity // bs) * bs  # bootstrap index rows, a whole number of minibatches
-    # Expectation propagation is deterministic: all particles would be equal, so use one (as the reference).
-    num_particles = 1 if args.propagation == "expectation" else args.num_particles
-    model_optimizer = optax.adam(args.model_lr)
+    n = buffer.size
+    valid = (jnp.arange(capacity) < n).astype(jnp.float32)[:, None]
+    inputs, targets = model_io(args, buffer)
+    mean = jnp.sum(inputs * valid, 0) / n
+    std = jnp.sqrt(jnp.sum((inputs - mean) ** 2 * valid, 0) / n)
+    # Near-constant inputs are not scaled (std 1): dividing by a tiny spread turns the model's
+    # own sampling noise into inputs hundreds of std out of the data (see the docstring).
+    std = jnp.where(std < args.min_input_std, 1.0, std)
+    model = eqx.tree_at(lambda m: (m.input_mean, m.input_std), model, (mean, std))
 
-    # --- COLLECT --------------------------------------------------------------------------------
-    def episode(runner, random_actions, key):
-        """One trial in the real env until termination or the time limit: random actions, or MPC
-        with the runner's model. Adds every transition (with the true next observation) to the
-        buffer; `random_actions` must be unbatched (a real branch under vmap)."""
-        reset_key, key = jax.random.split(key)
-        obs, env_state = env.reset(reset_key, env_params)
-        plan_mean = jnp.broadcast_to(middle, (args.horizon, action_size))
-        stat_sums = jax.tree.map(lambda x: jnp.zeros((), x.dtype), empty_stats)
+    boot_key, key = jax.random.split(key)
+    boot = jax.random.randint(boot_key, (members, padded), 0, n)  # member b's resample: boot[b, :n]
+    steps_per_epoch = (n + bs - 1) // bs
+    num_epochs = jnp.maximum(args.model_epochs, -(-args.model_min_sgd_steps // steps_per_epoch))
 
-        def act(obs, plan_mean, key):
-            def random_branch():
-                return jax.random.uniform(key, (action_size,), minval=lower, maxval=upper), plan_mean, empty_stats
+    def epoch(_, carry):
+        model, opt_state, key, _ = carry
+        key, perm_key = jax.random.split(key)
+        # Shuffle each member's first n entries (the padding sorts last).
+        rank = jnp.where(jnp.arange(padded) < n, jax.random.uniform(perm_key, (members, padded)), 2.0)
+        order = jnp.take_along_axis(boot, jnp.argsort(rank, -1), -1)
 
-            def mpc_branch():
-                return plan(partial(model_value, runner.model, obs), plan_mean, key)
+        def sgd_step(j, carry):
+            model, opt_state, sums = carry
+            index = jax.lax.dynamic_slice_in_dim(order, j * bs, bs, axis=1)  # (B, bs)
+            mask = (j * bs + jnp.arange(bs) < n).astype(jnp.float32)
+            model, opt_state, nll, mse = model_sgd_step(args, model, opt_state, inputs[index], targets[index], mask)
+            return model, opt_state, (sums[0] + jnp.mean(nll), sums[1] + jnp.mean(mse))
 
-            return jax.lax.cond(random_actions, random_branch, mpc_branch)
+        model, opt_state, (nll, mse) = jax.lax.fori_loop(
+            0, steps_per_epoch, sgd_step, (model, opt_state, (jnp.float32(0), jnp.float32(0))))
+        return model, opt_state, key, (nll / steps_per_epoch, mse / steps_per_epoch)
 
-        def step(carry):
-            t, env_state, obs, plan_mean, buffer, total, sq_err, sums, _, key = carry
-            key, act_key, step_key = jax.random.split(key, 3)
-            action, plan_mean, stats = act(obs, plan_mean, act_key)
-            next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, env_state, action, env_params)
-            # The model learns from the true next observation, never the post-reset one.
-            true_next = info["final_observation"]
-            buffer = buffer.add((obs, action, reward, true_next, terminated))
-            predicted, _ = runner.model(jnp.broadcast_to(jnp.concatenate([preprocess(obs), action]), (B, 1, model_in)))
-            sq_err = sq_err + jnp.mean((postprocess(obs, jnp.mean(predicted[:, 0, :obs_size], 0)) - true_next) ** 2)
-            sums = jax.tree.map(jnp.add, sums, stats)
-            return t + 1, env_state, next_obs, plan_mean, buffer, total + reward, sq_err, sums, terminated | truncated, key
+    init = (model, opt_state, key, (jnp.float32(jnp.nan), jnp.float32(jnp.nan)))
+    model, opt_state, _, (nll, mse) = jax.lax.fori_loop(0, num_epochs, epoch, init)
+    metrics = {"model/train_nll": nll, "model/train_mse": mse, "model/sgd_steps": num_epochs * steps_per_epoch}
+    return model, opt_state, metrics
 
-        init = (jnp.int32(0), env_state, obs, plan_mean, runner.buffer, jnp.float32(0), jnp.float32(0), stat_sums,
-                jnp.bool_(False), key)
-        t, _, _, _, buffer, total, sq_err, sums, _, _ = jax.lax.while_loop(
-            lambda c: ~c[-2] & (c[0] < args.episode_length), step, init)
-        metrics = {"charts/trial_return": total, "charts/trial_length": t, "model/trial_mse": sq_err / t,
-                   **{k: v / t for k, v in sums.items()}}
-        return buffer, metrics
 
-    # --- FIT MODEL --------------------------------------------------------------------------
-    def model_io(buffer):
-        inputs = jnp.concatenate([preprocess(buffer.obs), buffer.action], -1)
-        targets = model_target(buffer.obs, buffer.next_obs)
-        if args.learn_reward:
-            targets = jnp.concatenate([targets, buffer.reward[:, None]], -1)
-        return inputs, targets
+# ---------------------------------------------------------------------------------------------
+# PLAN
+def model_step(args, model, obs, action, members, key):
+    """One model step of (N, P) particles: next_obs (N, P, obs) (the model's output through the
+    task's postprocess) and predicted reward (N, P) (zeros unless --learn-reward). TS: particle
+    (n, p) is propagated by member members[n, p], sampling the Gaussian; expectation: the mean
+    over members of their mean predictions."""
+    obs_size, B = obs.shape[-1], args.ensemble_size
+    preprocess, _, postprocess = task_transforms(args, obs_size)
+    n, p = members.shape
+    inputs = jnp.concatenate([preprocess(obs), action], -1)
+    if args.propagation == "expectation":
+        flat = inputs.reshape(1, n * p, -1)
+        mean, _ = model(jnp.broadcast_to(flat, (B, *flat.shape[1:])))
+        out = jnp.mean(mean, 0).reshape(n, p, -1)
+    else:
+        # Group each candidate's particles by member (P / B each, see particle_members) so that
+        # every member runs once on its block: (N, P, in) -> (B, N * P / B, in).
+        k = p // B
+        order = jnp.argsort(members, axis=-1, stable=True)
+        grouped = jnp.take_along_axis(inputs, order[..., None], 1)
+        grouped = grouped.reshape(n, B, k, -1).transpose(1, 0, 2, 3).reshape(B, n * k, -1)
+        mean, logvar = model(grouped)
+        sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+        sample = sample.reshape(B, n, k, -1).transpose(1, 0, 2, 3).reshape(n, p, -1)
+        out = jnp.take_along_axis(sample, jnp.argsort(order, axis=-1)[..., None], 1)  # undo the grouping
+    reward = out[..., obs_size] if args.learn_reward else jnp.zeros((n, p))
+    return postprocess(obs, out[..., :obs_size]), reward
 
-    def model_loss(model, inputs, targets, mask):
-        """Gaussian NLL per member (mean over valid rows and dims) + log-var bound term + weight decay."""
-        mean, logvar = model(inputs)
-        per_row = jnp.mean((mean - targets) ** 2 * jnp.exp(-logvar) + logvar, -1)
-        nll = jnp.sum(per_row * mask, -1) / jnp.sum(mask)
-        mse = jnp.sum(jnp.mean((mean - targets) ** 2, -1) * mask, -1) / jnp.sum(mask)
-        bounds = 0.01 * (jnp.sum(model.max_logvar) - jnp.sum(model.min_logvar))
-        decay = sum(0.5 * wd * jnp.sum(w**2) for wd, w in zip(args.model_weight_decay, model.weights))
-        return jnp.sum(nll) + bounds + decay, (nll, mse)
 
-    def model_sgd_step(model, opt_state, inputs, targets, mask):
-        """One Adam step of every member on its own minibatch (inputs[b], targets[b]); rows where
-        `mask` is False (the padding of an epoch's last minibatch) do not count."""
-        (_, (nll, mse)), grads = eqx.filter_value_and_grad(model_loss, has_aux=True)(model, inputs, targets, mask)
-        updates, opt_state = model_optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-        return eqx.apply_updates(model, updates), opt_state, nll, mse
+def model_value(args, env, model, obs, action_seqs, key):
+    """Values (N,) of candidate action sequences (N, H, A) from `obs` by trajectory sampling."""
+    member_key, key = jax.random.split(key)
+    n, horizon, _ = action_seqs.shape
+    members = particle_members(member_key, args.propagation, horizon, n, particles(args), args.ensemble_size)
 
-    def fit_model(model, opt_state, buffer, key):
-        """`model_epochs` epochs (or more, up to `model_min_sgd_steps` SGD steps) over all n stored
-        transitions, each member on its own bootstrap resample (n draws with replacement,
-        reshuffled every epoch). Shapes are those of the full buffer; the number of minibatches,
-        ceil(n / batch) per epoch, and of epochs are traced."""
-        n = buffer.size
-        valid = (jnp.arange(capacity) < n).astype(jnp.float32)[:, None]
-        inputs, targets = model_io(buffer)
-        mean = jnp.sum(inputs * valid, 0) / n
-        std = jnp.sqrt(jnp.sum((inputs - mean) ** 2 * valid, 0) / n)
-        # Near-constant inputs are not scaled (std 1): dividing by a tiny spread turns the model's
-        # own sampling noise into inputs hundreds of std out of the data (see the docstring).
-        std = jnp.where(std < args.min_input_std, 1.0, std)
-        model = eqx.tree_at(lambda m: (m.input_mean, m.input_std), model, (mean, std))
+    def step(obs, action, t, key):
+        next_obs, model_reward = model_step(args, model, obs, action, members[t], key)
+        reward = model_reward if args.learn_reward else env.reward_fn(obs, action, next_obs)
+        return next_obs, reward, env.termination_fn(obs, action, next_obs)
 
-        boot_key, key = jax.random.split(key)
-        boot = jax.random.randint(boot_key, (B, padded), 0, n)  # member b's resample: boot[b, :n]
-        steps_per_epoch = (n + bs - 1) // bs
-        num_epochs = jnp.maximum(args.model_epochs, -(-args.model_min_sgd_steps // steps_per_epoch))
+    return trajectory_values(step, obs, action_seqs, key, particles(args))
 
-        def epoch(_, carry):
-            model, opt_state, key, _ = carry
-            key, perm_key = jax.random.split(key)
-            # Shuffle each member's first n entries (the padding sorts last).
-            rank = jnp.where(jnp.arange(padded) < n, jax.random.uniform(perm_key, (B, padded)), 2.0)
-            order = jnp.take_along_axis(boot, jnp.argsort(rank, -1), -1)
 
-            def sgd_step(j, carry):
-                model, opt_state, sums = carry
-                index = jax.lax.dynamic_slice_in_dim(order, j * bs, bs, axis=1)  # (B, bs)
-                mask = (j * bs + jnp.arange(bs) < n).astype(jnp.float32)
-                model, opt_state, nll, mse = model_sgd_step(model, opt_state, inputs[index], targets[index], mask)
-                return model, opt_state, (sums[0] + jnp.mean(nll), sums[1] + jnp.mean(mse))
+def plan(args, env, env_params, value_fn, plan_mean, key):
+    """MPC: optimize the action sequence (warm-started from `plan_mean`), return its first
+    action and the next warm start (shifted one step, the new last step at the middle)."""
+    lower, upper, middle = action_bounds(env, env_params)
+    if args.optimizer == "cem":
+        solution, stats = cem(value_fn, plan_mean, key, population=args.population, num_elites=args.num_elites,
+                              iterations=args.cem_iterations, alpha=args.cem_alpha, epsilon=args.cem_epsilon,
+                              lower=lower, upper=upper)
+    else:
+        solution, stats = random_shooting(value_fn, plan_mean.shape, key, population=args.population,
+                                          iterations=args.cem_iterations, lower=lower, upper=upper)
+    next_plan = jnp.concatenate([solution[1:], middle[None]])
+    return solution[0], next_plan, stats
 
-            model, opt_state, (nll, mse) = jax.lax.fori_loop(
-                0, steps_per_epoch, sgd_step, (model, opt_state, (jnp.float32(0), jnp.float32(0))))
-            return model, opt_state, key, (nll / steps_per_epoch, mse / steps_per_epoch)
 
-        init = (model, opt_state, key, (jnp.float32(jnp.nan), jnp.float32(jnp.nan)))
-        model, opt_state, _, (nll, mse) = jax.lax.fori_loop(0, num_epochs, epoch, init)
-        metrics = {"model/train_nll": nll, "model/train_mse": mse, "model/sgd_steps": num_epochs * steps_per_epoch}
-        return model, opt_state, metrics
+# ---------------------------------------------------------------------------------------------
+# One trial
+def chunk(args, env, env_params, runner, trial):
+    """Trial `trial`: COLLECT (random actions for trial 0, PETS' initial rollout; MPC after),
+    then FIT MODEL on all data, continuing from the current weights. `trial` is shared by all
+    seeds (unbatched), so the random/planned switch is a real branch even under `vmap`."""
+    key, episode_key, fit_key = jax.random.split(runner.key, 3)
+    buffer, episode_metrics = episode(args, env, env_params, runner, trial == 0, episode_key)
+    model, model_opt, fit_metrics = fit_model(args, runner.model, runner.model_opt, buffer, fit_key)
+    runner = RunnerState(buffer=buffer, model=model, model_opt=model_opt, key=key)
+    metrics = {"trial": trial, "env_steps": (trial + 1) * args.episode_length,
+               "charts/env_steps_taken": buffer.size, **episode_metrics, **fit_metrics}
+    return runner, metrics
 
-    # --- PLAN -----------------------------------------------------------------------------------
-    def model_step(model, obs, action, members, key):
-        """One model step of (N, P) particles: next_obs (N, P, obs) (the model's output through the
-        task's postprocess) and predicted reward (N, P) (zeros unless --learn-reward). TS: particle
-        (n, p) is propagated by member members[n, p], sampling the Gaussian; expectation: the mean
-        over members of their mean predictions."""
-        n, p = members.shape
-        inputs = jnp.concatenate([preprocess(obs), action], -1)
-        if args.propagation == "expectation":
-            flat = inputs.reshape(1, n * p, -1)
-            mean, _ = model(jnp.broadcast_to(flat, (B, *flat.shape[1:])))
-            out = jnp.mean(mean, 0).reshape(n, p, -1)
-        else:
-            # Group each candidate's particles by member (P / B each, see particle_members) so that
-            # every member runs once on its block: (N, P, in) -> (B, N * P / B, in).
-            k = p // B
-            order = jnp.argsort(members, axis=-1, stable=True)
-            grouped = jnp.take_along_axis(inputs, order[..., None], 1)
-            grouped = grouped.reshape(n, B, k, -1).transpose(1, 0, 2, 3).reshape(B, n * k, -1)
-            mean, logvar = model(grouped)
-            sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-            sample = sample.reshape(B, n, k, -1).transpose(1, 0, 2, 3).reshape(n, p, -1)
-            out = jnp.take_along_axis(sample, jnp.argsort(order, axis=-1)[..., None], 1)  # undo the grouping
-        reward = out[..., obs_size] if args.learn_reward else jnp.zeros((n, p))
-        return postprocess(obs, out[..., :obs_size]), reward
 
-    def model_value(model, obs, action_seqs, key):
-        """Values (N,) of candidate action sequences (N, H, A) from `obs` by trajectory sampling."""
-        member_key, key = jax.random.split(key)
-        n, horizon, _ = action_seqs.shape
-        members = particle_members(member_key, args.propagation, horizon, n, num_particles, B)
+def evaluate(args, env, env_params, runner, key):
+    """Return of one planning episode with the runner's model (the data it collects is dropped)."""
+    return episode(args, env, env_params, runner, jnp.bool_(False), key)[1]["charts/trial_return"]
 
-        def step(obs, action, t, key):
-            next_obs, model_reward = model_step(model, obs, action, members[t], key)
-            reward = model_reward if args.learn_reward else env.reward_fn(obs, action, next_obs)
-            return next_obs, reward, env.termination_fn(obs, action, next_obs)
 
-        return trajectory_values(step, obs, action_seqs, key, num_particles)
+# ---------------------------------------------------------------------------------------------
+class Trainer(NamedTuple):
+    init: callable  # init(key) -> RunnerState
+    chunk: callable  # chunk(state, trial) -> (state, metrics): one trial
+    evaluate: callable  # evaluate(state, key) -> the return of one planning episode
+    train: callable  # train(key) -> (state, metrics of every trial): the whole run, jax.vmap-able
+    num_chunks: int
 
-    def plan(value_fn, plan_mean, key):
-        """MPC: optimize the action sequence (warm-started from `plan_mean`), return its first
-        action and the next warm start (shifted one step, the new last step at the middle)."""
-        if args.optimizer == "cem":
-            solution, stats = cem(value_fn, plan_mean, key, population=args.population, num_elites=args.num_elites,
-                                  iterations=args.cem_iterations, alpha=args.cem_alpha, epsilon=args.cem_epsilon,
-                                  lower=lower, upper=upper)
-        else:
-            solution, stats = random_shooting(value_fn, plan_mean.shape, key, population=args.population,
-                                              iterations=args.cem_iterations, lower=lower, upper=upper)
-        next_plan = jnp.concatenate([solution[1:], middle[None]])
-        return solution[0], next_plan, stats
 
-    empty_stats = {"plan/best_value": jnp.float32(jnp.nan), "plan/mean_value": jnp.float32(jnp.nan),
-                   "plan/iterations": jnp.int32(0), "plan/final_std": jnp.float32(jnp.nan)}
-
-    # --- init -------------------------------------------------------------------------------
-    def init(key):
-        key, model_key = jax.random.split(key)
-        model = Ensemble(model_key, B, model_in, model_out, args.model_width, args.model_depth)
-        return RunnerState(buffer=Buffer.empty(capacity, obs_size, action_size), model=model,
-                           model_opt=model_optimizer.init(eqx.filter(model, eqx.is_array)), key=key)
-
-    # --- one trial ------------------------------------------------------------------------------
-    def chunk(runner, trial):
-        """Trial `trial`: COLLECT (random actions for trial 0, PETS' initial rollout; MPC after),
-        then FIT MODEL on all data, continuing from the current weights."""
-        key, episode_key, fit_key = jax.random.split(runner.key, 3)
-        buffer, episode_metrics = episode(runner, trial == 0, episode_key)
-        model, model_opt, fit_metrics = fit_model(runner.model, runner.model_opt, buffer, fit_key)
-        runner = RunnerState(buffer=buffer, model=model, model_opt=model_opt, key=key)
-        metrics = {"trial": trial, "env_steps": (trial + 1) * args.episode_length,
-                   "charts/env_steps_taken": buffer.size, **episode_metrics, **fit_metrics}
-        return runner, metrics
-
-    def evaluate(runner, key):
-        """Return of one planning episode with the runner's model (the data it collects is dropped)."""
-        return episode(runner, jnp.bool_(False), key)[1]["charts/trial_return"]
+def make_train(args: Args) -> Trainer:
+    """The phases above bound to `args` and its env."""
+    env, env_params = make_env(args)
 
     def train(key):
-        return jax.lax.scan(chunk, init(key), jnp.arange(args.num_trials))
+        return jax.lax.scan(partial(chunk, args, env, env_params), init(args, env, env_params, key),
+                            jnp.arange(args.num_trials))
 
-    return Trainer(init, chunk, evaluate, train, args.num_trials, fit_model, model_sgd_step, model_step,
-                   model_value, plan, episode)
-
-
-class Trainer(NamedTuple):
-    init: callable
-    chunk: callable
-    evaluate: callable
-    train: callable
-    num_chunks: int
-    # the phases, exposed for tests and for reuse
-    fit_model: callable
-    model_sgd_step: callable
-    model_step: callable
-    model_value: callable
-    plan: callable
-    episode: callable
+    return Trainer(partial(init, args, env, env_params), partial(chunk, args, env, env_params),
+                   partial(evaluate, args, env, env_params), train, args.num_trials)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,15 +740,14 @@ def render_saved(path):
     """--render: one MPC episode with the first seed's saved model, written into the run dir."""
     args, trainer, state, _ = utils.load_saved(path, Args, make_train, seed_keys)
     model = utils.first_seed(state.model)
-    env = make_env(args)[0]
-    space = env.action_space()
-    middle = jnp.broadcast_to((jnp.asarray(space.low) + jnp.asarray(space.high)) / 2, (args.horizon, env.action_size))
+    env, env_params = make_env(args)
+    middle = jnp.broadcast_to(action_bounds(env, env_params)[2], (args.horizon, env.action_size))
 
     def policy(obs, plan_mean, key):  # the planner's warm start is the carried state
-        action, plan_mean, _ = trainer.plan(partial(trainer.model_value, model, obs), plan_mean, key)
+        action, plan_mean, _ = plan(args, env, env_params, partial(model_value, args, env, model, obs), plan_mean, key)
         return action, plan_mean
 
-    file, total = envs.render_episode(env, policy, middle.astype(jnp.float32), jax.random.PRNGKey(args.seed), path)
+    file, total = envs.render_episode(env, policy, middle, jax.random.PRNGKey(args.seed), path)
     print(json.dumps({"render": str(file), "episode_return": total}))
 
 

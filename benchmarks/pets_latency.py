@@ -104,11 +104,12 @@ def model_chain_seconds(args, obs_size, action_size, repeats):
         ("bare matmuls", lambda x: x, False), ("+ swish", jax.nn.swish, False), ("+ sampling", jax.nn.swish, True)]}
 
 
-def planning_call(trainer):
+def planning_call(args, env, env_params):
     """One MPC step of every seed: (model, obs, warm start, key) -> (action, next warm start, stats)."""
 
     def plan(model, obs, plan_mean, key):
-        return trainer.plan(functools.partial(trainer.model_value, model, obs), plan_mean, key)
+        value = functools.partial(pets.model_value, args, env, model, obs)
+        return pets.plan(args, env, env_params, value, plan_mean, key)
 
     return jax.vmap(plan)
 
@@ -136,7 +137,6 @@ def main():
         num_particles=cli.particles, cem_iterations=cli.iterations, cem_epsilon=cli.epsilon,
         propagation="ts-inf", optimizer="cem", progress=False))
     trainer = pets.make_train(args)
-    count_trainer = pets.make_train(dataclasses.replace(args, cem_iterations=1))  # one CEM iteration
     env, env_params = pets.make_env(args)
 
     lines = [f"PETS planning latency (one MPC step = one full planning call), {args.env_id}: CEM population "
@@ -173,7 +173,7 @@ def main():
         plan_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)
         inputs = (state.model, obs, plan_mean, plan_keys)
 
-        call = planning_call(trainer)
+        call = planning_call(args, env, env_params)
         start = time.perf_counter()
         compiled = jax.jit(call).lower(*inputs).compile()
         compile_s = time.perf_counter() - start
@@ -183,7 +183,8 @@ def main():
         finite = bool(np.all(np.isfinite(np.asarray(stats["plan/mean_value"]))))
 
         with unrolled_scans():
-            iteration_flops = flops(planning_call(count_trainer), *inputs)
+            one_iteration = planning_call(dataclasses.replace(args, cem_iterations=1), env, env_params)
+            iteration_flops = flops(one_iteration, *inputs)
         call_flops = iteration_flops * int(iterations.max())  # a vmapped while loop runs until every seed stops
         rolled_flops = flops(call, *inputs)
         achieved = call_flops / seconds

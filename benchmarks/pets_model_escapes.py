@@ -36,13 +36,13 @@ def main():
                         help="EPISODES MPC episodes per seed with and without a guard that fails a particle "
                              "once it leaves the data's range by more than its width (same keys)")
     cli = parser.parse_args()
-    args, trainer, state, _ = utils.load_saved(cli.run_dir, pets.Args, pets.make_train, pets.seed_keys)
+    args, _, state, _ = utils.load_saved(cli.run_dir, pets.Args, pets.make_train, pets.seed_keys)
     env, env_params = pets.make_env(args)
     horizon, n, p = args.horizon, cli.candidates, args.num_particles
-    step = jax.jit(trainer.model_step)
+    step = jax.jit(partial(pets.model_step, args))
     space = env.action_space(env_params)
     # One compiled episode per guard setting, reused for every seed and key.
-    episode = {guard: jax.jit(partial(planned_episode, args, trainer, env, env_params, guard)) for guard in (False, True)}
+    episode = {guard: jax.jit(partial(planned_episode, args, env, env_params, guard)) for guard in (False, True)}
     for seed in range(args.num_seeds):
         model, buffer = jax.tree.map(lambda x: x[seed], (state.model, state.buffer))
         size = int(buffer.size)
@@ -89,7 +89,7 @@ def main():
                   f"with guard {returns[1]:.1f}", flush=True)
 
 
-def planned_episode(args, trainer, env, env_params, guard, runner, key):
+def planned_episode(args, env, env_params, guard, runner, key):
     """(best planned value per step, return) of one MPC episode in the real env. Its value function
     is the run's (`pets.make_train`'s model_value: trajectory sampling with the run's members);
     with `guard` it fails a particle, with the -1e6 the planner gives a NaN return, at the first
@@ -107,7 +107,7 @@ def planned_episode(args, trainer, env, env_params, guard, runner, key):
                                         args.ensemble_size)
 
         def step(obs, action, t, key):
-            next_obs, _ = trainer.model_step(runner.model, obs, action, members[t], key)
+            next_obs, _ = pets.model_step(args, runner.model, obs, action, members[t], key)
             reward = env.reward_fn(obs, action, next_obs)
             out = ((next_obs < low) | (next_obs > high)).any(-1) & guard
             return next_obs, jax.numpy.where(out, pets.NONFINITE_RETURN, reward), env.termination_fn(obs, action, next_obs) | out
@@ -122,7 +122,7 @@ def planned_episode(args, trainer, env, env_params, guard, runner, key):
     def step(carry, key):
         obs, env_state, plan_mean = carry
         plan_key, step_key = jax.random.split(key)
-        action, plan_mean, stats = trainer.plan(partial(value_fn, obs), plan_mean, plan_key)
+        action, plan_mean, stats = pets.plan(args, env, env_params, partial(value_fn, obs), plan_mean, plan_key)
         obs, env_state, reward, _, _, _ = env.step(step_key, env_state, action, env_params)
         return (obs, env_state, plan_mean), (stats["plan/best_value"], reward)
 

@@ -56,7 +56,6 @@ def main():
     utils.enable_compilation_cache()
     given = dict(population=cli.population, num_elites=cli.elites, horizon=cli.horizon, cem_iterations=cli.iterations)
     args = pets.resolve(pets.Args(env_id=cli.env_id, progress=False, **{k: v for k, v in given.items() if v is not None}))
-    trainer = pets.make_train(args)
     env, params = pets.make_env(args)
     batched_step = jax.vmap(jax.vmap(env.step_env, (None, 0, 0, None)), (None, 0, 0, None))
 
@@ -72,7 +71,7 @@ def main():
             plan_key, step_key = jax.random.split(key)
             if planner:
                 value = lambda seqs, k: pets.trajectory_values(true_step, state, seqs, k, num_particles=1)
-                action, plan_mean, _ = trainer.plan(value, plan_mean, plan_key)
+                action, plan_mean, _ = pets.plan(args, env, params, value, plan_mean, plan_key)
             else:
                 action = jnp.zeros(env.action_size)
             _, state, reward, terminated, _ = env.step_env(step_key, state, action, params)

@@ -44,7 +44,7 @@ def tiny_args(**overrides):
 @functools.lru_cache(maxsize=None)
 def _trainer(**overrides):
     args = tiny_args(**overrides)
-    return args, pets.make_train(args)
+    return args, pets.make_train(args), *pets.make_env(args)
 
 
 # --- optimizers ----------------------------------------------------------------------------------
@@ -107,10 +107,11 @@ def test_random_shooting_returns_the_best_of_its_budget():
 
 
 def test_plan_executes_the_first_step_and_warm_starts_from_the_shifted_solution():
-    args, trainer = _trainer()
+    args, _, env, params = _trainer()
     target = jax.random.uniform(jax.random.PRNGKey(3), (args.horizon, 1), minval=-0.5, maxval=0.5)
     prev = jnp.full((args.horizon, 1), 0.2)
-    action, next_plan, _ = jax.jit(trainer.plan, static_argnums=0)(_quadratic(target), prev, jax.random.PRNGKey(4))
+    plan = jax.jit(functools.partial(pets.plan, args, env, params), static_argnums=0)
+    action, next_plan, _ = plan(_quadratic(target), prev, jax.random.PRNGKey(4))
     solution, _ = pets.cem(_quadratic(target), prev, jax.random.PRNGKey(4), population=args.population,
                            num_elites=args.num_elites, iterations=args.cem_iterations, alpha=args.cem_alpha,
                            epsilon=args.cem_epsilon, lower=-jnp.ones(1), upper=jnp.ones(1))
@@ -143,12 +144,13 @@ def _member_index_model(b, out, in_size=5):
 
 @pytest.mark.parametrize("propagation", ["ts-inf", "ts1", "expectation"])
 def test_model_step_propagates_each_particle_with_its_member(propagation):
-    args, trainer = _trainer(propagation=propagation, learn_reward=True, num_particles=10)
+    args = tiny_args(propagation=propagation, learn_reward=True, num_particles=10)
     n, p, b = 3, args.num_particles, args.ensemble_size
     model = _member_index_model(b, 5)  # 4 observation deltas + the reward
     members = pets.particle_members(jax.random.PRNGKey(1), propagation, 1, n, p, b)[0]
     obs = jnp.ones((n, p, 4))
-    next_obs, reward = jax.jit(trainer.model_step)(model, obs, jnp.zeros((n, p, 1)), members, jax.random.PRNGKey(2))
+    step = jax.jit(functools.partial(pets.model_step, args))
+    next_obs, reward = step(model, obs, jnp.zeros((n, p, 1)), members, jax.random.PRNGKey(2))
     expected = np.full((n, p), (b - 1) / 2) if propagation == "expectation" else np.asarray(members, np.float32)
     np.testing.assert_allclose(next_obs, 1.0 + np.repeat(expected[..., None], 4, -1), atol=1e-4)
     np.testing.assert_allclose(reward, expected, atol=1e-4)
@@ -185,13 +187,13 @@ def _noisy_buffer(key, n, capacity):
 
 def test_fit_learns_obs_and_reward_and_compiles_once_as_the_buffer_grows():
     # The floor of 500 SGD steps binds at 100 transitions (4 minibatches: 125 epochs), not at 400.
-    args, trainer = _trainer(learn_reward=True, num_trials=4, episode_length=100, model_epochs=60,
+    args = tiny_args(learn_reward=True, num_trials=4, episode_length=100, model_epochs=60,
                              model_min_sgd_steps=500)
     traces = []
 
     def counted(*a):
         traces.append(1)
-        return trainer.fit_model(*a)
+        return pets.fit_model(args, *a)
 
     fit = jax.jit(counted)
     full = _noisy_buffer(jax.random.PRNGKey(0), 400, 400)
@@ -265,19 +267,18 @@ def test_model_step_and_model_fit_use_the_tasks_transforms(preprocess):
     args = pets.resolve(pets.Args(env_id="halfcheetah", backend="positional", preprocess=preprocess, num_trials=1, episode_length=10,
                                   propagation="expectation", model_width=8, model_depth=1,
                                   model_weight_decay=(0.0, 0.0)))
-    trainer = pets.make_train(args)
     model = _member_index_model(args.ensemble_size, 18, in_size=24)  # member m predicts m; the mean is 2
     obs = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 18))
-    next_obs, _ = trainer.model_step(model, obs, jnp.zeros((2, 1, 6)), jnp.zeros((2, 1), jnp.int32), None)
+    next_obs, _ = pets.model_step(args, model, obs, jnp.zeros((2, 1, 6)), jnp.zeros((2, 1), jnp.int32), None)
     expected = np.asarray(obs) + 2.0
     if preprocess:
         expected[..., 17] = 2.0
     np.testing.assert_allclose(next_obs, expected, atol=1e-4)
-    state = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
+    state = jax.eval_shape(pets.make_train(args).init, jax.random.PRNGKey(0))
     assert state.model.weights[0].shape == (args.ensemble_size, 24, 8)
 
 
-def _true_dynamics_episode(trainer, args, env, params, key, steps, start=lambda state: state):
+def _true_dynamics_episode(args, env, params, key, steps, start=lambda state: state):
     """`steps` MPC steps of the planner using the real env as its model, from `start` of a reset
     state: (terminated, obs) per step."""
 
@@ -294,7 +295,7 @@ def _true_dynamics_episode(trainer, args, env, params, key, steps, start=lambda 
             state, plan_mean = carry
             plan_key, step_key = jax.random.split(key)
             value = lambda seqs, k: pets.trajectory_values(true_step, state, seqs, k, num_particles=1)
-            action, plan_mean, stats = trainer.plan(value, plan_mean, plan_key)
+            action, plan_mean, stats = pets.plan(args, env, params, value, plan_mean, plan_key)
             obs, state, reward, terminated, _ = env.step_env(step_key, state, action, params)
             return (state, plan_mean), (terminated, obs)
 
@@ -306,9 +307,9 @@ def _true_dynamics_episode(trainer, args, env, params, key, steps, start=lambda 
 
 def test_planner_with_the_true_dynamics_balances_inverted_pendulum():
     """The planner (CEM + particle values with termination) using the real env as its model."""
-    args, trainer = _trainer(population=64, num_elites=8, horizon=12, cem_iterations=3)
+    args = tiny_args(population=64, num_elites=8, horizon=12, cem_iterations=3)
     env, params = pets.envs.make("inverted_pendulum", backend="positional", max_steps_in_episode=1000)
-    terminated, obs = _true_dynamics_episode(trainer, args, env, params, jax.random.PRNGKey(0), 80)
+    terminated, obs = _true_dynamics_episode(args, env, params, jax.random.PRNGKey(0), 80)
     assert not np.any(terminated) and np.max(np.abs(obs[:, 1])) < 0.2
 
 
@@ -316,10 +317,10 @@ def test_planner_with_the_true_dynamics_swings_up_pendulum():
     """The pendulum curve's planner (50 candidates, H = 25, 5 iterations) with the real env as its
     model swings the pole up from hanging at rest (several swings: the torque is too weak to lift
     it) and holds it (angle 0 is up)."""
-    args, trainer = _trainer(env_id="pendulum", population=50, num_elites=5, horizon=25, cem_iterations=5)
+    args = tiny_args(env_id="pendulum", population=50, num_elites=5, horizon=25, cem_iterations=5)
     env, params = pets.envs.make("pendulum")
     hanging = lambda state: state.replace(theta=jnp.float32(np.pi - 0.01), theta_dot=jnp.float32(0.0))
-    _, obs = _true_dynamics_episode(trainer, args, env, params, jax.random.PRNGKey(0), 200, start=hanging)
+    _, obs = _true_dynamics_episode(args, env, params, jax.random.PRNGKey(0), 200, start=hanging)
     angle = np.arctan2(obs[:, 1], obs[:, 0])
     assert np.max(np.abs(angle[-20:])) < 0.1, angle[::10]  # up by step 180 (about 9 s)
 
@@ -353,7 +354,7 @@ def test_run_writes_metrics_summary_and_checkpoint(reference):
     assert summary["trials"] == 5 and summary["backend"] == "positional"
     assert (run_dir.path / "checkpoint.eqx").exists()
     # The whole run is also one pure function (traced here, not compiled).
-    args, trainer = _trainer()
+    args, trainer, _, _ = _trainer()
     _, metrics = jax.eval_shape(trainer.train, jax.random.PRNGKey(0))
     assert metrics["charts/trial_return"].shape == (args.num_trials,)
 
