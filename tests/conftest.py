@@ -170,16 +170,17 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 # Seconds per group (its tests' wall times added, two workers), to queue the longest first: the cold
-# run of 3993487 (tests/README.md). Groups not listed queue after these, in file order.
+# run of c890a6e (tests/README.md), with test_brax_tasks' MJX body-pose test counted in hopper/mjx
+# and the Gymnasium probes at 60 steps. Groups not listed queue after these, in file order.
 GROUP_SECONDS = {
-    "test_dam": 359, "test_mbpo": 304, "test_devices": 287, "test_pets": 253, "test_sac": 183, "test_tdml": 165,
-    "humanoid/gymnasium": 93, "ant/gymnasium": 86, "hopper/gymnasium": 85, "walker2d/gymnasium": 84,
-    "test_brax_tasks": 66, "hopper/mjx": 60, "pusher/positional": 53, "pusher/gymnasium": 49, "test_mujoco_tasks": 49,
-    "humanoid/positional": 48, "halfcheetah/gymnasium": 48, "reacher/gymnasium": 44,
-    "inverted_double_pendulum/gymnasium": 40, "test_host": 40, "halfcheetah/positional": 38, "ant/positional": 26,
-    "walker2d/positional": 26, "inverted_pendulum/gymnasium": 26, "hopper/positional": 25, "test_dam_envs": 21,
-    "reacher/positional": 17, "inverted_double_pendulum/positional": 16, "inverted_pendulum/positional": 14,
-    "test_pendulum_env": 5,
+    "test_dam": 217, "test_mbpo": 203, "test_devices": 169, "test_tdml": 155, "test_sac": 130, "test_pets": 123,
+    "humanoid/gymnasium": 83, "ant/gymnasium": 80, "walker2d/gymnasium": 55, "hopper/gymnasium": 45,
+    "hopper/mjx": 50, "pusher/gymnasium": 39, "test_mujoco_tasks": 32, "halfcheetah/gymnasium": 29,
+    "pusher/positional": 30, "reacher/gymnasium": 27, "test_host": 26, "humanoid/positional": 26,
+    "halfcheetah/positional": 25, "inverted_double_pendulum/gymnasium": 23, "inverted_pendulum/gymnasium": 20,
+    "walker2d/positional": 17, "hopper/positional": 16, "ant/positional": 16, "test_brax_tasks": 16,
+    "test_dam_envs": 14, "reacher/positional": 12, "inverted_double_pendulum/positional": 11,
+    "inverted_pendulum/positional": 7, "test_pendulum_env": 4,
 }
 # Queued after the algorithm groups, whatever its length: the GPU check's smoke cases of PETS, DAM and
 # TDML are those groups' runs, whose programs it then reads from the subprocesses' shared cache.

@@ -35,9 +35,9 @@ MAPPED = {"pusher", "humanoid", "ant", "walker2d", "halfcheetah"}
 # 15.8, 1.03 -> 9.6, 3.72; pusher 23.5, 4.26 -> 11.8, 13.5.
 MAPPED_POSITIONAL = {"hopper", "walker2d", "ant", "reacher", "inverted_pendulum", "inverted_double_pendulum"}
 # Gymnasium's tasks: the steps `run` is compiled for, the longest call of any test of the task
-# (test_mujoco_tasks.py's episodes, HORIZON there; test_brax_tasks.py's probe, 120 steps).
-GYM_HORIZON = {"hopper": 250, "walker2d": 200, "halfcheetah": 120, "ant": 300, "humanoid": 120,
-               "inverted_pendulum": 120, "inverted_double_pendulum": 120, "reacher": 120, "pusher": 100}
+# (test_mujoco_tasks.py's episodes, HORIZON there; test_brax_tasks.py's probe, 60 steps).
+GYM_HORIZON = {"hopper": 250, "walker2d": 200, "halfcheetah": 60, "ant": 300, "humanoid": 80,
+               "inverted_pendulum": 100, "inverted_double_pendulum": 60, "reacher": 60, "pusher": 100}
 
 
 @functools.lru_cache(maxsize=None)

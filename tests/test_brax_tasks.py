@@ -25,10 +25,10 @@ EPISODE = {"walker2d": 200, "humanoid": 200}
 NUM_STEPS = {"walker2d": 240, "humanoid": 240}
 
 
-def _lengths(task, backend=None):
+def _lengths(task, backend=envs.DEFAULT_BACKEND):
     """(time limit, steps per probe call)."""
     if backend == envs.DEFAULT_BACKEND:  # Gymnasium's walker2d and humanoid fall within ~40 steps
-        return (5, 12) if task == "pusher" else (40, 120)
+        return (5, 12) if task == "pusher" else (40, 60)
     return EPISODE.get(task, 40), NUM_STEPS.get(task, 120)
 
 
@@ -147,27 +147,26 @@ def test_snapshot_restore_reproduces_trajectory(task, backend):
     np.testing.assert_allclose(first["restored_obs"], first["orig_obs"], rtol=1e-5, atol=1e-5)
 
 
-def test_mjx_body_poses_after_a_step_are_those_of_its_new_positions():
+@pytest.mark.parametrize("task,backend", [("hopper", "mjx")])  # in the hopper/mjx group: its `run`
+def test_mjx_body_poses_after_a_step_are_those_of_its_new_positions(task, backend):
     """Oracle: MJX's full forward pass (`pipeline_init`) at the stepped q, qd. Raw `mjx.step`
     leaves x, xd one substep behind q, qd, which made ant's `done` disagree with its observed
-    height; the trajectory of q, qd must be Brax's own."""
-    env, params = _env("hopper", "mjx")
-    raw_step = type(env.brax_env).pipeline_step  # Brax's, without our refresh
-
-    @jax.jit
-    def run(key):
-        _, state = env.reset(key, params)
-
-        def body(carry, k):  # a scan: one compiled copy of each step
-            ps, raw = carry
-            action = jax.random.uniform(k, (env.action_size,), minval=-1.0, maxval=1.0)
-            ps = env.step_env(k, state.replace(pipeline_state=ps), action, params)[1].pipeline_state
-            return (ps, raw_step(env.brax_env, raw, action)), None
-
-        (ps, raw), _ = jax.lax.scan(body, (state.pipeline_state, state.pipeline_state), jax.random.split(key, 3))
-        return ps, raw, env.brax_env.pipeline_init(ps.q, ps.qd)
-
-    ps, raw, oracle = jax.tree.map(np.asarray, run(jax.random.PRNGKey(3)))
+    height; the trajectory of q, qd must be Brax's own. Our steps are the probe's shared `run`;
+    Brax's raw step and the forward pass run once on one state (compiled with probe.FAST_COMPILE)."""
+    env, _ = _env(task, backend)
+    params = probe.params_of(env, _lengths(task, backend)[0])
+    run, _ = probe.runner(env, horizon(task, backend))
+    _, state = probe.reset(env, jax.random.PRNGKey(3), params)
+    actions, keys = _actions(jax.random.PRNGKey(4), env, horizon(task, backend)), probe.step_keys(jax.random.PRNGKey(5), horizon(task, backend))
+    before, _ = run(state, actions, keys, 2, params)
+    after, out = run(state, actions, keys, 3, params)
+    assert not (out["terminated"][0, :3].any() or out["truncated"][0, :3].any())  # no auto-reset in env 0
+    first = lambda tree: jax.tree.map(lambda x: np.asarray(x)[0], tree)  # noqa: E731
+    raw_step = jax.jit(type(env.brax_env).pipeline_step, static_argnums=0, compiler_options=probe.FAST_COMPILE)
+    init = jax.jit(env.brax_env.pipeline_init, compiler_options=probe.FAST_COMPILE)
+    ps = first(after.pipeline_state)
+    raw = raw_step(env.brax_env, first(before.pipeline_state), actions[0, 2])
+    ps, raw, oracle = jax.tree.map(np.asarray, (ps, raw, init(ps.q, ps.qd)))
     np.testing.assert_allclose(ps.q, raw.q, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ps.qd, raw.qd, rtol=1e-6, atol=1e-6)
     for mine, truth in [(ps.x.pos, oracle.x.pos), (ps.x.rot, oracle.x.rot), (ps.xd.vel, oracle.xd.vel),
