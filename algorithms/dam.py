@@ -89,6 +89,7 @@ Choices where the paper is silent (and why):
 
 import dataclasses
 import json
+from functools import partial
 from typing import NamedTuple
 
 import distrax
@@ -289,296 +290,321 @@ class RunnerState(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-def make_train(args: Args):
-    env, env_params = envs.make(args.env_id)
-    obs_size = env.observation_space(env_params).shape[0]
-    horizon_T = env_params.max_steps_in_episode
-    num_components = 1 if args.model == "gaussian" else args.mixture_components
-    minvar_fit = args.method in ("minvar", "dam")
-    corrected = args.method in ("disc", "dam")
+# The phases, in data order: COLLECT (Alg. 3's rollouts), FIT (normalizer, model, discriminator),
+# PLAN (Alg. 1's value estimate, Alg. 3's random shooting), then one round and the evaluation.
+def make_env(args: Args):
+    return envs.make(args.env_id)
+
+
+def obs_size_of(env, env_params):
+    return env.observation_space(env_params).shape[0]
+
+
+# --- COLLECT (Alg. 3, ROLLOUT) ----------------------------------------------------------------
+def run_episode(env, env_params, policy, key, turn_left=None):
+    """One fixed-horizon episode; `policy(obs, t, key) -> (action, info)`: exactly T steps of
+    `step_env`, no auto-reset (after Intersection's crash the frozen cars earn 0, so the
+    return is the terminated episode's). `turn_left` fixes Intersection's hidden turn."""
+    reset_key, key = jax.random.split(key)
+    obs, env_state = env.reset(reset_key, env_params)
+    if turn_left is not None and hasattr(env_state, "turn_left"):
+        env_state = env_state.replace(turn_left=turn_left)
+
+    def step(carry, t):
+        obs, env_state, key = carry
+        key, action_key, step_key = jax.random.split(key, 3)
+        action, info = policy(obs, t, action_key)
+        next_obs, env_state, reward, _, _ = env.step_env(step_key, env_state, action, env_params)
+        return (next_obs, env_state, key), (obs, action, reward, next_obs, info)
+
+    _, (obs, action, reward, next_obs, info) = jax.lax.scan(step, (obs, env_state, key),
+                                                            jnp.arange(env_params.max_steps_in_episode))
+    return (obs, action.astype(jnp.int32), reward, next_obs), info
+
+
+def random_policy(obs, t, key):
+    return jax.random.randint(key, (), 0, NUM_ACTIONS), {}
+
+
+# --- dynamics model q(s'|s, a) ------------------------------------------------------------
+def num_components(args):
+    return 1 if args.model == "gaussian" else args.mixture_components
+
+
+def predictive(args, model, norm, obs, action):
+    """The mixture q(z | s, a) over the normalized change z = (s' - s - mean) / std."""
+    k, obs_size = num_components(args), obs.shape[-1]
+    x = jnp.concatenate([(obs - norm.obs_mean) / norm.obs_std, jax.nn.one_hot(action, NUM_ACTIONS)], -1)
+    out = model(x)
+    lead = out.shape[:-1]
+    logits = out[..., :k]
+    loc = out[..., k: k * (1 + obs_size)].reshape(*lead, k, obs_size)
+    raw_scale = out[..., k * (1 + obs_size):].reshape(*lead, k, obs_size)
+    return distrax.MixtureSameFamily(
+        mixture_distribution=distrax.Categorical(logits=logits),
+        components_distribution=distrax.MultivariateNormalDiag(loc, args.min_std + jax.nn.softplus(raw_scale)),
+    )
+
+
+def sample_model(args, model, norm, obs, action, key):
+    """s' ~ q(.|s, a) for a batch of (s, a)."""
+    z = predictive(args, model, norm, obs, action).sample(seed=key)
+    return obs + norm.delta_mean + norm.delta_std * z
+
+
+def new_model(args, key, obs_size):
+    """An MLP that outputs the mixture's parameters: logits, means, raw scales."""
+    return MLP(key, obs_size + NUM_ACTIONS, num_components(args) * (1 + 2 * obs_size), args.model_width,
+               args.model_depth)
+
+
+def new_discriminator(args, key, obs_size):
+    return MLP(key, 2 * obs_size + NUM_ACTIONS, 1, args.disc_width, args.disc_depth)
+
+
+def fit_normalizer(args, data):
+    mask = (jnp.arange(data.obs.shape[0]) < data.size)[:, None, None].astype(jnp.float32)
+    count = data.size * data.obs.shape[1]
+
+    def stats(x):
+        mean = jnp.sum(x * mask, (0, 1)) / count
+        std = jnp.sqrt(jnp.sum((x - mean) ** 2 * mask, (0, 1)) / count)
+        return mean, jnp.where(std < args.min_input_std, 1.0, std)  # (near-)constant: unscaled
+
+    return Normalizer(*stats(data.obs), *stats(data.next_obs - data.obs))
+
+
+# --- FIT MODEL (Alg. 2, TRAINMODEL; Eq. 10) ---------------------------------------------------
+def trajectory_weights(args, data):
+    """Per-episode weight of the log-likelihood: R'(tau) / mean R' with R' = R - T r_min >= 0
+    (minimum-variance objective, Eq. 10), or 1 (maximum likelihood)."""
+    slots = data.obs.shape[0]
+    if args.method not in ("minvar", "dam"):
+        return jnp.ones(slots)
+    shifted = jnp.sum(data.reward, 1) - data.obs.shape[1] * MIN_REWARD[args.env_id]
+    stored = jnp.arange(slots) < data.size
+    mean = jnp.sum(jnp.where(stored, shifted, 0.0)) / data.size
+    return jnp.where(stored, shifted / jnp.maximum(mean, 1e-8), 0.0)
+
+
+def model_loss(args, model, norm, obs, action, next_obs, weight):
+    """-mean_i weight_i log q(s'_i | s_i, a_i) (Eq. 10 with the episode weights; MLE if 1)."""
+    z = (next_obs - obs - norm.delta_mean) / norm.delta_std
+    return -jnp.mean(weight * predictive(args, model, norm, obs, action).log_prob(z))
+
+
+def fit_model(args, data, norm, key):
+    init_key, key = jax.random.split(key)
+    model = new_model(args, init_key, data.obs.shape[-1])
+    weights = trajectory_weights(args, data)
+    optimizer = optax.adam(args.model_lr)
+
+    def sgd_step(carry, key):
+        model, opt_state = carry
+        obs, action, next_obs, episode = data.sample(key, args.model_batch_size)
+        loss, grads = jax.value_and_grad(partial(model_loss, args))(model, norm, obs, action, next_obs, weights[episode])
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return (optax.apply_updates(model, updates), opt_state), loss
+
+    (model, _), losses = jax.lax.scan(sgd_step, (model, optimizer.init(model)),
+                                      jax.random.split(key, args.model_train_steps))
+    return model, {"model/loss": jnp.mean(losses[-100:])}
+
+
+# --- FIT DISCRIMINATOR (Alg. 2, TRAINDISCRIMINATOR) ----------------------------------------
+def disc_logit(disc, norm, obs, action, next_obs):
+    """Logit of D(s, a, s'), an estimate of log p(s'|s, a) / q(s'|s, a) (Eq. 7)."""
+    delta = (next_obs - obs - norm.delta_mean) / norm.delta_std
+    x = jnp.concatenate([(obs - norm.obs_mean) / norm.obs_std, jax.nn.one_hot(action, NUM_ACTIONS), delta], -1)
+    return disc(x)[..., 0]
+
+
+def fit_discriminator(args, data, norm, sample_fake, key):
+    """Real (s, a, s') -> 1, (s, a, s'~sample_fake(s, a)) at the same real (s, a) -> 0."""
+    init_key, key = jax.random.split(key)
+    disc = new_discriminator(args, init_key, data.obs.shape[-1])
+    optimizer = optax.adam(args.disc_lr)
+
+    def loss_fn(disc, obs, action, real, fake):
+        real_logit, fake_logit = disc_logit(disc, norm, obs, action, real), disc_logit(disc, norm, obs, action, fake)
+        loss = jnp.mean(jax.nn.softplus(-real_logit)) + jnp.mean(jax.nn.softplus(fake_logit))  # -log D - log(1-D)
+        accuracy = 0.5 * (jnp.mean(real_logit > 0) + jnp.mean(fake_logit < 0))
+        # Calibration: E_q[exp(logit)] = E_q[p/q] = 1 for a calibrated density ratio.
+        return loss, (accuracy, jnp.mean(jnp.exp(jnp.minimum(fake_logit, 30.0))))
+
+    def sgd_step(carry, key):
+        disc, opt_state = carry
+        batch_key, fake_key = jax.random.split(key)
+        obs, action, real, _ = data.sample(batch_key, args.disc_batch_size)
+        fake = jax.lax.stop_gradient(sample_fake(obs, action, fake_key))
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(disc, obs, action, real, fake)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return (optax.apply_updates(disc, updates), opt_state), (loss, *aux)
+
+    (disc, _), (losses, accuracies, ratios) = jax.lax.scan(sgd_step, (disc, optimizer.init(disc)),
+                                                           jax.random.split(key, args.disc_train_steps))
+    return disc, {"disc/loss": jnp.mean(losses[-100:]), "disc/accuracy": jnp.mean(accuracies[-100:]),
+                  "disc/ratio_on_model_samples": jnp.mean(ratios[-100:])}
+
+
+# --- PLAN (Alg. 1 ESTIMATEVALUE, Alg. 3 RSPLANNER) -------------------------------------------
+def estimate_values(args, env, env_params, sample_next, step_log_weight, obs, t, sequences, key):
+    """Eq. 4: mean over particles of sum_h w_{1..h} r_h along model rollouts of each sequence
+    (N, H) from `obs` at episode step t; w multiplies the weights of every transition up to
+    and including h, in log space, capped at `max_log_weight`. Steps past the episode's end,
+    and after a particle's first terminal transition (Intersection's crash), earn nothing.
+    With `common_noise`, particle j of every sequence is sampled with the same key, so all
+    candidates meet the same futures. Returns (values (N,), mean log-weight of the last step)."""
+    n, p = sequences.shape[0], args.num_particles
+    states = jnp.broadcast_to(obs, (n, p, obs.shape[-1]))
+    actions = jnp.broadcast_to(sequences[:, None, :], (n, p, sequences.shape[1]))
+
+    def step(carry, inputs):
+        state, log_w, total, ended = carry
+        h, action, key = inputs
+        keys = jnp.broadcast_to(key, (n, *key.shape)) if args.common_noise else jax.random.split(key, n)
+        next_state = jax.vmap(sample_next)(state, action, keys)  # one key per sequence: its p particles
+        log_w = jnp.minimum(log_w + step_log_weight(state, action, next_state), args.max_log_weight)
+        reward = env.reward_fn(state, action, next_state, env_params)
+        # w_{1..h}: the plain product (Eq. 4), or normalised over the particles (times p, so
+        # that the mean over particles below is their weighted sum).
+        weight = p * jax.nn.softmax(log_w, axis=1) if args.self_normalize else jnp.exp(log_w)
+        total = total + jnp.where((t + h < env_params.max_steps_in_episode) & ~ended, weight * reward, 0.0)
+        ended = ended | env.termination_fn(state, action, next_state, env_params)
+        return (next_state, log_w, total, ended), None
+
+    horizon = sequences.shape[1]
+    init = (states, jnp.zeros((n, p)), jnp.zeros((n, p)), jnp.zeros((n, p), bool))
+    steps = (jnp.arange(horizon), jnp.moveaxis(actions, 2, 0), jax.random.split(key, horizon))
+    (_, log_w, total, _), _ = jax.lax.scan(step, init, steps)
+    return jnp.mean(total, 1), jnp.mean(log_w)
+
+
+def sample_true(env, env_params, obs, action, key):
+    """s' ~ p(.|s, a) of the env itself for a batch: a state with each observation (hidden
+    variables drawn given it, `state_from_obs`), then one `step_env`."""
+    def one(obs, action, key):
+        state_key, step_key = jax.random.split(key)
+        return env.step_env(step_key, env.state_from_obs(obs, state_key, env_params), action, env_params)[0]
+
+    return jax.vmap(one)(obs, action, jax.random.split(key, obs.shape[0]))
+
+
+def log_weight_fn(args, runner):
+    """log w of one transition: logit (Eq. 8), log sigmoid(logit) (Alg. 1), or 0 (uncorrected)."""
+    if args.method not in ("disc", "dam"):
+        return lambda obs, action, next_obs: jnp.zeros(obs.shape[:-1])
+    logit = lambda obs, action, next_obs: disc_logit(runner.disc, runner.norm, obs, action, next_obs)
+    if args.weight == "sigmoid":
+        return lambda *transition: jax.nn.log_sigmoid(logit(*transition))
+    return logit
+
+
+def plan(args, env, env_params, runner, obs, t, key):
+    """RSPLANNER: the first action of the best of K uniformly random sequences."""
+    sequence_key, value_key = jax.random.split(key)
+    sequences = jax.random.randint(sequence_key, (args.num_sequences, args.horizon), 0, NUM_ACTIONS)
+    if args.model == "true":
+        sample_next = partial(sample_true, env, env_params)
+    else:
+        sample_next = partial(sample_model, args, runner.model, runner.norm)
+    values, log_w = estimate_values(args, env, env_params, sample_next, log_weight_fn(args, runner), obs, t,
+                                    sequences, value_key)
+    best = jnp.argmax(values)
+    return sequences[best, 0], {"plan/value": values[best], "plan/log_weight": log_w}
+
+
+# --- init and one round ---------------------------------------------------------------------
+def fit(args, runner, key):
+    """Refit the normalizer, the model and (if the method uses it) the discriminator."""
+    model_key, disc_key = jax.random.split(key)
+    norm = fit_normalizer(args, runner.data)
+    if args.model == "true":  # nothing is learned: the planner samples the env itself
+        return runner._replace(norm=norm), {}
+    model, metrics = fit_model(args, runner.data, norm, model_key)
+    runner = runner._replace(model=model, norm=norm)
+    if args.method in ("disc", "dam"):
+        sample_fake = partial(sample_model, args, model, norm)
+        disc, disc_metrics = fit_discriminator(args, runner.data, norm, sample_fake, disc_key)
+        runner, metrics = runner._replace(disc=disc), {**metrics, **disc_metrics}
+    return runner, metrics
+
+
+def init(args, env, env_params, key):
+    key, data_key, model_key, disc_key = jax.random.split(key, 4)
+    obs_size, horizon_T = obs_size_of(env, env_params), env_params.max_steps_in_episode
     capacity = args.init_episodes + args.rounds * args.episodes_per_round
-    model_out = num_components * (1 + 2 * obs_size)  # logits, means, raw scales
+    empty = Dataset(jnp.zeros((capacity, horizon_T, obs_size)), jnp.zeros((capacity, horizon_T), jnp.int32),
+                    jnp.zeros((capacity, horizon_T)), jnp.zeros((capacity, horizon_T, obs_size)), jnp.int32(0))
+    episodes, _ = jax.vmap(partial(run_episode, env, env_params, random_policy))(
+        jax.random.split(data_key, args.init_episodes))
+    norm = Normalizer(jnp.zeros(obs_size), jnp.ones(obs_size), jnp.zeros(obs_size), jnp.ones(obs_size))
+    return RunnerState(data=empty.add(episodes), norm=norm, key=key, model=new_model(args, model_key, obs_size),
+                       disc=new_discriminator(args, disc_key, obs_size))
 
-    # --- COLLECT (Alg. 3, ROLLOUT) ----------------------------------------------------------------
-    def run_episode(policy, key, turn_left=None):
-        """One fixed-horizon episode; `policy(obs, t, key) -> (action, info)`: exactly T steps of
-        `step_env`, no auto-reset (after Intersection's crash the frozen cars earn 0, so the
-        return is the terminated episode's). `turn_left` fixes Intersection's hidden turn."""
-        reset_key, key = jax.random.split(key)
-        obs, env_state = env.reset(reset_key, env_params)
-        if turn_left is not None and hasattr(env_state, "turn_left"):
-            env_state = env_state.replace(turn_left=turn_left)
 
-        def step(carry, t):
-            obs, env_state, key = carry
-            key, action_key, step_key = jax.random.split(key, 3)
-            action, info = policy(obs, t, action_key)
-            next_obs, env_state, reward, _, _ = env.step_env(step_key, env_state, action, env_params)
-            return (next_obs, env_state, key), (obs, action, reward, next_obs, info)
+def round_(args, env, env_params, runner, round_index):
+    """One round of Algorithm 3, fit-first: fit model (+ discriminator) on all data so far,
+    then roll out the planner in the real env and add its trajectories. (Alg. 3 fits after
+    adding; the order is the same once the initial random dataset is fitted first.)"""
+    key, fit_key, rollout_key = jax.random.split(runner.key, 3)
+    runner, metrics = fit(args, runner._replace(key=key), fit_key)
+    policy = partial(plan, args, env, env_params, runner)
+    episodes, info = jax.vmap(partial(run_episode, env, env_params, policy))(
+        jax.random.split(rollout_key, args.episodes_per_round))
+    runner = runner._replace(data=runner.data.add(episodes))
+    returns = jnp.sum(episodes[2], 1)
+    metrics = {
+        "round": round_index + 1,
+        "env_steps": (args.init_episodes + (round_index + 1) * args.episodes_per_round) * env_params.max_steps_in_episode,
+        "charts/episode_return": jnp.mean(returns),
+        "plan/value_first_step": jnp.mean(info["plan/value"][:, 0]),
+        "plan/mean_log_weight": jnp.mean(info["plan/log_weight"]),
+        **metrics,
+    }
+    return runner, metrics
 
-        _, (obs, action, reward, next_obs, info) = jax.lax.scan(step, (obs, env_state, key), jnp.arange(horizon_T))
-        return (obs, action.astype(jnp.int32), reward, next_obs), info
 
-    def random_policy(obs, t, key):
-        return jax.random.randint(key, (), 0, NUM_ACTIONS), {}
+def train(args, env, env_params, key):
+    """The whole run: init, then J rounds. Returns (final state, metrics stacked over rounds)."""
+    return jax.lax.scan(partial(round_, args, env, env_params), init(args, env, env_params, key), jnp.arange(args.rounds))
 
-    # --- dynamics model q(s'|s, a) ------------------------------------------------------------
-    def predictive(model, norm, obs, action):
-        """The mixture q(z | s, a) over the normalized change z = (s' - s - mean) / std."""
-        x = jnp.concatenate([(obs - norm.obs_mean) / norm.obs_std, jax.nn.one_hot(action, NUM_ACTIONS)], -1)
-        out = model(x)
-        lead = out.shape[:-1]
-        logits = out[..., :num_components]
-        loc = out[..., num_components: num_components * (1 + obs_size)].reshape(*lead, num_components, obs_size)
-        raw_scale = out[..., num_components * (1 + obs_size):].reshape(*lead, num_components, obs_size)
-        return distrax.MixtureSameFamily(
-            mixture_distribution=distrax.Categorical(logits=logits),
-            components_distribution=distrax.MultivariateNormalDiag(loc, args.min_std + jax.nn.softplus(raw_scale)),
-        )
 
-    def sample_model(model, norm, obs, action, key):
-        """s' ~ q(.|s, a) for a batch of (s, a)."""
-        z = predictive(model, norm, obs, action).sample(seed=key)
-        return obs + norm.delta_mean + norm.delta_std * z
-
-    def fit_normalizer(data):
-        mask = (jnp.arange(data.obs.shape[0]) < data.size)[:, None, None].astype(jnp.float32)
-        count = data.size * horizon_T
-
-        def stats(x):
-            mean = jnp.sum(x * mask, (0, 1)) / count
-            std = jnp.sqrt(jnp.sum((x - mean) ** 2 * mask, (0, 1)) / count)
-            return mean, jnp.where(std < args.min_input_std, 1.0, std)  # (near-)constant: unscaled
-
-        return Normalizer(*stats(data.obs), *stats(data.next_obs - data.obs))
-
-    # --- FIT MODEL (Alg. 2, TRAINMODEL; Eq. 10) ---------------------------------------------------
-    def trajectory_weights(data):
-        """Per-episode weight of the log-likelihood: R'(tau) / mean R' with R' = R - T r_min >= 0
-        (minimum-variance objective, Eq. 10), or 1 (maximum likelihood)."""
-        slots = data.obs.shape[0]
-        if not minvar_fit:
-            return jnp.ones(slots)
-        shifted = jnp.sum(data.reward, 1) - horizon_T * MIN_REWARD[args.env_id]
-        stored = jnp.arange(slots) < data.size
-        mean = jnp.sum(jnp.where(stored, shifted, 0.0)) / data.size
-        return jnp.where(stored, shifted / jnp.maximum(mean, 1e-8), 0.0)
-
-    def model_loss(model, norm, obs, action, next_obs, weight):
-        """-mean_i weight_i log q(s'_i | s_i, a_i) (Eq. 10 with the episode weights; MLE if 1)."""
-        z = (next_obs - obs - norm.delta_mean) / norm.delta_std
-        return -jnp.mean(weight * predictive(model, norm, obs, action).log_prob(z))
-
-    model_optimizer = optax.adam(args.model_lr)
-
-    def fit_model(data, norm, key):
-        init_key, key = jax.random.split(key)
-        model = MLP(init_key, obs_size + NUM_ACTIONS, model_out, args.model_width, args.model_depth)
-        weights = trajectory_weights(data)
-
-        def sgd_step(carry, key):
-            model, opt_state = carry
-            obs, action, next_obs, episode = data.sample(key, args.model_batch_size)
-            loss, grads = jax.value_and_grad(model_loss)(model, norm, obs, action, next_obs, weights[episode])
-            updates, opt_state = model_optimizer.update(grads, opt_state)
-            return (optax.apply_updates(model, updates), opt_state), loss
-
-        (model, _), losses = jax.lax.scan(sgd_step, (model, model_optimizer.init(model)),
-                                          jax.random.split(key, args.model_train_steps))
-        return model, {"model/loss": jnp.mean(losses[-100:])}
-
-    # --- FIT DISCRIMINATOR (Alg. 2, TRAINDISCRIMINATOR) ----------------------------------------
-    def disc_logit(disc, norm, obs, action, next_obs):
-        """Logit of D(s, a, s'), an estimate of log p(s'|s, a) / q(s'|s, a) (Eq. 7)."""
-        delta = (next_obs - obs - norm.delta_mean) / norm.delta_std
-        x = jnp.concatenate([(obs - norm.obs_mean) / norm.obs_std, jax.nn.one_hot(action, NUM_ACTIONS), delta], -1)
-        return disc(x)[..., 0]
-
-    disc_optimizer = optax.adam(args.disc_lr)
-
-    def fit_discriminator(data, norm, sample_fake, key):
-        """Real (s, a, s') -> 1, (s, a, s'~sample_fake(s, a)) at the same real (s, a) -> 0."""
-        init_key, key = jax.random.split(key)
-        disc = MLP(init_key, 2 * obs_size + NUM_ACTIONS, 1, args.disc_width, args.disc_depth)
-
-        def loss_fn(disc, obs, action, real, fake):
-            real_logit, fake_logit = disc_logit(disc, norm, obs, action, real), disc_logit(disc, norm, obs, action, fake)
-            loss = jnp.mean(jax.nn.softplus(-real_logit)) + jnp.mean(jax.nn.softplus(fake_logit))  # -log D - log(1-D)
-            accuracy = 0.5 * (jnp.mean(real_logit > 0) + jnp.mean(fake_logit < 0))
-            # Calibration: E_q[exp(logit)] = E_q[p/q] = 1 for a calibrated density ratio.
-            return loss, (accuracy, jnp.mean(jnp.exp(jnp.minimum(fake_logit, 30.0))))
-
-        def sgd_step(carry, key):
-            disc, opt_state = carry
-            batch_key, fake_key = jax.random.split(key)
-            obs, action, real, _ = data.sample(batch_key, args.disc_batch_size)
-            fake = jax.lax.stop_gradient(sample_fake(obs, action, fake_key))
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(disc, obs, action, real, fake)
-            updates, opt_state = disc_optimizer.update(grads, opt_state)
-            return (optax.apply_updates(disc, updates), opt_state), (loss, *aux)
-
-        (disc, _), (losses, accuracies, ratios) = jax.lax.scan(sgd_step, (disc, disc_optimizer.init(disc)),
-                                                               jax.random.split(key, args.disc_train_steps))
-        return disc, {"disc/loss": jnp.mean(losses[-100:]), "disc/accuracy": jnp.mean(accuracies[-100:]),
-                      "disc/ratio_on_model_samples": jnp.mean(ratios[-100:])}
-
-    # --- PLAN (Alg. 1 ESTIMATEVALUE, Alg. 3 RSPLANNER) -------------------------------------------
-    def estimate_values(sample_next, step_log_weight, obs, t, sequences, key):
-        """Eq. 4: mean over particles of sum_h w_{1..h} r_h along model rollouts of each sequence
-        (N, H) from `obs` at episode step t; w multiplies the weights of every transition up to
-        and including h, in log space, capped at `max_log_weight`. Steps past the episode's end,
-        and after a particle's first terminal transition (Intersection's crash), earn nothing.
-        With `common_noise`, particle j of every sequence is sampled with the same key, so all
-        candidates meet the same futures. Returns (values (N,), mean log-weight of the last step)."""
-        n, p = sequences.shape[0], args.num_particles
-        states = jnp.broadcast_to(obs, (n, p, obs_size))
-        actions = jnp.broadcast_to(sequences[:, None, :], (n, p, sequences.shape[1]))
-
-        def step(carry, inputs):
-            state, log_w, total, ended = carry
-            h, action, key = inputs
-            keys = jnp.broadcast_to(key, (n, *key.shape)) if args.common_noise else jax.random.split(key, n)
-            next_state = jax.vmap(sample_next)(state, action, keys)  # one key per sequence: its p particles
-            log_w = jnp.minimum(log_w + step_log_weight(state, action, next_state), args.max_log_weight)
-            reward = env.reward_fn(state, action, next_state, env_params)
-            # w_{1..h}: the plain product (Eq. 4), or normalised over the particles (times p, so
-            # that the mean over particles below is their weighted sum).
-            weight = p * jax.nn.softmax(log_w, axis=1) if args.self_normalize else jnp.exp(log_w)
-            total = total + jnp.where((t + h < horizon_T) & ~ended, weight * reward, 0.0)
-            ended = ended | env.termination_fn(state, action, next_state, env_params)
-            return (next_state, log_w, total, ended), None
-
-        horizon = sequences.shape[1]
-        init = (states, jnp.zeros((n, p)), jnp.zeros((n, p)), jnp.zeros((n, p), bool))
-        steps = (jnp.arange(horizon), jnp.moveaxis(actions, 2, 0), jax.random.split(key, horizon))
-        (_, log_w, total, _), _ = jax.lax.scan(step, init, steps)
-        return jnp.mean(total, 1), jnp.mean(log_w)
-
-    def sample_true(obs, action, key):
-        """s' ~ p(.|s, a) of the env itself for a batch: a state with each observation (hidden
-        variables drawn given it, `state_from_obs`), then one `step_env`."""
-        def one(obs, action, key):
-            state_key, step_key = jax.random.split(key)
-            return env.step_env(step_key, env.state_from_obs(obs, state_key, env_params), action, env_params)[0]
-
-        return jax.vmap(one)(obs, action, jax.random.split(key, obs.shape[0]))
-
-    def log_weight_fn(runner):
-        """log w of one transition: logit (Eq. 8), log sigmoid(logit) (Alg. 1), or 0 (uncorrected)."""
-        if not corrected:
-            return lambda obs, action, next_obs: jnp.zeros(obs.shape[:-1])
-        logit = lambda obs, action, next_obs: disc_logit(runner.disc, runner.norm, obs, action, next_obs)
-        if args.weight == "sigmoid":
-            return lambda *transition: jax.nn.log_sigmoid(logit(*transition))
-        return logit
-
-    def plan(runner, obs, t, key):
-        """RSPLANNER: the first action of the best of K uniformly random sequences."""
-        sequence_key, value_key = jax.random.split(key)
-        sequences = jax.random.randint(sequence_key, (args.num_sequences, args.horizon), 0, NUM_ACTIONS)
-        if args.model == "true":
-            sample_next = sample_true
-        else:
-            sample_next = lambda s, a, k: sample_model(runner.model, runner.norm, s, a, k)
-        values, log_w = estimate_values(sample_next, log_weight_fn(runner), obs, t, sequences, value_key)
-        best = jnp.argmax(values)
-        return sequences[best, 0], {"plan/value": values[best], "plan/log_weight": log_w}
-
-    # --- init and one round ---------------------------------------------------------------------
-    def fit(runner, key):
-        """Refit the normalizer, the model and (if the method uses it) the discriminator."""
-        model_key, disc_key = jax.random.split(key)
-        norm = fit_normalizer(runner.data)
-        if args.model == "true":  # nothing is learned: the planner samples the env itself
-            return runner._replace(norm=norm), {}
-        model, metrics = fit_model(runner.data, norm, model_key)
-        runner = runner._replace(model=model, norm=norm)
-        if corrected:
-            sample_fake = lambda s, a, k: sample_model(model, norm, s, a, k)
-            disc, disc_metrics = fit_discriminator(runner.data, norm, sample_fake, disc_key)
-            runner, metrics = runner._replace(disc=disc), {**metrics, **disc_metrics}
-        return runner, metrics
-
-    def init(key):
-        key, data_key, model_key, disc_key = jax.random.split(key, 4)
-        empty = Dataset(jnp.zeros((capacity, horizon_T, obs_size)), jnp.zeros((capacity, horizon_T), jnp.int32),
-                        jnp.zeros((capacity, horizon_T)), jnp.zeros((capacity, horizon_T, obs_size)), jnp.int32(0))
-        episodes, _ = jax.vmap(run_episode, (None, 0))(random_policy, jax.random.split(data_key, args.init_episodes))
-        norm = Normalizer(jnp.zeros(obs_size), jnp.ones(obs_size), jnp.zeros(obs_size), jnp.ones(obs_size))
-        return RunnerState(
-            data=empty.add(episodes), norm=norm, key=key,
-            model=MLP(model_key, obs_size + NUM_ACTIONS, model_out, args.model_width, args.model_depth),
-            disc=MLP(disc_key, 2 * obs_size + NUM_ACTIONS, 1, args.disc_width, args.disc_depth),
-        )
-
-    def round_(runner, round_index):
-        """One round of Algorithm 3, fit-first: fit model (+ discriminator) on all data so far,
-        then roll out the planner in the real env and add its trajectories. (Alg. 3 fits after
-        adding; the order is the same once the initial random dataset is fitted first.)"""
-        key, fit_key, rollout_key = jax.random.split(runner.key, 3)
-        runner, metrics = fit(runner._replace(key=key), fit_key)
-        policy = lambda obs, t, key: plan(runner, obs, t, key)
-        episodes, info = jax.vmap(run_episode, (None, 0))(policy, jax.random.split(rollout_key, args.episodes_per_round))
-        runner = runner._replace(data=runner.data.add(episodes))
-        returns = jnp.sum(episodes[2], 1)
-        metrics = {
-            "round": round_index + 1,
-            "env_steps": (args.init_episodes + (round_index + 1) * args.episodes_per_round) * horizon_T,
-            "charts/episode_return": jnp.mean(returns),
-            "plan/value_first_step": jnp.mean(info["plan/value"][:, 0]),
-            "plan/mean_log_weight": jnp.mean(info["plan/log_weight"]),
-            **metrics,
-        }
-        return runner, metrics
-
-    def train(key):
-        """The whole run: init, then J rounds. Returns (final state, metrics stacked over rounds)."""
-        return jax.lax.scan(round_, init(key), jnp.arange(args.rounds))
-
-    def evaluate(runner, key, per_episode=False):
-        """`eval_episodes` planner episodes with the state's model/discriminator, apart from data
-        collection (nothing is added); on Intersection half with each turn (even: left).
-        Returns the mean return and per-turn means and the share of crashed episodes."""
-        policy = lambda obs, t, key: plan(runner, obs, t, key)
-        left = jnp.arange(args.eval_episodes) % 2 == 0
-        episodes, _ = jax.vmap(run_episode, (None, 0, 0))(policy, jax.random.split(key, args.eval_episodes), left)
-        obs, action, reward, next_obs = episodes
-        returns = jnp.sum(reward, 1)
-        crashed = jnp.any(env.termination_fn(obs, action, next_obs, env_params), 1)
-        metrics = {"eval/return": jnp.mean(returns)}
-        if args.env_id == "Intersection":
-            metrics.update({
-                "eval/return_left_turn": jnp.sum(jnp.where(left, returns, 0)) / jnp.sum(left),
-                "eval/return_right_turn": jnp.sum(jnp.where(left, 0, returns)) / jnp.maximum(jnp.sum(~left), 1),
-                "eval/crash_frac": jnp.mean(crashed)})
-        if per_episode:  # for benchmarks: every episode's return (and crash)
-            metrics.update({"eval/episode_returns": returns, "eval/episode_crashed": crashed})
-        return jnp.mean(returns), metrics
-
-    return Trainer(init, round_, train, evaluate, fit_normalizer, fit_model, fit_discriminator, trajectory_weights,
-                   model_loss, predictive, sample_model, sample_true, disc_logit, estimate_values, plan, run_episode,
-                   env)
+def evaluate(args, env, env_params, runner, key, per_episode=False):
+    """`eval_episodes` planner episodes with the state's model/discriminator, apart from data
+    collection (nothing is added); on Intersection half with each turn (even: left).
+    Returns the mean return and per-turn means and the share of crashed episodes."""
+    policy = partial(plan, args, env, env_params, runner)
+    left = jnp.arange(args.eval_episodes) % 2 == 0
+    episodes, _ = jax.vmap(partial(run_episode, env, env_params, policy))(jax.random.split(key, args.eval_episodes), left)
+    obs, action, reward, next_obs = episodes
+    returns = jnp.sum(reward, 1)
+    crashed = jnp.any(env.termination_fn(obs, action, next_obs, env_params), 1)
+    metrics = {"eval/return": jnp.mean(returns)}
+    if args.env_id == "Intersection":
+        metrics.update({
+            "eval/return_left_turn": jnp.sum(jnp.where(left, returns, 0)) / jnp.sum(left),
+            "eval/return_right_turn": jnp.sum(jnp.where(left, 0, returns)) / jnp.maximum(jnp.sum(~left), 1),
+            "eval/crash_frac": jnp.mean(crashed)})
+    if per_episode:  # for benchmarks: every episode's return (and crash)
+        metrics.update({"eval/episode_returns": returns, "eval/episode_crashed": crashed})
+    return jnp.mean(returns), metrics
 
 
 class Trainer(NamedTuple):
-    init: callable
-    round: callable
-    train: callable
-    evaluate: callable
-    # the pieces, exposed for tests and for reuse
-    fit_normalizer: callable
-    fit_model: callable
-    fit_discriminator: callable
-    trajectory_weights: callable
-    model_loss: callable
-    predictive: callable
-    sample_model: callable
-    sample_true: callable  # (obs, action, key) -> s' ~ p(.|s, a) of the env itself (--model true)
-    disc_logit: callable
-    estimate_values: callable
-    plan: callable
-    run_episode: callable
+    """The phases above bound to `args` and its env."""
+
+    init: callable  # key -> RunnerState
+    round: callable  # (state, round_index) -> (state, metrics): one round of Algorithm 3
+    train: callable  # key -> (state, metrics of every round)
+    evaluate: callable  # (state, key, per_episode=False) -> (mean return, metrics)
     env: object
+    env_params: object
+
+
+def make_train(args: Args) -> Trainer:
+    env, env_params = make_env(args)
+    return Trainer(*(partial(phase, args, env, env_params) for phase in (init, round_, train, evaluate)), env, env_params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,7 +651,7 @@ def render_saved(path):
     """--render: one planner episode with the first seed's saved model (and discriminator): a PNG."""
     args, trainer, state, _ = utils.load_saved(path, Args, make_train, seed_keys)
     runner = utils.first_seed(state)
-    policy = lambda obs, t, key: (trainer.plan(runner, obs, t, key)[0], t + 1)  # the carried state: the time step
+    policy = lambda obs, t, key: (plan(args, trainer.env, trainer.env_params, runner, obs, t, key)[0], t + 1)  # carry: t
     file, total = envs.render_episode(trainer.env, policy, jnp.int32(0), jax.random.PRNGKey(args.seed), path)
     print(json.dumps({"render": str(file), "episode_return": total}))
 

@@ -112,6 +112,7 @@ Choices where the paper is silent (and why):
 
 import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -465,291 +466,306 @@ class RunnerState(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-def make_train(args: Args, system: System | None = None):
-    """Returns a `Trainer` of pure functions for `system` (default: the Brax task of `args`):
+# The phases, in data order: DATA (the fixed buffer of f under pi), UPDATE CRITIC (Eq. 5-8),
+# UPDATE MODEL (Eq. 1 or Eq. 9), one iteration of Algorithm 1, EVALUATE (true TDML, Eq. 3).
+def act(system, policy, obs):
+    return jax.vmap(system.policy, (None, 0))(policy, obs)
 
-    * `make_data(policy, key) -> Data`: the fixed buffer (one for all seeds).
-    * `init(key) -> RunnerState`
-    * `eval_batch(data, policy, eval_index) -> EvalBatch`: the real rollouts of an evaluation.
-    * `chunk(state, data, policy, eval_batch, start_step) -> (state, metrics)`: `eval_every`
-      iterations of Algorithm 1 (or one-step steps) and an evaluation; `start_step` is unbatched,
-      so "every d steps" is a real branch even under `vmap`.
-    * `train(key, data, policy) -> (state, metrics)`: the whole run as one pure function.
-    """
-    if system is None:
-        system = env_system(make_env(args)[0])
-    obs_size, action_size = system.obs_size, system.action_size
-    H, N = args.trajectory_length, args.num_trajectories
-    num_chunks = args.total_steps // args.eval_every
-    model_optimizer = optax.adam(args.model_lr)
-    critic_optimizer = optax.adam(args.critic_lr)
+
+def closed_loop(system, model, policy, obs, steps):
+    """s_hat_0 = obs, s_hat_{n+1} = f_theta(s_hat_n, pi(s_hat_n)): (steps + 1, B, obs)."""
+
+    def step(s, _):
+        s = jax.vmap(model)(s, act(system, policy, s))
+        return s, s
+
+    _, states = jax.lax.scan(step, obs, None, length=steps)
+    return jnp.concatenate([obs[None], states])
+
+
+# --- DATA -----------------------------------------------------------------------------------
+def make_data(args, system, policy, key):
+    """N trajectories of H steps of f under pi from random start states."""
+    state = jax.vmap(system.reset)(jax.random.split(jax.random.fold_in(key, 0), args.num_trajectories))
+
+    def step(state, _):
+        obs = jax.vmap(system.observe)(state)
+        action = act(system, policy, obs)
+        return jax.vmap(system.step)(state, action), (obs, action, jax.vmap(system.snapshot)(state))
+
+    # H + 1 steps, the last one's step unused: the stacked outputs are the buffer, without a
+    # concatenation that would copy the (large) snapshots.
+    _, (obs, action, snapshot) = jax.lax.scan(step, state, None, length=args.trajectory_length + 1)
+    return Data(obs, action[:args.trajectory_length], snapshot)
+
+
+# --- init -------------------------------------------------------------------------------------
+def model_optimizer(args):
+    return optax.adam(args.model_lr)
+
+
+def critic_optimizer(args):
+    return optax.adam(args.critic_lr)
+
+
+def init(args, system, key):
     tdml = args.loss == "tdml"
-    eval_key = jax.random.fold_in(jax.random.PRNGKey(args.data_seed), 1)  # not a seed's key: shared
+    key, model_key, critic_key = jax.random.split(key, 3)
+    model = Model(MLP(model_key, system.obs_size + system.action_size, system.obs_size, args.model_layers, "relu",
+                      weight_norm=args.weight_norm), args.clip)
+    critic = critic_opt = None
+    if tdml:
+        critic = Critic(MLP(critic_key, 2 * system.obs_size, 1, args.critic_layers, "selu", init="lecun"),
+                        args.critic_output)
+        critic_opt = critic_optimizer(args).init(eqx.filter(critic, eqx.is_array))
+    return RunnerState(model, model_optimizer(args).init(eqx.filter(model, eqx.is_array)),
+                       model if tdml else None, critic, critic_opt, critic if tdml else None, jnp.int32(0), key)
 
-    def act(policy, obs):
-        return jax.vmap(system.policy, (None, 0))(policy, obs)
 
-    def closed_loop(model, policy, obs, steps):
-        """s_hat_0 = obs, s_hat_{n+1} = f_theta(s_hat_n, pi(s_hat_n)): (steps + 1, B, obs)."""
+# --- UPDATE CRITIC (Eq. 5-8) ------------------------------------------------------------------
+def sample_critic_batch(args, data, key):
+    """s_i, s_{i+k}, s_{i+k+1} of random trajectories, k ~ U{1..kappa}, i ~ U[0, H - k)."""
+    j_key, k_key, i_key = jax.random.split(key, 3)
+    j = jax.random.randint(j_key, (args.critic_batch_size,), 0, args.num_trajectories)
+    k = jax.random.randint(k_key, (args.critic_batch_size,), 1, args.kappa + 1)
+    i = jax.random.randint(i_key, (args.critic_batch_size,), 0, args.trajectory_length - k)
+    return data.obs[i, j], data.obs[i + k, j], data.obs[i + k + 1, j], k
 
-        def step(s, _):
-            s = jax.vmap(model)(s, act(policy, s))
-            return s, s
 
-        _, states = jax.lax.scan(step, obs, None, length=steps)
-        return jnp.concatenate([obs[None], states])
+def critic_update(args, system, critic, critic_opt, target_critic, target_model, model, policy, batch):
+    """One Adam step on (D_psi(s_{i+k}, s_hat_k) - y)^2 with Eq. 8's target
+    y = l(s_{i+k}, s_hat_k) + gamma D_psi'(s_{i+k+1}, s_hat_{k+1}): input, l term and bootstrap
+    pair from ONE chain s_hat_n = f_bar^n(s_i) of the --critic-target model, so y is a
+    function of the critic's input (the Bellman equation Eq. 4 in s_hat)."""
+    s_i, s_ik, s_ik1, k = batch
+    rows = jnp.arange(k.shape[0])
+    chain_model = target_model if args.critic_target == "target" else model
+    chain = closed_loop(system, chain_model, policy, s_i, args.kappa + 1)  # s_hat_0..kappa+1
+    hat_k, hat_k1 = chain[k, rows], chain[k + 1, rows]
+    if args.critic_target == "algorithm1":  # Algorithm 1 literally: y from theta', input from theta
+        literal = closed_loop(system, target_model, policy, s_i, args.kappa + 1)
+        y = l2(s_ik, literal[k, rows]) + args.gamma * jax.vmap(target_critic)(s_ik1, literal[k + 1, rows])
+    else:
+        y = l2(s_ik, hat_k) + args.gamma * jax.vmap(target_critic)(s_ik1, hat_k1)  # Eq. 8
 
-    # --- DATA -----------------------------------------------------------------------------------
-    def make_data(policy, key):
-        """N trajectories of H steps of f under pi from random start states."""
-        state = jax.vmap(system.reset)(jax.random.split(jax.random.fold_in(key, 0), N))
+    def loss_fn(critic):
+        value = jax.vmap(critic.fit_value)(s_ik, hat_k)
+        return jnp.mean((value - jax.lax.stop_gradient(y)) ** 2), value
 
-        def step(state, _):
-            obs = jax.vmap(system.observe)(state)
-            action = act(policy, obs)
-            return jax.vmap(system.step)(state, action), (obs, action, jax.vmap(system.snapshot)(state))
+    (loss, value), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(critic)
+    updates, critic_opt = critic_optimizer(args).update(grads, critic_opt)
+    return eqx.apply_updates(critic, updates), critic_opt, {
+        "losses/critic": loss, "charts/critic_value": jnp.mean(value), "charts/td_target": jnp.mean(y)}
 
-        # H + 1 steps, the last one's step unused: the stacked outputs are the buffer, without a
-        # concatenation that would copy the (large) snapshots.
-        _, (obs, action, snapshot) = jax.lax.scan(step, state, None, length=H + 1)
-        return Data(obs, action[:H], snapshot)
 
-    # --- init -------------------------------------------------------------------------------
-    def init(key):
-        key, model_key, critic_key = jax.random.split(key, 3)
-        model = Model(MLP(model_key, obs_size + action_size, obs_size, args.model_layers, "relu",
-                          weight_norm=args.weight_norm), args.clip)
-        critic = critic_opt = None
-        if tdml:
-            critic = Critic(MLP(critic_key, 2 * obs_size, 1, args.critic_layers, "selu", init="lecun"),
-                            args.critic_output)
-            critic_opt = critic_optimizer.init(eqx.filter(critic, eqx.is_array))
-        return RunnerState(model, model_optimizer.init(eqx.filter(model, eqx.is_array)),
-                           model if tdml else None, critic, critic_opt, critic if tdml else None, jnp.int32(0), key)
+# --- UPDATE MODEL (Eq. 1 or Eq. 9) ------------------------------------------------------------
+def sample_model_batch(args, data, key, span):
+    """s_t .. s_{t+span} and a_t of random trajectories, t ~ U[0, H - span]."""
+    j_key, t_key = jax.random.split(key)
+    j = jax.random.randint(j_key, (args.model_batch_size,), 0, args.num_trajectories)
+    t = jax.random.randint(t_key, (args.model_batch_size,), 0, args.trajectory_length - span + 1)
+    return [data.obs[t + n, j] for n in range(span + 1)], data.action[t, j]
 
-    # --- UPDATE CRITIC (Eq. 5-8) ------------------------------------------------------------------
-    def sample_critic_batch(data, key):
-        """s_i, s_{i+k}, s_{i+k+1} of random trajectories, k ~ U{1..kappa}, i ~ U[0, H - k)."""
-        j_key, k_key, i_key = jax.random.split(key, 3)
-        j = jax.random.randint(j_key, (args.critic_batch_size,), 0, N)
-        k = jax.random.randint(k_key, (args.critic_batch_size,), 1, args.kappa + 1)
-        i = jax.random.randint(i_key, (args.critic_batch_size,), 0, H - k)
-        return data.obs[i, j], data.obs[i + k, j], data.obs[i + k + 1, j], k
 
-    def critic_update(critic, critic_opt, target_critic, target_model, model, policy, batch):
-        """One Adam step on (D_psi(s_{i+k}, s_hat_k) - y)^2 with Eq. 8's target
-        y = l(s_{i+k}, s_hat_k) + gamma D_psi'(s_{i+k+1}, s_hat_{k+1}): input, l term and bootstrap
-        pair from ONE chain s_hat_n = f_bar^n(s_i) of the --critic-target model, so y is a
-        function of the critic's input (the Bellman equation Eq. 4 in s_hat)."""
-        s_i, s_ik, s_ik1, k = batch
-        rows = jnp.arange(k.shape[0])
-        chain_model = target_model if args.critic_target == "target" else model
-        chain = closed_loop(chain_model, policy, s_i, args.kappa + 1)  # s_hat_0..kappa+1
-        hat_k, hat_k1 = chain[k, rows], chain[k + 1, rows]
-        if args.critic_target == "algorithm1":  # Algorithm 1 literally: y from theta', input from theta
-            literal = closed_loop(target_model, policy, s_i, args.kappa + 1)
-            y = l2(s_ik, literal[k, rows]) + args.gamma * jax.vmap(target_critic)(s_ik1, literal[k + 1, rows])
-        else:
-            y = l2(s_ik, hat_k) + args.gamma * jax.vmap(target_critic)(s_ik1, hat_k1)  # Eq. 8
+def one_step_loss(args, system, model, batch, critic, policy):
+    """Eq. 1: l(f_theta(s_t, a_t), s_{t+1}) with the stored action."""
+    (s0, s1), a0 = batch
+    one_step = jnp.mean(l2(jax.vmap(model)(s0, a0), s1))
+    return one_step + args.model_l2 * weight_l2(model), {"losses/model": one_step, "losses/one_step": one_step}
 
-        def loss_fn(critic):
-            value = jax.vmap(critic.fit_value)(s_ik, hat_k)
-            return jnp.mean((value - jax.lax.stop_gradient(y)) ** 2), value
 
-        (loss, value), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(critic)
-        updates, critic_opt = critic_optimizer.update(grads, critic_opt)
-        return eqx.apply_updates(critic, updates), critic_opt, {
-            "losses/critic": loss, "charts/critic_value": jnp.mean(value), "charts/td_target": jnp.mean(y)}
+def tdml_loss(args, system, model, batch, critic, policy):
+    """Eq. 9: l(s_{t+1}, f_bar_theta(s_t)) + gamma D_psi(s_{t+2}, f_bar_theta^2(s_t)); the
+    gradient flows through both model steps and the policy's input."""
+    (s0, s1, s2), _ = batch
+    _, hat1, hat2 = closed_loop(system, model, policy, s0, 2)
+    one_step = l2(s1, hat1)
+    value = jax.vmap(critic)(s2, hat2)
+    objective = jnp.mean(one_step + args.gamma * value)
+    return objective + args.model_l2 * weight_l2(model), {
+        "losses/model": objective, "losses/one_step": jnp.mean(one_step),
+        "charts/critic_at_model_query_min": jnp.min(value)}  # < 0 only if the critic is not >= 0
 
-    # --- UPDATE MODEL (Eq. 1 or Eq. 9) ------------------------------------------------------------
-    def sample_model_batch(data, key, span):
-        """s_t .. s_{t+span} and a_t of random trajectories, t ~ U[0, H - span]."""
-        j_key, t_key = jax.random.split(key)
-        j = jax.random.randint(j_key, (args.model_batch_size,), 0, N)
-        t = jax.random.randint(t_key, (args.model_batch_size,), 0, H - span + 1)
-        return [data.obs[t + n, j] for n in range(span + 1)], data.action[t, j]
 
-    def one_step_loss(model, batch, critic, policy):
-        """Eq. 1: l(f_theta(s_t, a_t), s_{t+1}) with the stored action."""
-        (s0, s1), a0 = batch
-        one_step = jnp.mean(l2(jax.vmap(model)(s0, a0), s1))
-        return one_step + args.model_l2 * weight_l2(model), {"losses/model": one_step, "losses/one_step": one_step}
+def model_loss(args, system, model, batch, critic, policy):
+    """The loss --loss names: (scalar, metrics)."""
+    return (tdml_loss if args.loss == "tdml" else one_step_loss)(args, system, model, batch, critic, policy)
 
-    def tdml_loss(model, batch, critic, policy):
-        """Eq. 9: l(s_{t+1}, f_bar_theta(s_t)) + gamma D_psi(s_{t+2}, f_bar_theta^2(s_t)); the
-        gradient flows through both model steps and the policy's input."""
-        (s0, s1, s2), _ = batch
-        _, hat1, hat2 = closed_loop(model, policy, s0, 2)
-        one_step = l2(s1, hat1)
-        value = jax.vmap(critic)(s2, hat2)
-        objective = jnp.mean(one_step + args.gamma * value)
-        return objective + args.model_l2 * weight_l2(model), {
-            "losses/model": objective, "losses/one_step": jnp.mean(one_step),
-            "charts/critic_at_model_query_min": jnp.min(value)}  # < 0 only if the critic is not >= 0
 
-    model_loss = tdml_loss if tdml else one_step_loss
+def model_update(args, system, model, model_opt, critic, policy, batch):
+    loss = partial(model_loss, args, system)
+    (_, metrics), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model, batch, critic, policy)
+    updates, model_opt = model_optimizer(args).update(grads, model_opt, eqx.filter(model, eqx.is_array))
+    return eqx.apply_updates(model, updates), model_opt, metrics
 
-    def model_update(model, model_opt, critic, policy, batch):
-        (_, metrics), grads = eqx.filter_value_and_grad(model_loss, has_aux=True)(model, batch, critic, policy)
-        updates, model_opt = model_optimizer.update(grads, model_opt, eqx.filter(model, eqx.is_array))
-        return eqx.apply_updates(model, updates), model_opt, metrics
 
-    def polyak(target, online, tau):
-        return jax.tree.map(lambda t, o: (1 - tau) * t + tau * o, target, online)
+def polyak(target, online, tau):
+    return jax.tree.map(lambda t, o: (1 - tau) * t + tau * o, target, online)
 
-    # --- one iteration of Algorithm 1 ---------------------------------------------------------------
-    empty_model = {"losses/model": jnp.nan, "losses/one_step": jnp.nan, "charts/critic_at_model_query_min": jnp.nan}
 
-    def iteration(data, policy, runner, t):
-        """Iteration t (1-based, unbatched): a critic step, then every d-th time a model step and
-        the target updates (tdml); or one model step on Eq. 1 (one-step)."""
-        key, critic_key, model_key = jax.random.split(runner.key, 3)
-        runner = runner._replace(key=key)
-        if not tdml:
-            model, model_opt, metrics = model_update(runner.model, runner.model_opt, None, policy,
-                                                     sample_model_batch(data, model_key, 1))
-            runner = runner._replace(model=model, model_opt=model_opt, model_updates=runner.model_updates + 1)
-            return runner, (metrics, jnp.isfinite(metrics["losses/model"]))
+# --- one iteration of Algorithm 1 ---------------------------------------------------------------
+def iteration(args, system, data, policy, runner, t):
+    """Iteration t (1-based, unbatched): a critic step, then every d-th time a model step and
+    the target updates (tdml); or one model step on Eq. 1 (one-step)."""
+    key, critic_key, model_key = jax.random.split(runner.key, 3)
+    runner = runner._replace(key=key)
+    if args.loss != "tdml":
+        model, model_opt, metrics = model_update(args, system, runner.model, runner.model_opt, None, policy,
+                                                 sample_model_batch(args, data, model_key, 1))
+        runner = runner._replace(model=model, model_opt=model_opt, model_updates=runner.model_updates + 1)
+        return runner, (metrics, jnp.isfinite(metrics["losses/model"]))
 
-        critic, critic_opt, critic_metrics = critic_update(
-            runner.critic, runner.critic_opt, runner.target_critic, runner.target_model, runner.model, policy,
-            sample_critic_batch(data, critic_key))
-        runner = runner._replace(critic=critic, critic_opt=critic_opt)
+    critic, critic_opt, critic_metrics = critic_update(
+        args, system, runner.critic, runner.critic_opt, runner.target_critic, runner.target_model, runner.model,
+        policy, sample_critic_batch(args, data, critic_key))
+    runner = runner._replace(critic=critic, critic_opt=critic_opt)
 
-        def update_model_and_targets(runner):
-            model, model_opt, metrics = model_update(runner.model, runner.model_opt, runner.critic, policy,
-                                                     sample_model_batch(data, model_key, 2))
-            return runner._replace(
-                model=model, model_opt=model_opt, model_updates=runner.model_updates + 1,
-                target_model=polyak(runner.target_model, model, args.tau_model),
-                target_critic=polyak(runner.target_critic, runner.critic, args.tau_critic)), metrics
+    def update_model_and_targets(runner):
+        model, model_opt, metrics = model_update(args, system, runner.model, runner.model_opt, runner.critic, policy,
+                                                 sample_model_batch(args, data, model_key, 2))
+        return runner._replace(
+            model=model, model_opt=model_opt, model_updates=runner.model_updates + 1,
+            target_model=polyak(runner.target_model, model, args.tau_model),
+            target_critic=polyak(runner.target_critic, runner.critic, args.tau_critic)), metrics
 
-        runner, metrics = jax.lax.cond(t % args.update_delay == 0, update_model_and_targets,
-                                       lambda r: (r, empty_model), runner)
-        model_finite = (t % args.update_delay != 0) | jnp.isfinite(metrics["losses/model"])
-        finite = jnp.isfinite(critic_metrics["losses/critic"]) & model_finite
-        return runner, ({**critic_metrics, **metrics}, finite)
+    # Between model steps the model metrics read NaN (the chunk averages them with nanmean).
+    no_model_step = {"losses/model": jnp.nan, "losses/one_step": jnp.nan, "charts/critic_at_model_query_min": jnp.nan}
+    runner, metrics = jax.lax.cond(t % args.update_delay == 0, update_model_and_targets,
+                                   lambda r: (r, no_model_step), runner)
+    model_finite = (t % args.update_delay != 0) | jnp.isfinite(metrics["losses/model"])
+    finite = jnp.isfinite(critic_metrics["losses/critic"]) & model_finite
+    return runner, ({**critic_metrics, **metrics}, finite)
 
-    # --- EVALUATE ---------------------------------------------------------------------------------
-    def eval_batch(data, policy, eval_index):
-        """Start states and the real rollouts of evaluation `eval_index`, from `--data-seed` alone."""
-        key = jax.random.fold_in(eval_key, eval_index)
-        j_key, i_key, seg_j_key, seg_t_key = jax.random.split(key, 4)
-        j = jax.random.randint(j_key, (args.eval_starts,), 0, N)
-        i = jax.random.randint(i_key, (args.eval_starts,), 0, H + 1)  # any stored state
-        start = data.snapshot[i, j]
 
-        def step(state, _):
-            state = jax.vmap(system.step)(state, act(policy, jax.vmap(system.observe)(state)))
-            return state, jax.vmap(system.observe)(state)
+# --- EVALUATE ---------------------------------------------------------------------------------
+def eval_batch(args, system, data, policy, eval_index):
+    """Start states and the real rollouts of evaluation `eval_index`, from `--data-seed` alone
+    (not a seed's key: shared by all seeds)."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.data_seed), 1), eval_index)
+    j_key, i_key, seg_j_key, seg_t_key = jax.random.split(key, 4)
+    N, H = args.num_trajectories, args.trajectory_length
+    j = jax.random.randint(j_key, (args.eval_starts,), 0, N)
+    i = jax.random.randint(i_key, (args.eval_starts,), 0, H + 1)  # any stored state
+    start = data.snapshot[i, j]
 
-        state = jax.vmap(system.restore)(start)
-        _, real = jax.lax.scan(step, state, None, length=args.eval_horizon)
-        real = jnp.concatenate([jax.vmap(system.observe)(state)[None], real])
-        j = jax.random.randint(seg_j_key, (args.n_step_batch,), 0, N)
-        t = jax.random.randint(seg_t_key, (args.n_step_batch,), 0, H - args.n_step + 1)
-        segment_obs = jnp.stack([data.obs[t + n, j] for n in range(args.n_step + 1)])
-        segment_action = jnp.stack([data.action[t + n, j] for n in range(args.n_step)])
-        return EvalBatch(start, real, segment_obs, segment_action)
+    def step(state, _):
+        state = jax.vmap(system.step)(state, act(system, policy, jax.vmap(system.observe)(state)))
+        return state, jax.vmap(system.observe)(state)
 
-    def evaluate(model, policy, batch, critic=None):
-        """True TDML (Eq. 3) from the batch's start states, and the n-step losses (Eq. 2). With a
-        critic, also its value at the pair (s_2, s_hat_2) of each evaluation rollout (the pair
-        Eq. 9 queries) beside the true discounted tail sum_{n >= 2} gamma^(n-2) l(s_n, s_hat_n)."""
-        real = batch.real_obs
-        predicted = closed_loop(model, policy, real[0], args.eval_horizon)
-        per_step = l2(real, predicted)  # (eval_horizon + 1, starts)
-        discount = args.gamma ** jnp.arange(args.eval_horizon + 1)[:, None]
+    state = jax.vmap(system.restore)(start)
+    _, real = jax.lax.scan(step, state, None, length=args.eval_horizon)
+    real = jnp.concatenate([jax.vmap(system.observe)(state)[None], real])
+    j = jax.random.randint(seg_j_key, (args.n_step_batch,), 0, N)
+    t = jax.random.randint(seg_t_key, (args.n_step_batch,), 0, H - args.n_step + 1)
+    segment_obs = jnp.stack([data.obs[t + n, j] for n in range(args.n_step + 1)])
+    segment_action = jnp.stack([data.action[t + n, j] for n in range(args.n_step)])
+    return EvalBatch(start, real, segment_obs, segment_action)
 
-        def true_tdml_at(gamma):  # Eq. 3, per start state
-            return jnp.sum(gamma ** jnp.arange(args.eval_horizon + 1)[:, None] * per_step, 0)
 
-        true_tdml = jnp.sum(discount * per_step, 0)
-        extra = {}
-        if critic is not None:
-            true_tail = jnp.sum(discount[:-2] * per_step[2:], 0)
-            value = jax.vmap(critic)(real[2], predicted[2])
-            extra = {"eval/critic_tail": jnp.mean(value), "eval/true_tail": jnp.mean(true_tail),
-                              "eval/critic_tail_log_ratio": jnp.mean(jnp.log(jnp.maximum(value, 1e-6) / jnp.maximum(true_tail, 1e-6)))}
+def evaluate(args, system, model, policy, batch, critic=None):
+    """True TDML (Eq. 3) from the batch's start states, and the n-step losses (Eq. 2). With a
+    critic, also its value at the pair (s_2, s_hat_2) of each evaluation rollout (the pair
+    Eq. 9 queries) beside the true discounted tail sum_{n >= 2} gamma^(n-2) l(s_n, s_hat_n)."""
+    real = batch.real_obs
+    predicted = closed_loop(system, model, policy, real[0], args.eval_horizon)
+    per_step = l2(real, predicted)  # (eval_horizon + 1, starts)
+    discount = args.gamma ** jnp.arange(args.eval_horizon + 1)[:, None]
 
-        # Does the training loss descend the true TDML? The cosine between its gradient (Eq. 1 or
-        # Eq. 9, on the start states, a_t = pi(s_t)) and the gradient of the true TDML (Eq. 3
-        # summed to --grad-horizon). Where either is not finite (an exploded rollout) it reads 0,
-        # and eval/grad_finite says how often.
-        def true_objective(model):
-            chain = closed_loop(model, policy, real[0], args.grad_horizon)
-            return jnp.mean(jnp.sum(discount[:args.grad_horizon + 1] * l2(real[:args.grad_horizon + 1], chain), 0))
+    def true_tdml_at(gamma):  # Eq. 3, per start state
+        return jnp.sum(gamma ** jnp.arange(args.eval_horizon + 1)[:, None] * per_step, 0)
 
-        if not tdml or critic is not None:
-            train_batch = ((real[0], real[1], real[2]), None) if tdml else ((real[0], real[1]), act(policy, real[0]))
-            g_true = eqx.filter_grad(true_objective)(model)
-            g_train = eqx.filter_grad(lambda m: model_loss(m, train_batch, critic, policy)[0])(model)
-            flat = [jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(g)]) for g in (g_true, g_train)]
-            cos = jnp.dot(*flat) / (jnp.linalg.norm(flat[0]) * jnp.linalg.norm(flat[1]))
-            finite = jnp.isfinite(cos)
-            extra.update({"eval/grad_cos": jnp.where(finite, cos, 0.0), "eval/grad_finite": finite})
+    true_tdml = jnp.sum(discount * per_step, 0)
+    extra = {}
+    if critic is not None:
+        true_tail = jnp.sum(discount[:-2] * per_step[2:], 0)
+        value = jax.vmap(critic)(real[2], predicted[2])
+        extra = {"eval/critic_tail": jnp.mean(value), "eval/true_tail": jnp.mean(true_tail),
+                 "eval/critic_tail_log_ratio": jnp.mean(jnp.log(jnp.maximum(value, 1e-6) / jnp.maximum(true_tail, 1e-6)))}
 
-        def open_step(s, action):
-            s = jax.vmap(model)(s, action)
-            return s, s
+    # Does the training loss descend the true TDML? The cosine between its gradient (Eq. 1 or
+    # Eq. 9, on the start states, a_t = pi(s_t)) and the gradient of the true TDML (Eq. 3
+    # summed to --grad-horizon). Where either is not finite (an exploded rollout) it reads 0,
+    # and eval/grad_finite says how often.
+    def true_objective(model):
+        chain = closed_loop(system, model, policy, real[0], args.grad_horizon)
+        return jnp.mean(jnp.sum(discount[:args.grad_horizon + 1] * l2(real[:args.grad_horizon + 1], chain), 0))
 
-        seg = batch.segment_obs
-        _, open_pred = jax.lax.scan(open_step, seg[0], batch.segment_action)
-        open_loss = l2(open_pred, seg[1:])  # (n, batch); the i = 0 term of Eq. 2 is 0
-        closed_loss = l2(closed_loop(model, policy, seg[0], args.n_step)[1:], seg[1:])
-        return {
-            "eval/true_tdml": jnp.mean(true_tdml),
-            "eval/true_tdml_median": jnp.median(true_tdml),
-            "eval/final_step_error": jnp.mean(per_step[-1]),
-            "eval/clipped_frac": jnp.mean(jnp.any(jnp.abs(predicted) >= args.clip, -1)),
-            "eval/one_step": jnp.mean(open_loss[0]),
-            "eval/open_loop_n_step": jnp.mean(jnp.sum(open_loss, 0)),
-            "eval/closed_loop_n_step": jnp.mean(jnp.sum(closed_loss, 0)),
-            **{f"eval/true_tdml_gamma{g}": jnp.mean(true_tdml_at(g)) for g in args.eval_gammas},
-            **extra,
-        }
+    tdml = args.loss == "tdml"
+    if not tdml or critic is not None:
+        train_batch = ((real[0], real[1], real[2]), None) if tdml else ((real[0], real[1]), act(system, policy, real[0]))
+        g_true = eqx.filter_grad(true_objective)(model)
+        g_train = eqx.filter_grad(lambda m: model_loss(args, system, m, train_batch, critic, policy)[0])(model)
+        flat = [jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(g)]) for g in (g_true, g_train)]
+        cos = jnp.dot(*flat) / (jnp.linalg.norm(flat[0]) * jnp.linalg.norm(flat[1]))
+        finite = jnp.isfinite(cos)
+        extra.update({"eval/grad_cos": jnp.where(finite, cos, 0.0), "eval/grad_finite": finite})
 
-    # --- one chunk --------------------------------------------------------------------------------
-    def chunk(runner, data, policy, batch, start_step):
-        steps = start_step + 1 + jnp.arange(args.eval_every)
-        runner, (metrics, finite) = jax.lax.scan(lambda r, t: iteration(data, policy, r, t), runner, steps)
-        return runner, {
-            "steps": start_step + args.eval_every,
-            "charts/model_updates": runner.model_updates,
-            # Means over the chunk's iterations (model losses: over its model steps only).
-            **{k: jnp.nanmean(v) for k, v in metrics.items()},
-            # The first iteration with a non-finite loss, -1 if none (the host names it).
-            "debug/first_nonfinite_step": jnp.where(jnp.all(finite), -1, steps[jnp.argmin(finite)]),
-            **evaluate(runner.model, policy, batch, runner.critic),
-        }
+    def open_step(s, action):
+        s = jax.vmap(model)(s, action)
+        return s, s
 
-    def train(key, data, policy):
-        runner = init(key)
+    seg = batch.segment_obs
+    _, open_pred = jax.lax.scan(open_step, seg[0], batch.segment_action)
+    open_loss = l2(open_pred, seg[1:])  # (n, batch); the i = 0 term of Eq. 2 is 0
+    closed_loss = l2(closed_loop(system, model, policy, seg[0], args.n_step)[1:], seg[1:])
+    return {
+        "eval/true_tdml": jnp.mean(true_tdml),
+        "eval/true_tdml_median": jnp.median(true_tdml),
+        "eval/final_step_error": jnp.mean(per_step[-1]),
+        "eval/clipped_frac": jnp.mean(jnp.any(jnp.abs(predicted) >= args.clip, -1)),
+        "eval/one_step": jnp.mean(open_loss[0]),
+        "eval/open_loop_n_step": jnp.mean(jnp.sum(open_loss, 0)),
+        "eval/closed_loop_n_step": jnp.mean(jnp.sum(closed_loss, 0)),
+        **{f"eval/true_tdml_gamma{g}": jnp.mean(true_tdml_at(g)) for g in args.eval_gammas},
+        **extra,
+    }
 
-        def one_chunk(runner, c):
-            return chunk(runner, data, policy, eval_batch(data, policy, c), c * args.eval_every)
 
-        return jax.lax.scan(one_chunk, runner, jnp.arange(num_chunks))
+# --- one chunk: eval_every iterations, then an evaluation ----------------------------------------
+def chunk(args, system, runner, data, policy, batch, start_step):
+    """`start_step` is unbatched, so "every d steps" is a real branch even under `vmap`."""
+    steps = start_step + 1 + jnp.arange(args.eval_every)
+    runner, (metrics, finite) = jax.lax.scan(lambda r, t: iteration(args, system, data, policy, r, t), runner, steps)
+    return runner, {
+        "steps": start_step + args.eval_every,
+        "charts/model_updates": runner.model_updates,
+        # Means over the chunk's iterations (model losses: over its model steps only).
+        **{k: jnp.nanmean(v) for k, v in metrics.items()},
+        # The first iteration with a non-finite loss, -1 if none (the host names it).
+        "debug/first_nonfinite_step": jnp.where(jnp.all(finite), -1, steps[jnp.argmin(finite)]),
+        **evaluate(args, system, runner.model, policy, batch, runner.critic),
+    }
 
-    return Trainer(make_data, init, eval_batch, chunk, evaluate, train, num_chunks, system, closed_loop,
-                   critic_update, model_update, sample_critic_batch, sample_model_batch)
+
+def train(args, system, key, data, policy):
+    """The whole run as one pure function: (state, metrics of every chunk)."""
+    runner = init(args, system, key)
+
+    def one_chunk(runner, c):
+        return chunk(args, system, runner, data, policy, eval_batch(args, system, data, policy, c), c * args.eval_every)
+
+    return jax.lax.scan(one_chunk, runner, jnp.arange(args.total_steps // args.eval_every))
 
 
 class Trainer(NamedTuple):
-    make_data: callable
-    init: callable
-    eval_batch: callable
-    chunk: callable
-    evaluate: callable  # (model, policy, eval_batch) -> metrics
-    train: callable
+    """The phases above bound to `args` and `system`."""
+
+    make_data: callable  # (policy, key) -> Data: the fixed buffer (one for all seeds)
+    init: callable  # key -> RunnerState
+    eval_batch: callable  # (data, policy, eval_index) -> EvalBatch: the real rollouts of an evaluation
+    chunk: callable  # (state, data, policy, eval_batch, start_step) -> (state, metrics)
+    evaluate: callable  # (model, policy, eval_batch, critic=None) -> metrics
+    train: callable  # (key, data, policy) -> (state, metrics of every chunk)
     num_chunks: int
     system: System
-    # the pieces, exposed for tests and for reuse
-    closed_loop: callable  # (model, policy, obs, steps) -> (steps + 1, B, obs)
-    critic_update: callable  # (critic, critic_opt, target_critic, target_model, model, policy, batch)
-    model_update: callable  # (model, model_opt, critic, policy, batch) -> (model, model_opt, metrics)
-    sample_critic_batch: callable
-    sample_model_batch: callable
+
+
+def make_train(args: Args, system: System | None = None) -> Trainer:
+    """The phases bound to `args` and `system` (default: the env of `args`)."""
+    if system is None:
+        system = env_system(make_env(args)[0])
+    return Trainer(*(partial(phase, args, system) for phase in (make_data, init, eval_batch, chunk, evaluate, train)),
+                   args.total_steps // args.eval_every, system)
 
 
 # ---------------------------------------------------------------------------------------------

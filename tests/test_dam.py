@@ -35,7 +35,16 @@ def tiny_args(**overrides):
 
 @functools.lru_cache(maxsize=None)
 def trainer_for(**overrides):
-    return dam.make_train(tiny_args(**overrides))
+    """dam's phases bound to the tiny config with `overrides` and its env, by name (make_train binds
+    only the round's wiring)."""
+    args = tiny_args(**overrides)
+    env, params = dam.make_env(args)
+    bound = {name: functools.partial(getattr(dam, name), args) for name in (
+        "fit_normalizer", "trajectory_weights", "model_loss", "predictive", "fit_model", "sample_model",
+        "fit_discriminator")}
+    bound.update({name: functools.partial(getattr(dam, name), env, params) for name in ("run_episode", "sample_true")})
+    return types.SimpleNamespace(**bound, estimate_values=functools.partial(dam.estimate_values, args, env, params),
+                                 disc_logit=dam.disc_logit, env=env)
 
 
 def unit_norm(d=4):

@@ -126,8 +126,8 @@ def critic_after_the_model_moves(critic_target, chunks_after):
         runner, _ = chunk(runner, data, gain, trainer.eval_batch(data, gain, c), jnp.int32(c * every))
     np.testing.assert_array_equal(runner.model.net.layers[0].weight, np.hstack([A_HAT, B_HAT]))  # lr 0: set by us
     assert not np.allclose(runner.target_model.net.layers[0].weight, runner.model.net.layers[0].weight)  # theta' lags
-    s_i, s_ik, _, k = trainer.sample_critic_batch(data, jax.random.PRNGKey(7))
-    s_hat = trainer.closed_loop(runner.model, gain, s_i, args.kappa)[k, jnp.arange(k.shape[0])]
+    s_i, s_ik, _, k = tdml.sample_critic_batch(args, data, jax.random.PRNGKey(7))
+    s_hat = tdml.closed_loop(trainer.system, runner.model, gain, s_i, args.kappa)[k, jnp.arange(k.shape[0])]
     predicted = np.asarray(jax.vmap(runner.critic)(s_ik, s_hat))
     true = closed_form_tdml(s_ik, s_hat, args.gamma)
     near = np.asarray(k) <= 3
@@ -282,7 +282,7 @@ def test_critic_target_and_model_losses_are_eq8_and_eq9():
     # Distinct online/target networks, so a mix-up shows.
     target_model = jax.tree.map(lambda x: 0.9 * x, runner.target_model)
     target_critic = tdml.Critic(tdml.MLP(jax.random.PRNGKey(5), 4, 1, args.critic_layers, "selu", init="lecun"))
-    batch = trainer.sample_critic_batch(data, jax.random.PRNGKey(3))
+    batch = tdml.sample_critic_batch(args, data, jax.random.PRNGKey(3))
     s_i, s_ik, s_ik1, k = (np.asarray(x) for x in batch)
     m_hat = A_HAT + B_HAT @ K  # the online model's closed loop; the target's is 0.9 m_hat
 
@@ -297,13 +297,13 @@ def test_critic_target_and_model_losses_are_eq8_and_eq9():
 
     for critic_target, matrices in [("online", (m_hat, m_hat)), ("target", (0.9 * m_hat, 0.9 * m_hat)),
                                     ("algorithm1", (m_hat, 0.9 * m_hat))]:
-        _, variant, _ = linear_trainer(critic_target=critic_target)
-        _, _, metrics = variant.critic_update(runner.critic, runner.critic_opt, target_critic, target_model,
-                                              runner.model, gain, batch)
+        variant, _, _ = linear_trainer(critic_target=critic_target)  # the args of that --critic-target
+        _, _, metrics = tdml.critic_update(variant, trainer.system, runner.critic, runner.critic_opt, target_critic,
+                                           target_model, runner.model, gain, batch)
         np.testing.assert_allclose(metrics["losses/critic"], by_hand(*matrices), rtol=1e-4, err_msg=critic_target)
 
-    model_batch = trainer.sample_model_batch(data, jax.random.PRNGKey(4), 2)
-    _, _, metrics = trainer.model_update(runner.model, runner.model_opt, runner.critic, gain, model_batch)
+    model_batch = tdml.sample_model_batch(args, data, jax.random.PRNGKey(4), 2)
+    _, _, metrics = tdml.model_update(args, trainer.system, runner.model, runner.model_opt, runner.critic, gain, model_batch)
     (s0, s1, s2), _ = model_batch
     hat1, hat2 = np.asarray(s0) @ m_hat.T, np.asarray(s0) @ (m_hat @ m_hat).T
     one = np.sum((np.asarray(s1) - hat1) ** 2, -1)
@@ -312,8 +312,8 @@ def test_critic_target_and_model_losses_are_eq8_and_eq9():
     np.testing.assert_allclose(metrics["losses/one_step"], np.mean(one), rtol=1e-4)
 
     args1, trainer1, _ = linear_trainer(loss="one-step")
-    (s0, s1), a0 = trainer1.sample_model_batch(data, jax.random.PRNGKey(4), 1)
-    _, _, metrics = trainer1.model_update(runner.model, runner.model_opt, None, gain, ((s0, s1), a0))
+    (s0, s1), a0 = tdml.sample_model_batch(args1, data, jax.random.PRNGKey(4), 1)
+    _, _, metrics = tdml.model_update(args1, trainer1.system, runner.model, runner.model_opt, None, gain, ((s0, s1), a0))
     expected = np.sum((np.asarray(s0) @ A_HAT.T + np.asarray(a0) @ B_HAT.T - np.asarray(s1)) ** 2, -1).mean()
     np.testing.assert_allclose(metrics["losses/model"], expected, rtol=1e-4)
 
@@ -367,10 +367,10 @@ def test_predictions_are_clipped():
     doubling = eqx.tree_at(lambda m: (m.net.layers[0].weight, m.net.layers[0].bias), doubling,
                            (jnp.array([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), jnp.zeros(2)))
     args, trainer, _ = linear_trainer()
-    states = np.asarray(trainer.closed_loop(doubling, jnp.asarray(K) * 0, jnp.ones((1, 2)), 40))
+    states = np.asarray(tdml.closed_loop(trainer.system, doubling, jnp.asarray(K) * 0, jnp.ones((1, 2)), 40))
     assert states.max() == 1e6 and np.isfinite(states).all()
     unclipped = dataclasses.replace(doubling, clip=float("inf"))
-    assert np.asarray(trainer.closed_loop(unclipped, jnp.asarray(K) * 0, jnp.ones((1, 2)), 40)).max() == 2.0**40
+    assert np.asarray(tdml.closed_loop(trainer.system, unclipped, jnp.asarray(K) * 0, jnp.ones((1, 2)), 40)).max() == 2.0**40
     # Weight normalization is function-preserving at init (g = ||v||).
     plain = tdml.MLP(jax.random.PRNGKey(1), 5, 3, (16, 16), "relu")
     normed = tdml.MLP(jax.random.PRNGKey(1), 5, 3, (16, 16), "relu", weight_norm=True)
