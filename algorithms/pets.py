@@ -94,6 +94,7 @@ Choices where the paper is silent (and why):
 
 import dataclasses
 import json
+import sys
 from functools import partial
 from typing import NamedTuple
 
@@ -103,8 +104,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from algorithms import utils  # first: a multi-process run joins before Brax starts JAX
-import envs
+from algorithms import utils
+
+if __name__ == "__main__":  # join a multi-process run before `import envs` starts JAX's backend
+    utils.join_processes(sys.argv[1:])
+
+import envs  # noqa: E402
 
 PROPAGATIONS = ("ts-inf", "ts1", "expectation")
 OPTIMIZERS = ("cem", "random")

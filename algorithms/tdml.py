@@ -112,6 +112,7 @@ Choices where the paper is silent (and why):
 
 import dataclasses
 import json
+import sys
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -122,8 +123,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from algorithms import utils  # first: a multi-process run joins before Brax starts JAX
-import envs
+from algorithms import utils
+
+if __name__ == "__main__":  # join a multi-process run before `import envs` starts JAX's backend
+    utils.join_processes(sys.argv[1:])
+
+import envs  # noqa: E402
 
 ARCHS = {  # App. C, Table 1
     "metrpo": dict(model_layers=(1024, 1024), model_batch_size=1000, model_l2=0.0, weight_norm=False),

@@ -4,8 +4,9 @@ and the one host loop every algorithm runs around its compiled chunk (`open_run`
 `load_saved`, `cli`), with optional TensorBoard / W&B tracking.
 
 Kept small on purpose: each algorithm file stays readable and copyable with this one module.
-Import it before `envs`: a multi-process run must join `jax.distributed` before Brax's import
-starts JAX's backend (`join_processes`, run at import).
+A multi-process run joins `jax.distributed` by an explicit call, `join_processes(sys.argv[1:])`,
+which each algorithm file makes as a script before it imports `envs` (whose import starts JAX's
+backend, after which no process can join).
 """
 
 import argparse
@@ -110,9 +111,10 @@ def cli(args_cls):
 def join_processes(argv):
     """Join a multi-process run (`jax.distributed`) if the command line asks for one:
     `--coordinator HOST:PORT --num-processes N --process-id I`, or `--coordinator auto` where JAX
-    reads them from the cluster (SLURM, Open MPI, Kubernetes). Runs when this module is imported,
-    since it must come before anything starts JAX's backend (importing Brax does); the same flags
-    are fields of every Args, so `--help` documents them and tyro accepts them."""
+    reads them from the cluster (SLURM, Open MPI, Kubernetes). Call it before anything starts JAX's
+    backend (importing `envs` does: gymnax and Brax create arrays at import); the same flags are
+    fields of every Args, so `--help` documents them and tyro accepts them. Every flag is checked
+    before joining: a process that fails after it has joined leaves its peers waiting."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--coordinator")
     parser.add_argument("--num-processes", type=int)
@@ -415,6 +417,3 @@ class Tracker:
             writer.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-join_processes(sys.argv[1:])

@@ -44,7 +44,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from algorithms import mbpo, sac, utils  # noqa: E402  (utils first: a multi-process run joins before Brax starts JAX)
+from algorithms import mbpo, sac, utils  # noqa: E402
 import envs  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "curves"
