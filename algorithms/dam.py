@@ -12,79 +12,42 @@ over seeds.
 
 Methods (Table 1): `baseline` = maximum-likelihood model, uncorrected values; `minvar` =
 minimum-variance model only; `disc` = discriminator-corrected planning only; `dam` = both.
-Models: `gaussian` (unimodal, diagonal) or `mdn` (mixture density network, K components);
+Models: `gaussian` (unimodal, diagonal; the MDN with K = 1) or `mdn` (mixture density network);
 `true` plans with the env's own dynamics (nothing learned): the same planner's ceiling.
 
-What the paper fixes, and we follow:
+Fixed by the paper:
 * ESTIMATEVALUE (Alg. 1, Eq. 4): rollouts through q; the reward of step t is multiplied by the
-  product of the importance weights of the transitions leading up to it; a transition's weight is
-  w = exp(logit) (Eq. 8). Alg. 1 writes sigmoid(logit) instead: `--weight sigmoid` (not an
-  estimate of p/q: with a perfect model D = 1/2 and the weight halves at every step).
-* The discriminator is trained with Alg. 2's classification loss: real (s, a, s') labelled 1,
-  (s, a, s'~q(.|s, a)) at the same real (s, a) labelled 0, so its logit estimates log p/q (Eq. 7).
-* RSPLANNER (Alg. 3): K action sequences of horizon H, actions i.i.d. uniform over the 3 discrete
-  actions, the first action of the best sequence executed, replanning at every step (MPC).
-* MBRL (Alg. 3): J = 10 rounds of (roll out the planner in the real env, add the trajectory,
-  retrain the model and the discriminator from freshly initialized parameters).
+  product of the importance weights w = exp(logit) (Eq. 8) of the transitions up to and including
+  t (rewards here are functions of s'). Alg. 1's sigmoid(logit): `--weight sigmoid`.
+* The discriminator: Alg. 2's classification loss, real (s, a, s') -> 1, (s, a, s' ~ q) at the
+  same real (s, a) -> 0, so its logit estimates log p/q (Eq. 7).
+* RSPLANNER (Alg. 3): K uniformly random sequences of the 3 discrete actions over horizon H, the
+  best one's first action executed, replanning every step; J = 10 rounds of (roll out the
+  planner, add the episode, retrain model and discriminator from fresh parameters).
 
-Choices where the paper is silent (and why):
-* The dataset starts from `init_episodes` random-policy episodes (Alg. 3 starts from an empty
-  one; a model cannot be fitted to nothing, so something must come first).
-* Evaluation: after the last round the final model drives `eval_episodes` (20) planner episodes
-  per seed that are not added to the data (Intersection: half with each turn); summary.json
-  reports their mean (eval/return), per turn, and the share that crashed. Table 1's entries are
-  averages of several episodes per run (15 of 16 are not multiples of 1/3), not one episode.
-* Common random numbers (`--common-noise`, default on): particle j of every candidate sequence
-  is rolled out with the same random draws, so candidates are compared on the same sampled
-  futures; without it, the argmax over K independently noisy estimates favours sequences whose
-  particles happened to draw the favourable outcome (e.g. the turn away from the agent), even
-  with the true dynamics (benchmarks/dam_planner_oracle.py).
-* Termination: a particle's rewards stop after its first terminal transition by the env's
-  `termination_fn` (Intersection's crash ends the episode, envs/intersection.py).
-* `--model true` samples p(s'|s, a) from an observation alone through `env.state_from_obs`
-  (Intersection's hidden turn drawn given the observation) and one `step_env`.
-* Normalizer: a dimension whose std over the data is below `min_input_std` (1e-2) is not scaled.
-  Intersection's agent heading is pi/2 in every state, but float32 sums give it a std of ~2.5e-6;
-  scaled by that, the model's ~0.01 noise on it lay thousands of std out and rollouts exploded
-  (planner values 1e21-1e32, NaN in 4 of 8 one-round runs). 1e-2 is the model's own noise floor
-  (`min_std`): a spread smaller than that cannot be resolved anyway.
-* Calibration: `disc/ratio_on_model_samples` = E_q[exp(logit)] over the discriminator's last
-  training batches, 1 for a calibrated density ratio p/q, logged every round. `--self-normalize`
-  averages each step's reward over the particles with weights w / sum_p w (self-normalised
-  importance sampling), which cancels a ratio that is off by a constant factor; it is off by
-  default (Eq. 4 as written) until Table 1 has measured it.
-* Minimum-variance weights need R(tau) >= 0 (Eq. 9) while these envs have negative rewards. We
-  shift every reward by the env's lowest possible reward r_min (IcyRoad -6: xdot - 6 with xdot
-  >= 0; Intersection -10: vy - 10 with vy >= 0), i.e. R'(tau) = R(tau) - T r_min >= 0. With a fixed
-  horizon T and no termination, this per-step constant changes no policy's ranking, so Eq. 9-10
-  apply exactly to the shifted task. Weights are divided by their mean over the dataset (Eq. 16's
-  1 / E_p[R], which keeps the learning rate comparable to maximum likelihood).
-* Rewards are functions of s' in our envs (`envs` computes them on next_obs), so step t's reward
-  is weighted by the product up to and including transition t's weight (Eq. 4's product to t);
-  Alg. 1's loop order (add the reward, then update w) would leave the transition that produced
-  the reward uncorrected.
-* Overflow guard: the running log-weight is capped at `max_log_weight` (default 10, w <= 2.2e4)
-  after every step; products are accumulated in log space, so tiny weights underflow to 0 safely.
-* Each sequence's value is the mean over `num_particles` model rollouts (Alg. 1 draws one). With
-  one draw, the argmax over K noisy single-sample estimates picks lucky draws even with a perfect
-  model (on IcyRoad it then accelerates into the swerve zone); averaging removes that confound.
-* Rewards past the episode's end are masked (the horizon is fixed and known), so planning at the
-  last steps does not value imaginary steps.
-* The Gaussian model is the mixture model with K = 1 (same network, loss and sampling code).
-  Models predict the normalized change s' - s from the normalized state and a one-hot action;
-  scales are `min_std` + softplus(.) (normalized units) so deterministic dimensions cannot drive
-  the likelihood to infinity. The discriminator sees (normalized s, one-hot a, normalized s' - s).
-* Undiscounted returns (gamma = 1) for planning and for R(tau): the episodes are 5 and 25 steps.
-* Network sizes, learning rates, step counts, K, H, the particle count and the size of the random
-  dataset are not given in the paper; the defaults below are ours. The planner's K, H and
-  particle count are the cheapest we measured to reach near the optimum with the true dynamics
-  (benchmarks/dam_planner_oracle.py, 2 seeds x 20-40 episodes): IcyRoad K 500, H 5, 20 particles
-  with common random numbers 9.82 (optimum 10; 7.35 without them); Intersection K 1000, H 25 (the
-  whole episode), 8 particles, common random numbers 201.7, 2% of episodes crashed (32
-  particles: 200.7, no gain; optimum
-  209.5 acting on the turn, 203 open loop, benchmarks/intersection_dp.py). The previous
-  Intersection preset (K 200, H 10) reached 135 with 45% crashed: a 10-step horizon does not see
-  the rest of the episode a crash loses.
+Choices where the paper is silent (the measurements behind them: benchmarks/README.md, "DAM"):
+* The data starts from `init_episodes` random episodes (a model cannot be fitted to nothing).
+* Evaluation: after the last round, `eval_episodes` (20) planner episodes per seed, not added to
+  the data (Intersection: half with each turn); summary.json has their mean, per turn, and the
+  share that crashed.
+* A sequence's value is the mean over `num_particles` rollouts (Alg. 1 draws one), and with
+  `--common-noise` (default) particle j of every sequence uses the same draws, so candidates meet
+  the same futures; a particle stops earning after its first terminal transition (Intersection's
+  crash); rewards past the episode's end are masked; returns are undiscounted.
+* Eq. 10 needs R >= 0: rewards are shifted by the env's lowest reward r_min (IcyRoad -6,
+  Intersection -10), R' = R - T r_min, which ranks policies as R does at a fixed horizon; the
+  weights are divided by their dataset mean (Eq. 16's 1 / E_p[R]).
+* The running log-weight is capped at `max_log_weight` (10); products are kept in log space.
+* Models predict the normalized s' - s from the normalized state and a one-hot action, scales
+  `min_std` + softplus; a dimension whose std is below `min_input_std` (1e-2) is not scaled.
+  The discriminator sees (normalized s, one-hot a, normalized s' - s).
+* `disc/ratio_on_model_samples` = E_q[exp(logit)], 1 for a calibrated ratio; `--self-normalize`
+  (off: Eq. 4 as written) weights each step's rewards by w / sum_p w over the particles.
+* `--model true` samples p(s'|s, a) from an observation through `env.state_from_obs` (hidden
+  variables drawn given it) and one `step_env`.
+* Network sizes, learning rates, step counts, K, H, particles and the random data are not given;
+  the defaults are ours, the planner's the cheapest that reach near the optimum with the true
+  dynamics (benchmarks/dam_planner_oracle.py).
 """
 
 import dataclasses

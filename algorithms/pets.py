@@ -10,86 +10,39 @@ compiled by XLA as one call and vmapped over seeds.
     python algorithms/pets.py --resume runs/<run-name>           # continue a killed run
     python algorithms/pets.py --evaluate runs/<run-name>         # one planning episode per seed with its model
 
-What the paper and its reference code (kchua/handful-of-trials, configs per task) fix, and we follow:
-* Model (PE): B = 5 probabilistic MLPs (swish) predicting a diagonal Gaussian over next_obs - obs
-  from normalized (obs, action), with the reference's per-task transforms (PREPROCESS below,
-  `--no-preprocess` for the raw form): halfcheetah's model sees sin/cos of the root angle instead
-  of the angle, not the x-velocity, and predicts the next x-velocity itself (the rest as deltas);
-  log-variance softly bounded by learned max/min bounds (+0.01 * their difference as
-  regularizer); per-layer weight decay 0.5 * wd * ||W||^2; each member fit to its own bootstrap
-  resample of all data; Adam 1e-3, batch 32, 5 epochs after every trial, continuing from the
-  previous weights (and Adam state); normalizer refit on all data each time.
-* Trajectory sampling with P = 20 particles per candidate action sequence: TS-inf (a particle's
-  bootstrap never changes over the horizon), TS1 (resampled every step), or expectation (E: the
-  ensemble's mean prediction propagated deterministically, so one particle suffices). A candidate's
-  value is the mean over its particles of the summed rewards; non-finite particle returns count as
-  -1e6 (the reference's NaN -> cost 1e6).
-* CEM (reference configuration: 5 iterations, alpha 0.1, popsize/elites 400/40 or 500/50): samples
-  from a normal truncated at 2 std whose variance is constrained so that 2 std stays inside the
-  action bounds; mean and variance smoothed with alpha (new = alpha * old + (1 - alpha) * elites);
-  stop early once the largest variance is < epsilon = 1e-3; initial variance (ub - lb)^2 / 16;
-  warm start from the previous solution shifted by one step, the new last step at the bounds'
-  middle; the executed action is the first step of the final CEM mean. Random shooting evaluates
-  the same budget (reference: popsize 2000 = 400 x 5) and executes the best sequence's first action.
-* MPC replans at every step. One random-action trial first, then one planned trial per iteration,
-  the model refit on all data after each trial. Task horizons: cartpole 200 steps, pusher 150,
-  halfcheetah 1000; planning horizons 25 (30 halfcheetah).
+Fixed by the paper and its reference code (kchua/handful-of-trials, configs per task):
+* Model (PE): B = 5 swish MLPs predicting a diagonal Gaussian over next_obs - obs from
+  normalized (obs, action), with the reference's per-task transforms (PREPROCESS; halfcheetah:
+  sin/cos of the root angle in, the next x-velocity predicted itself); soft learned log-variance
+  bounds (+0.01 * their gap as regularizer); weight decay 0.5 * wd * ||W||^2 per layer; one
+  bootstrap resample per member; Adam 1e-3, batch 32, 5 epochs after every trial, continuing
+  from the previous weights and Adam state; the normalizer refit on all data each time.
+* Trajectory sampling, P = 20 particles per candidate: TS-inf, TS1, or expectation (the mean
+  prediction, one particle); a candidate's value is its particles' mean summed reward; a
+  non-finite return counts as -1e6 (the reference's NaN -> cost 1e6).
+* CEM: 5 iterations, alpha 0.1, population/elites 400/40 or 500/50, a normal truncated at 2 std
+  kept inside the action bounds, early stop when the largest variance < 1e-3, initial variance
+  (ub - lb)^2 / 16, warm start shifted by one step; random shooting evaluates the same budget.
+* MPC replans every step; one random trial first, then one planned trial per iteration; planning
+  horizon 25 (30 on halfcheetah).
 
-Choices where the paper is silent (and why):
-* Rewards and terminations come from `envs`' `reward_fn`/`termination_fn` on predicted
-  observations (the paper's known cost functions); `--learn-reward` adds the reward as one more
-  model output and plans with it instead (termination stays known). Particles stop earning reward
-  after the step where `termination_fn` says done (that step's reward counts, as in `env.step`);
-  the reference's tasks never terminate, Brax's inverted_pendulum does.
-* TS assigns members in balanced groups (P / B particles per member and candidate, a random
-  permutation per planning call for TS-inf and per step for TS1), as the reference code does to
-  run each member on its own block of inputs; hence P must be a multiple of B for both.
-* Bootstrap: at each fit every member draws n indices with replacement from the n stored
-  transitions (the reference), reshuffled every epoch; an epoch is ceil(n / batch) minibatches,
-  the last one partial (masked). All shapes are those of the full buffer (num_trials x
-  episode_length), the step count a traced value: nothing recompiles as data grows.
-* Same network for every task (4 x 200 swish, the paper's halfcheetah model and weight decays);
-  the reference code uses 3 x 500 for cartpole and 3-4 x 200 with larger decays for reacher/pusher
-  (and Adam 7.5e-4 for reacher).
-* The paper's cartpole (a 200-step swing-up with a dense cost; 50 iterations in the reference)
-  has two stand-ins here, 200-step episodes and 15 trials each. `pendulum` (gymnax's
-  Pendulum-v1 swing-up, dense reward) never terminates, as the reference's cartpole: every trial
-  adds 200 transitions. inverted_pendulum (Brax, reward 1 per step until |angle| > 0.2)
-  terminates, so its first trials hold 20-60 transitions (see the SGD floor below), and its
-  reward does not see the cart: with the true dynamics as its model, CEM at 50 candidates and
-  H = 15, 25 or 35 lets the cart drift into the end of its rail and drop the pole in some
-  episodes; H = 50 held all of them (benchmarks/README.md, PETS curves).
-  reacher uses Brax's 50-step episodes (the paper's 3D reacher has 150), 100 trials; pusher 150
-  steps and 100 trials, halfcheetah 1000 and 300 trials (the reference's counts).
-* A trial ends at the env's termination or time limit (`episode_length`); the episode is a
-  `while_loop`, so a single seed stops at termination (under `vmap` the loop runs until every
-  seed is done, finished seeds masked). `num_trials` counts the random trial.
-* The `env_steps` column is the step budget through the trial ((trial + 1) x episode_length, the
-  same for all seeds, which is what checkpoints and `--resume` count); the real per-seed count of
-  env steps is `charts/env_steps_taken` (smaller when episodes terminate).
-* Per-task transforms: halfcheetah's are the reference's (`obs_preproc`, `targ_proc`,
-  `obs_postproc` of dmbrl/config/halfcheetah.py) on our layout: the reference's observation is
-  [x-velocity, root z, root angle, ...], ours Brax's [root z, root angle, ...] with the
-  x-velocity feature appended last (index 17), so the same entries by other indices. The
-  reference's cartpole feeds sin/cos of the pole angle; inverted_pendulum has the same layout but
-  terminates at |angle| > 0.2, where sin(angle) ~ angle and cos ~ 1, so it stays raw. Other tasks:
-  raw, as the reference's reacher and pusher.
-* Floor on SGD steps per fit (`--model-min-sgd-steps`, ours; 0 = the reference's 5 epochs only):
-  a fit runs whole epochs, at least `model_epochs` and at least as many as reach the floor. The
-  reference's cartpole never terminates, so every trial adds 200 transitions and 5 epochs are
-  >= 35 steps; the stand-in's first trials end after 20-60 steps, so 5 epochs are 5-10 SGD steps
-  and the model is barely trained (planned values of ~2: every particle falls within two steps).
-  The inverted_pendulum preset sets a floor (see PRESETS); it costs seconds per fit on CPU.
-* Input normalizer: inputs whose std over the data is below `min_input_std` (1e-2) get std 1,
-  where the reference's rule is std < 1e-12. Brax reacher showed why: in the first trials its
-  tip-to-target z coordinate spreads by 2e-4 and the target's x, y by ~4e-3 (rounding noise
-  and contact jitter), while a sampled prediction has noise std >= exp(-10 / 2) = 7e-3 (the
-  log-variance floor). Divided by such a spread, one step of the model's own noise put the input
-  ~400 std out of the data and every particle blew up within 5 steps (all plans NaN, planning
-  random); a new target in the next trial did the same. Unscaled, these inputs stay O(0.1).
-* `model/trial_mse`: one-step MSE of the ensemble's mean prediction on the trial's transitions,
-  measured while collecting them (before the model is fit on them): the model's error on the
-  states its plans visit. `model/train_*` average the last epoch's minibatches.
+Choices where the paper is silent (the measurements behind them: benchmarks/README.md, "PETS"):
+* Rewards and terminations are `envs`' `reward_fn` / `termination_fn` on predicted observations
+  (`--learn-reward` learns the reward); a particle stops earning after its terminal step.
+* Members are assigned in balanced groups (P / B particles per member and candidate, permuted per
+  planning call for TS-inf, per step for TS1), as the reference does: P must be a multiple of B.
+* Every shape is the full buffer's (num_trials x episode_length), the data size a traced value:
+  nothing recompiles as data grows; a partial last minibatch is masked.
+* One network for every task (4 x 200, the paper's halfcheetah model and decays).
+* The paper's cartpole has two stand-ins, `pendulum` (never terminates, as cartpole) and Brax's
+  inverted_pendulum (terminates, so its first trials hold 20-60 transitions: its preset sets a
+  floor on SGD steps per fit, `--model-min-sgd-steps`, ours).
+* A trial ends at termination or `episode_length`; `env_steps` counts the step budget
+  ((trial + 1) x episode_length, what resume counts), `charts/env_steps_taken` the real steps.
+* The normalizer gives std 1 to inputs whose spread is below `min_input_std` (1e-2; the
+  reference: 1e-12): Brax reacher's near-constant inputs otherwise blew every particle up.
+* `model/trial_mse`: the ensemble mean's one-step MSE on the trial's own transitions, before the
+  model is fit on them (its error on the states its plans visit).
 """
 
 import dataclasses

@@ -1,113 +1,47 @@
 """TDML: Total Discounted Model Loss (Knight, Achiam 2019, "Training dynamics models for accurate
-long-horizon prediction"), in one file: deterministic dynamics models f_theta(s, a) -> s' trained
-on a fixed replay buffer of a deterministic policy, either with the one-step l2 loss (Eq. 1) or
-with the approximate TDML of Algorithm 1 (a TD-learned critic D_psi(s, s_hat), Eq. 5-9), and
-measured by the true TDML (Eq. 3) against the real Brax physics. Training (critic and model
-updates) and evaluation are compiled by XLA in chunks and vmapped over seeds.
+long-horizon prediction"), in one file: deterministic models f_theta(s, a) -> s' trained on a
+fixed buffer of a deterministic policy's trajectories, by the one-step l2 loss (Eq. 1) or by the
+approximate TDML of Algorithm 1 (a TD-learned critic D_psi(s, s_hat), Eq. 5-9), and judged by the
+true TDML (Eq. 3) against the real physics. Chunks of iterations are compiled and vmapped over seeds.
 
-    # the data policy: the committed hopper SAC actor (10k steps, never falls in 1000 steps), or
-    # train one: python algorithms/sac.py --env-id walker2d --run-name walker2d-sac
     python algorithms/tdml.py --env-id hopper --policy-run benchmarks/results/tdml/sac_policy --arch slbo --loss tdml
     python algorithms/tdml.py --env-id hopper --policy-run benchmarks/results/tdml/sac_policy --loss one-step --num-seeds 4
-    python algorithms/tdml.py --resume runs/<run-name>         # continue a killed run
-    python algorithms/tdml.py --evaluate runs/<run-name>       # true TDML of the saved models
-    python algorithms/tdml.py --env-id hopper --random-policy --num-trajectories 20 --trajectory-length 100 \
-        --total-steps 2000 --eval-every 500 --eval-horizon 100     # smoke run, untrained policy
+    python algorithms/tdml.py --resume runs/<run-name>      # continue a killed run
+    python algorithms/tdml.py --evaluate runs/<run-name>    # true TDML of the saved models on unseen start states
 
-What the paper (Sec. 3-6, Algorithm 1, App. C) fixes, and we follow:
-* Data: a fixed buffer of trajectories of a trained deterministic policy that does not fall
-  (paper: TD3 on Walker2d-v2, 1000 trajectories, 10^6 transitions; here the mean action of a
-  SAC actor of this library, read from the run's actor.eqx by this file's own copy of the actor
-  network, so tdml.py needs no sac.py; sizes by flag). Trajectories differ only by their random
-  start states. `data/terminated_frac` (summary.json) says how many fell.
-* Models f_theta(s, a) -> s', deterministic, Table 1: metrpo = [1024, 1024] ReLU, batch 1000;
-  mpo = [512, 512, 512] ReLU with weight normalization, batch 500; slbo = [500, 500] ReLU,
-  batch 256, L2 1e-5. Adam 1e-3. No observation normalization, no delta prediction. Every
-  prediction is clipped to [-1e6, 1e6] (Sec. 6; `--clip inf` gives App. B's unclipped models).
-* l(x, y) = ||x - y||_2^2. One-step loss (Eq. 1): E_beta l(f_theta(s_t, a_t), s_{t+1}).
-* Approximate TDML (Algorithm 1): the critic D_psi ([1024, 1024] SELU, Adam 2e-4, batch 2048) is
-  trained by TD on pairs (s_{i+k}, f_bar_theta^k(s_i)), k ~ U{1..kappa}, kappa = 5, i ~ U[0, H - k),
-  with target y = l(s_{i+k}, f_bar_theta^k(s_i)) + gamma D_psi'(s_{i+k+1}, f_bar_theta^{k+1}(s_i))
-  (Eq. 7-8: input, l term and bootstrap pair from the same chain of the online model theta; see
-  "The TD target" below for Algorithm 1's different line); every d = 10 critic steps the model
-  takes a step on Eq. 9,
-  l(s_{t+1}, f_bar_theta(s_t)) + gamma D_psi(s_{t+2}, f_bar_theta^2(s_t)), then the targets move:
-  theta' <- tau_f theta + (1 - tau_f) theta' (tau_f = 0.005), psi' <- tau_M psi + ... (tau_M = 1).
-  f_bar(s) = f(s, pi(s)): model rollouts are closed loop, the policy acting on predicted states.
-* Metric: the true TDML (Eq. 3), sum_n gamma^n l(f_bar^n(s), f_bar_theta^n(s)), averaged over 16
-  buffer states, the real env and the model rolled in parallel under the policy for 1000 steps.
-  For reference also the open- and closed-loop n-step losses of Sec. 3.1 (Eq. 2) and Eq. 1.
+Fixed by the paper (Sec. 3-6, Algorithm 1, App. C): models of Table 1 (metrpo [1024, 1024],
+mpo [512]*3 with weight normalization, slbo [500, 500] with L2 1e-5; ReLU, Adam 1e-3, no
+normalization, no delta prediction, predictions clipped to [-1e6, 1e6], Sec. 6); l(x, y) =
+||x - y||^2; the critic [1024, 1024] SELU, Adam 2e-4, batch 2048, trained by TD on pairs
+(s_{i+k}, f_bar_theta^k(s_i)), k ~ U{1..kappa = 5}, with Eq. 8's target; every d = 10 critic steps
+one model step on Eq. 9, then theta' and psi' move (tau_f = 0.005, tau_M = 1); f_bar(s) = f(s, pi(s))
+(closed loop); the true TDML over 16 buffer states and 1000 real and model steps.
 
-Choices where the paper is silent (and why):
-* The real transition function f is the physics alone: no termination, no time limit, no reset
-  (`BraxTask.step_env`). Eq. 3 sums over every future step, and the paper rolls the real env
-  1000 steps from any buffer state, past the episode's time limit. Data trajectories are the same
-  process (H physics steps from a fresh reset, never cut at a fall), so every stored transition
-  is a transition of f; `data/terminated_frac` reports how many fell by the task's own rule.
-* The state s is `envs`' observation including its appended reward feature (the torso's
-  x-velocity over the last step), because the SAC policy reads it and closed-loop rollouts feed
-  the policy predicted states. Env states are stored as `env.snapshot` vectors (time-major
-  arrays, (H + 1, N, ...)), so the real env restarts exactly from any buffer state. On the default
-  `gymnasium` backend a snapshot is [time, obs, x, qpos, qvel, MuJoCo's solver warm start] (hopper
-  32 floats); Brax's `positional` stores the whole physics state (walker2d 415 floats, hopper 241).
-* The data set is shared by all vmapped seeds (one fixed buffer, as the paper); seeds differ in
-  network init and minibatches. The one-step baseline uses the stored action a_t (Eq. 1).
-* The TD target. Eq. 6-8 build y from the critic's own input pair: y = l(s, s_hat) +
-  gamma D'(f_bar(s), f_bar_theta(s_hat)), so D obeys the Bellman equation Eq. 4 in s_hat.
-  Algorithm 1's line instead feeds the critic f_bar_theta^k(s_i) but builds y from the TARGET
-  model, l(s_{i+k}, f_bar_theta'^k(s_i)) + gamma D'(s_{i+k+1}, f_bar_theta'^{k+1}(s_i)): y is then
-  not a function of the critic's input (its own error l(s, s_hat) never enters it), and with
-  tau_f = 0.005 theta' still carries most of the initial weights after a few hundred model
-  steps, so the targets describe an untrained model. We read it as a typo and follow Eq. 6-8.
-  `--critic-target` picks the one model whose chain s_hat_n = f_bar^n(s_i) makes the input, the
-  l term and the bootstrap pair: `online` (default, theta) or `target` (theta'); `algorithm1` is
-  Algorithm 1 literally, kept to reproduce the divergence. theta' and --tau-model matter only
-  to `target` and `algorithm1`. Measured (benchmarks/tdml_target_check.py: hopper, slbo,
-  gamma 0.9, 20 trajectories, 1000 iterations = 100 model steps, critic batch 256, 2 seeds; the
-  true TDML at the end and the share of 1000-step rollouts at the clip): online 25 (0%),
-  target 1e12-9e13 (97-100%), algorithm1 1e13-2e13 (98%); one-step models at the same 100
-  model steps: 4.9 (0%). Why `target` fails: the model update (Eq. 9) queries D at pairs made by
-  the online model, on which a critic of theta' was never trained, and the model learns to
-  exploit it there (the linear critic's value at the model's queries went to -1e7). With
-  `online` the critic is trained on the pairs the model update queries.
-* The critic is kept >= 0, as TDML is (`--critic-output`): `clamp` (default) regresses the raw
-  net on y (Eq. 5) and uses max(D, 0) where D is read (Eq. 8's bootstrap, Eq. 9), so the model
-  cannot lower its loss by pushing the critic below zero where it was never trained, and the
-  regression's gradient never vanishes. Measured in the same runs: `linear` (the raw net
-  everywhere) reached 23 with the model's queries down to -4 (-26 with algorithm1, -1e7 with
-  target); `softplus` (softplus(net) everywhere) reached 4e12 in one of its two seeds: the
-  critic's pre-activation ran far below zero, where softplus is flat, so it read ~1e-26 at the
-  evaluation pairs and could no longer learn there, and the model moved into that region.
-* Critic input: (s, s_hat - s), the same information as (s, s_hat) but centred on the error that
-  D grows with; LeCun-normal init for the SELU layers (Klambauer et al.).
-* Algorithm 1 draws one batch of n for both updates; the model's Eq. 9 step draws its own batch
-  of Table 1's size (the architecture's batch size, as the one-step baseline), the critic 2048.
-  Eq. 9 uses pi(s_t) (= the stored action up to rounding) and the online critic psi; the
-  gradient flows through both model steps and through the policy's input, not its weights.
-* "if t mod d": the model (and then the targets) update at t = d, 2d, ... (t counted from 1).
-* The unit of progress is the iteration t of Algorithm 1 (`steps`): a critic step for tdml, a
-  model step for one-step (the paper's "SGD steps" does not say which); `charts/model_updates`
-  counts model steps. One-step runs train no critic. T is not given: `--total-steps` defaults
-  to 200_000 iterations, evaluated every 1000.
-* L2 (slbo): lambda * sum ||W||^2 over weight matrices (not biases); weight normalization (mpo):
-  W = g v / ||v|| per output unit on every layer, g initialized to ||v|| (function-preserving,
-  no data-dependent init). Layers otherwise init uniform(+-1/sqrt(fan_in)) (torch's default).
-* Evaluation start states (16 per evaluation, any buffer state) are fresh at every evaluation but
-  drawn from `--data-seed` and the evaluation's index alone: every seed, loss and architecture is
-  measured on the same states, and the real rollouts are computed once for all vmapped seeds.
-  The sum of Eq. 3 runs over n = 0..eval_horizon (0.95^1000 ~ 5e-23: negligible). n-step losses:
-  n = 5 on 256 buffer segments per evaluation.
-* Diagnostics (ours), at every evaluation: how well the critic tracks the true discounted tail
-  (eval/critic_tail, D_psi at the pair (s_2, s_hat_2) of each evaluation rollout, the pair Eq. 9
-  queries, beside eval/true_tail, sum_{n >= 2} gamma^(n-2) l(s_n, s_hat_n) of the same rollouts)
-  and whether the training loss descends the true TDML (eval/grad_cos: the cosine between the
-  model gradient of Eq. 9 or Eq. 1 on the start states and that of the true TDML summed over
-  --grad-horizon steps). Note that Eq. 9's gradient flows into D only through s_hat_2: D's own
-  dependence on theta (the model's later steps) is treated as fixed, a semi-gradient.
-* Resume: the policy is copied into the run directory (policy.eqx) and the data set is rebuilt
-  from it and `--data-seed` (deterministic), so a resumed run is identical even if the SAC run
-  changed or moved. metrics.csv counts iterations in `steps` (checkpoint.json's `env_steps`
-  field holds the same count: `utils.RunDir` names it so).
+Choices where the paper is silent (the measurements behind them: benchmarks/README.md, "TDML"):
+* The data policy is the mean action of a sac.py run's actor (read from its actor.eqx by this
+  file's own copy of the network); trajectories differ only by their random start states.
+* The real f is the physics alone (no termination, time limit or reset), as Eq. 3 sums every
+  future step; env states are stored as `env.snapshot` vectors so the real env restarts exactly
+  from any buffer state. s is `envs`' observation (the policy reads it, also on predicted states).
+* One buffer for all vmapped seeds (seeds differ in init and minibatches); one-step uses the
+  stored action (Eq. 1).
+* The TD target: input, l term and bootstrap pair come from ONE chain s_hat_n = f_bar^n(s_i) of
+  the online model (Eq. 6-8: y is a function of the critic's input). Algorithm 1's line, which
+  builds y from theta' while the input comes from theta, is read as a typo and kept as
+  `--critic-target algorithm1`; `target` uses theta' throughout. Both blow up (measured).
+* The critic stays >= 0 as TDML does (`--critic-output clamp`: the regression sees the raw net,
+  the bootstrap and Eq. 9 read max(D, 0)); its input is (s, s_hat - s), LeCun-normal SELU init.
+* The model's Eq. 9 step draws its own batch of Table 1's size; the gradient flows through both
+  model steps and the policy's input (not its weights); models update at t = d, 2d, ...
+* Progress counts iterations of Algorithm 1 (`steps`; checkpoint.json's `env_steps` holds the
+  same count): a critic step for tdml, a model step for one-step. `--total-steps` 200k, evaluated
+  every 1000, on start states drawn from `--data-seed` and the evaluation's index alone, so every
+  seed, loss and architecture is measured on the same states.
+* Diagnostics (ours): eval/critic_tail vs eval/true_tail (the critic against the true discounted
+  tail at (s_2, s_hat_2) of the evaluation rollouts) and eval/grad_cos (the training loss's model
+  gradient against the true TDML's, summed over --grad-horizon steps).
+* Resume: the policy is copied into the run directory (policy.eqx) and the buffer is rebuilt
+  from it and `--data-seed`, so a resumed run is identical.
 """
 
 import dataclasses
