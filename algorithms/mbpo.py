@@ -24,7 +24,8 @@ What the paper (Sec. 5, App. C) and its reference code (jannerm/mbpo) fix, and w
   count all env steps, random ones included.
 * The model buffer holds `retain_epochs` epochs of rollouts at the current k; when k changes it
   is reallocated as the reference's `_reallocate_model_pool` does (old rows kept, in place), so
-  SAC never samples a row that was never written.
+  SAC never samples a row that was never written. k never decreases (no preset's does; `resolve`
+  rejects such a schedule), so the pool only grows.
 * SAC with G updates per env step on batches of int(real_ratio x 256) = 12 real rows and the rest
   model data.
 * Real transitions join the data that fits, rollout starts and SAC's real rows see when their
@@ -224,6 +225,8 @@ def resolve(args: Args) -> Args:
           f"--model-weight-decay needs {args.model_depth + 1} values (hidden layers + output)")
     e0, e1, k0, k1 = args.rollout_schedule
     check(e1 > e0 and k0 >= 1 and k1 >= 1, f"--rollout-schedule needs epoch_end > epoch_start and k >= 1, got {args.rollout_schedule}")
+    # The model pool only grows (no preset's k decreases; the reference's shrinking copy is left out).
+    check(k1 >= k0, f"--rollout-schedule: k must not decrease (k_end {k1} < k_start {k0})")
     check(args.epoch_length % args.model_train_freq == 0, "--epoch-length must be a multiple of --model-train-freq")
     check(args.init_steps % args.model_train_freq == 0, "--init-steps must be a multiple of --model-train-freq")
     check(args.total_timesteps % args.epoch_length == 0, "--total-timesteps must be a multiple of --epoch-length")
@@ -379,24 +382,15 @@ class Buffer(NamedTuple):
         return self._replace(**dict(zip(self._fields[:5], fields)), insert_pos=(self.insert_pos + n) % self.capacity,
                              size=jnp.minimum(self.size + n, self.capacity))
 
-    def resize(self, capacity, can_shrink=True):
-        """The reference's `_reallocate_model_pool`: a new pool of `capacity` into which the old
-        pool's rows [0, size) are added in storage order. Growing, they stay where they are and the
-        next row goes to `size`, so the rows [0, size) that `sample` draws from were all written;
-        shrinking, row i lands on slot i % capacity and the last write wins (a copy). An unchanged
-        capacity leaves the pool as it is, as the reference does. `can_shrink=False` (static)
-        leaves the copy out of the program: under vmap a `cond` on per-seed data runs both branches."""
+    def resize(self, capacity):
+        """The reference's `_reallocate_model_pool` for a pool that grows (k never decreases,
+        `resolve`): the old rows [0, size) stay where they are and the next row goes to `size`, so
+        the rows `sample` draws from were all written. An unchanged capacity leaves the pool as is."""
         capacity = jnp.asarray(capacity, jnp.int32)
 
-        def shrink(buffer):
-            slot = jnp.arange(buffer.obs.shape[0])
-            source = jnp.where(slot < capacity, slot + capacity * ((buffer.size - 1 - slot) // capacity), slot)
-            return buffer._replace(**{name: getattr(buffer, name)[source] for name in buffer._fields[:5]})
-
         def reallocate(buffer):
-            moved = jax.lax.cond(capacity < buffer.size, shrink, lambda b: b, buffer) if can_shrink else buffer
-            return moved._replace(insert_pos=buffer.size % capacity, size=jnp.minimum(buffer.size, capacity),
-                                  capacity=capacity)
+            return buffer._replace(insert_pos=buffer.size % capacity, size=jnp.minimum(buffer.size, capacity),
+                                   capacity=capacity)
 
         return jax.lax.cond(capacity != self.capacity, reallocate, lambda b: b, self)
 
@@ -806,7 +800,6 @@ def period(args, env, env_params, runner, period_start):
     run reports NaN (0 for counts)."""
     learning = period_start >= args.init_steps
     k = rollout_length(args, period_start)
-    k_shrinks = args.rollout_schedule[3] < args.rollout_schedule[2]  # a decreasing schedule (no preset has one)
     fit = fitter(args)
 
     def fit_and_branch(runner):
@@ -815,7 +808,7 @@ def period(args, env, env_params, runner, period_start):
         runner = runner._replace(model=model, model_opt=model_opt, elites=elites, key=key)
         # Reallocate the model pool for this k before branching (reference order), then branch.
         capacity = args.retain_epochs * k * rollouts_per_epoch(args)
-        runner = runner._replace(model_data=runner.model_data.resize(capacity, can_shrink=k_shrinks))
+        runner = runner._replace(model_data=runner.model_data.resize(capacity))
         model_data, rollout_metrics = model_rollout(args, env, runner, k, rollout_key)
         return runner._replace(model_data=model_data), {**fit_metrics, **rollout_metrics}
 

@@ -397,7 +397,7 @@ def test_model_buffer_matches_the_reference_pool_through_resizes():
     ours = ours.resize(10)
     ref = ref.reallocate(10)
     add = jax.jit(lambda b, rows, valid: b.add_batch((rows, rows, rows[:, 0], rows, valid), valid))
-    for capacity in [10, 10, 24, 24, 40, 40, 40, 16, 16, 30, 7, 7]:  # grows, shrinks, stays
+    for capacity in [10, 10, 24, 24, 40, 40, 40, 52, 52, 64]:  # grows (full, then wrapped), stays
         ours, ref = jax.jit(mbpo.Buffer.resize)(ours, capacity), ref.reallocate(capacity)
         valid = rng.random(12) < 0.7  # rollouts that ended write nothing
         rows = np.arange(next_id, next_id + 12, dtype=np.float32)[:, None]
@@ -539,6 +539,7 @@ def test_bad_arguments_fail_before_compiling():
         (dict(updates_per_step=0), "--updates-per-step must be positive"),
         (dict(sac_batch_size=5000), "--sac-batch-size"),
         (dict(total_timesteps=1100), "multiple of --epoch-length"),
+        (dict(rollout_schedule=(0, 2, 3, 1)), "k must not decrease"),
     ]:
         with pytest.raises(SystemExit, match=message):
             tiny_args(**overrides)
