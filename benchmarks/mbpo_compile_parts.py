@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import jax  # noqa: E402
+from test_mbpo import BRAX, tiny_args  # noqa: E402
 
 from algorithms import mbpo, utils  # noqa: E402
-from test_mbpo import BRAX, tiny_args  # noqa: E402
 
 env_id = os.environ.get("ENV", "pendulum")
 args = tiny_args(**(BRAX if env_id == "inverted_pendulum" else {"env_id": env_id}))

@@ -44,8 +44,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from algorithms import mbpo, sac, utils  # noqa: E402
 import envs  # noqa: E402
+from algorithms import mbpo, sac, utils  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "curves"
 ALGOS = ("mbpo", "sac_same_g", "sac_g1")

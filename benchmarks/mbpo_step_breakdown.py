@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import optax
 import pandas as pd
+from mbpo_throughput import best_time, cpu_name
 
 from algorithms import mbpo, utils
-from mbpo_throughput import best_time, cpu_name
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -11,10 +11,10 @@ import sys
 import time
 
 import jax
+from brax_speed import make_rollout
 
 import envs
 import envs.brax_tasks
-from brax_speed import make_rollout
 
 mode, num_envs = sys.argv[1], int(sys.argv[2])
 if mode == "stale":

@@ -20,7 +20,6 @@ ENVS, STEPS = 32, 60
 
 def measure(task, variant, out):
     import jax
-    import jax.numpy as jnp
     from mujoco import mjx
 
     from envs import mujoco_tasks

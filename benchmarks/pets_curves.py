@@ -44,9 +44,9 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from pets_reference import oracle_row  # noqa: E402  (this folder is on the path of a script run from it)
 
 from algorithms import pets, utils  # noqa: E402
-from pets_reference import oracle_row  # noqa: E402  (this folder is on the path of a script run from it)
 
 RESULTS = Path(__file__).parent / "results" / "curves"
 ALIASES = {"trials": "num_trials", "elites": "num_elites", "particles": "num_particles",

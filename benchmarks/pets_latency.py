@@ -53,9 +53,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from mbpo_throughput import (  # same timing helpers, one place
+    best_time,
+    cpu_name,
+    flops,
+    matmul_flops_per_s,
+    run_mbrl_lib,
+)
 
 from algorithms import pets
-from mbpo_throughput import best_time, cpu_name, flops, matmul_flops_per_s, run_mbrl_lib  # same timing helpers, one place
 
 MBRL_LIB_SECONDS = 4.2  # mbrl-lib 0.2.0 PETS, seconds per MPC step at these settings, this machine (from the issue)
 DEFAULT_OUT = Path(__file__).parent / "results" / "pets_latency.md"

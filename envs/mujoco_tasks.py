@@ -67,8 +67,7 @@ import numpy as np
 from flax import struct
 from gymnax.environments import environment
 from mujoco import mjx
-from mujoco.mjx._src import collision_driver, collision_primitive
-from mujoco.mjx._src import math as mjx_math
+from mujoco.mjx._src import collision_driver, collision_primitive, math as mjx_math
 from mujoco.mjx._src.types import GeomType
 
 from envs._common import PhysicsParams, PhysicsTask, with_overrides

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import envs
+
 import probe
 
 REPLAY_STEPS = 10

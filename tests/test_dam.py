@@ -17,6 +17,7 @@ import pytest
 
 from algorithms import dam, utils
 from envs.icy_road import EnvState as IcyState
+
 from helpers import as_cli
 
 ROOT = Path(__file__).resolve().parents[1]

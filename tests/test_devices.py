@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from helpers import as_cli
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -201,8 +201,9 @@ def test_plot_script_compares_runs(tmp_path):
 def test_gpu_check_paper_sized_configs_are_valid_arguments():
     """The configs only a GPU runs pass each file's own argument checks (at 8 seeds)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import gpu_check
     from algorithms import dam, mbpo, pets, sac, tdml
+
+    import gpu_check
 
     for name, module in dict(sac=sac, mbpo=mbpo, pets=pets, dam=dam, tdml=tdml).items():
         args = module.resolve(module.Args(**gpu_check.CASES[name][2], num_seeds=8))
@@ -238,3 +239,10 @@ def test_a_fresh_state_has_a_restored_ones_types_so_resuming_reuses_the_compile(
     weak = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(fresh)
             if getattr(leaf, "weak_type", False)]
     assert not weak, weak
+
+
+def test_the_code_passes_the_linter():
+    """pyproject.toml's ruff rules (pyflakes, pycodestyle, import order) on every source file."""
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "algorithms", "envs", "tests", "benchmarks"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from algorithms import mbpo, utils
+
 from helpers import as_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 import envs
-import probe
 from envs import mujoco_tasks
+
+import probe
 
 GYM_IDS = {"hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "halfcheetah": "HalfCheetah-v4", "ant": "Ant-v4",
            "humanoid": "Humanoid-v4", "inverted_pendulum": "InvertedPendulum-v4",

@@ -17,10 +17,11 @@ import numpy as np
 import optax
 import pandas as pd
 import pytest
+import test_brax_tasks
 
 from algorithms import pets, utils
+
 import probe
-import test_brax_tasks
 from helpers import as_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,6 +24,7 @@ import tyro
 
 import envs
 from algorithms import sac, tdml, utils
+
 from helpers import as_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
