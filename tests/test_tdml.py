@@ -79,6 +79,9 @@ class ExactCritic(eqx.Module):
         z = jnp.concatenate([s, s_hat])
         return z @ self.p @ z
 
+    def fit_value(self, s, s_hat):  # what the TD regression fits: the same value
+        return self(s, s_hat)
+
 
 def set_linear(model, a, b):
     """The model (a net with no hidden layer) set to s' = a s + b action."""
@@ -317,6 +320,29 @@ def test_critic_target_and_model_losses_are_eq8_and_eq9():
     _, _, metrics = tdml.model_update(args1, trainer1.system, runner.model, runner.model_opt, None, gain, ((s0, s1), a0))
     expected = np.sum((np.asarray(s0) @ A_HAT.T + np.asarray(a0) @ B_HAT.T - np.asarray(s1)) ** 2, -1).mean()
     np.testing.assert_allclose(metrics["losses/model"], expected, rtol=1e-4)
+
+
+def test_the_exact_tdml_is_the_fixed_point_of_the_default_td_target():
+    """With the critic (and the target critic) equal to the closed-form TDML of the online model,
+    Eq. 8's target under the default --critic-target online equals the critic on every pair: the TD
+    error is ~0 even though the target model theta' differs from theta. Under `target` and
+    `algorithm1`, whose chains come (partly) from theta', the same critic is not a fixed point."""
+    args, trainer, data = linear_trainer()
+    gain = jnp.asarray(K)
+    runner = with_linear_model(trainer.init(jax.random.PRNGKey(0)))
+    target_model = jax.tree.map(lambda x: 0.9 * x, runner.target_model)  # theta' != theta
+    exact = ExactCritic(jnp.asarray(closed_form_p(args.gamma), jnp.float32))
+    batch = tdml.sample_critic_batch(args, data, jax.random.PRNGKey(3))
+    scale = float(np.mean(closed_form_tdml(batch[1], batch[1], args.gamma) + 1.0))  # values are O(1-10)
+    losses = {}
+    for critic_target in ("online", "target", "algorithm1"):
+        variant, _, _ = linear_trainer(critic_target=critic_target)
+        opt = tdml.critic_optimizer(variant).init(eqx.filter(exact, eqx.is_array))
+        _, _, metrics = tdml.critic_update(variant, trainer.system, exact, opt, exact, target_model, runner.model,
+                                           gain, batch)
+        losses[critic_target] = float(metrics["losses/critic"])
+    assert losses["online"] < 1e-8 * scale**2, losses
+    assert losses["target"] > 1e-3 and losses["algorithm1"] > 1e-3, losses
 
 
 def test_model_update_every_d_steps_targets_follow_and_chunk_compiles_once():
