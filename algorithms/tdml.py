@@ -651,7 +651,7 @@ def evaluate(args, system, model, policy, batch, critic=None):
         "eval/true_tdml": jnp.mean(true_tdml),
         "eval/true_tdml_median": jnp.median(true_tdml),
         "eval/final_step_error": jnp.mean(per_step[-1]),
-        "eval/clipped_frac": jnp.mean(jnp.any(jnp.abs(predicted) >= args.clip, -1)),
+        "eval/clipped_frac": jnp.mean(jnp.any(jnp.abs(predicted) >= args.clip, -1)),  # share of (step, rollout) pairs at the clip
         "eval/one_step": jnp.mean(open_loss[0]),
         "eval/open_loop_n_step": jnp.mean(jnp.sum(open_loss, 0)),
         "eval/closed_loop_n_step": jnp.mean(jnp.sum(closed_loss, 0)),

@@ -129,6 +129,7 @@ def write_outputs(data, cli):
                 stats = cell.groupby("model_updates")["true_tdml"].agg(["mean", "min", "max", "count"])
                 label = f"{'One-Step' if loss == 'one-step' else 'TDML'} model ({int(stats['count'].max())} seeds)"
                 ax.plot(stats.index, stats["mean"], color=color, label=label)
+                # the band: min and max over the seeds (the paper smooths over a 1000-step window instead)
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.2)
             ax.set_yscale("log")
             ax.set_title(f"{arch}, gamma = {gamma}", fontsize=10)
@@ -148,7 +149,7 @@ def write_outputs(data, cli):
         one_step=("one_step", "mean"), closed_loop_n_step=("closed_loop_n_step", "mean"),
         grad_cos=("grad_cos", "mean"), critic_tail=("critic_tail", "mean"), true_tail=("true_tail", "mean"))
     lines = [f"| arch | gamma | loss | iterations | model steps | seeds | true TDML (mean ± std) | error at step {cli.eval_horizon} "
-             "| clipped rollouts | one-step loss | closed-loop 5-step loss | grad cosine with true TDML "
+             "| rollout steps at the clip | one-step loss | closed-loop 5-step loss | grad cosine with true TDML "
              "| critic at (s_2, s_hat_2) / true tail |", "|" + "---|" * 13]
     for (arch, gamma, loss), r in table.iterrows():
         tail = f"{r.critic_tail:.4g} / {r.true_tail:.4g}" if loss == "tdml" else "-"

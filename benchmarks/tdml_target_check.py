@@ -72,7 +72,7 @@ def main():
         table = pd.DataFrame(rows)
         table.to_csv(out / "target_check.csv", index=False)
         lines = ["| loss | critic target | critic output | iterations | model steps | seeds | true TDML (mean; worst seed) "
-                 "| clipped rollouts | critic at (s_2, s_hat_2) | true tail there | lowest critic value queried |",
+                 "| rollout steps at the clip | critic at (s_2, s_hat_2) | true tail there | lowest critic value queried |",
                  "|" + "---|" * 11]
         for r in table.itertuples():
             lines.append(f"| {r.loss} | {r.critic_target} | {r.critic_output} | {r.iterations} | {r.model_steps} "
