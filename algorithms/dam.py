@@ -26,7 +26,8 @@ Fixed by the paper:
   planner, add the episode, retrain model and discriminator from fresh parameters).
 
 Choices where the paper is silent (the measurements behind them: benchmarks/README.md, "DAM"):
-* The data starts from `init_episodes` random episodes (a model cannot be fitted to nothing).
+* The data starts from `init_episodes` random episodes, fitted in init (a model cannot be fitted
+  to nothing); each round then goes as Alg. 3: plan, add, refit, so the final model saw every episode.
 * Evaluation: after the last round, `eval_episodes` (20) planner episodes per seed, not added to
   the data (Intersection: half with each turn); summary.json has their mean, per turn, and the
   share that crashed.
@@ -499,7 +500,9 @@ def fit(args, runner, key):
 
 
 def init(args, env, env_params, key):
-    key, data_key, model_key, disc_key = jax.random.split(key, 4)
+    """The data's first `init_episodes` random-policy episodes, and the model (+ discriminator)
+    fitted on them: the model the first round plans with."""
+    key, data_key, model_key, disc_key, fit_key = jax.random.split(key, 5)
     obs_size, horizon_T = obs_size_of(env, env_params), env_params.max_steps_in_episode
     capacity = args.init_episodes + args.rounds * args.episodes_per_round
     empty = Dataset(jnp.zeros((capacity, horizon_T, obs_size)), jnp.zeros((capacity, horizon_T), jnp.int32),
@@ -507,20 +510,20 @@ def init(args, env, env_params, key):
     episodes, _ = jax.vmap(partial(run_episode, env, env_params, random_policy))(
         jax.random.split(data_key, args.init_episodes))
     norm = Normalizer(jnp.zeros(obs_size), jnp.ones(obs_size), jnp.zeros(obs_size), jnp.ones(obs_size))
-    return RunnerState(data=empty.add(episodes), norm=norm, key=key, model=new_model(args, model_key, obs_size),
-                       disc=new_discriminator(args, disc_key, obs_size))
+    runner = RunnerState(data=empty.add(episodes), norm=norm, key=key, model=new_model(args, model_key, obs_size),
+                         disc=new_discriminator(args, disc_key, obs_size))
+    return fit(args, runner, fit_key)[0]
 
 
 def round_(args, env, env_params, runner, round_index):
-    """One round of Algorithm 3, fit-first: fit model (+ discriminator) on all data so far,
-    then roll out the planner in the real env and add its trajectories. (Alg. 3 fits after
-    adding; the order is the same once the initial random dataset is fitted first.)"""
-    key, fit_key, rollout_key = jax.random.split(runner.key, 3)
-    runner, metrics = fit(args, runner._replace(key=key), fit_key)
+    """One round of Algorithm 3 in its order: roll out the planner with the current model in the
+    real env, add the trajectories, then refit the model (+ discriminator) on all data, so every
+    state a round leaves (the final one is evaluated and saved) holds a model of all its data."""
+    key, rollout_key, fit_key = jax.random.split(runner.key, 3)
     policy = partial(plan, args, env, env_params, runner)
     episodes, info = jax.vmap(partial(run_episode, env, env_params, policy))(
         jax.random.split(rollout_key, args.episodes_per_round))
-    runner = runner._replace(data=runner.data.add(episodes))
+    runner, metrics = fit(args, runner._replace(key=key, data=runner.data.add(episodes)), fit_key)
     returns = jnp.sum(episodes[2], 1)
     metrics = {
         "round": round_index + 1,
@@ -528,7 +531,7 @@ def round_(args, env, env_params, runner, round_index):
         "charts/episode_return": jnp.mean(returns),
         "plan/value_first_step": jnp.mean(info["plan/value"][:, 0]),
         "plan/mean_log_weight": jnp.mean(info["plan/log_weight"]),
-        **metrics,
+        **metrics,  # the refit on all data, this round's episodes included
     }
     return runner, metrics
 

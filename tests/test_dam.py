@@ -331,6 +331,19 @@ def test_same_seed_identical_and_vmapped_seed_equals_single_run(reference, tmp_p
         np.testing.assert_allclose(seed1[col], single[col], rtol=1e-3, atol=1e-5)
 
 
+def test_the_final_state_holds_the_normalizer_of_all_collected_data(reference):
+    """Alg. 3's order (plan, add, refit): the saved final state's normalizer is the one fitted on
+    every episode the run collected, the last round's included (the model is fitted with it)."""
+    run_dir, _ = reference
+    args, _, state, _ = utils.load_saved(str(run_dir.path), dam.Args, dam.make_train, dam.seed_keys)
+    for seed in range(args.num_seeds):
+        runner = jax.tree.map(lambda x: np.asarray(x)[seed], state)
+        assert int(runner.data.size) == args.init_episodes + args.rounds * args.episodes_per_round
+        refit = dam.fit_normalizer(args, jax.tree.map(jnp.asarray, runner.data))
+        for mine, truth in zip(runner.norm, refit):
+            np.testing.assert_allclose(mine, truth, rtol=1e-5, atol=1e-6)
+
+
 def test_killed_run_resumes_to_identical_results(reference, tmp_path, monkeypatch):
     original = utils.RunDir.write_metrics
     calls = []
