@@ -237,7 +237,6 @@ def test_short_runs_stay_finite_on_intersection_for_every_seed(intersection_cli)
     assert sorted(df["seed"]) == [0, 1, 2, 3] and summary["env_id"] == "Intersection"
     assert np.isfinite(df.drop(columns=["charts/steps_per_second"]).to_numpy(float)).all()
     assert np.isfinite(summary["eval/return_per_seed"]).all() and len(summary["eval/return_per_seed"]) == 4
-    assert (df["disc/ratio_on_model_samples"] > 0).all()
 
 
 # --- the planner -----------------------------------------------------------------------------------
