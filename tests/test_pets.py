@@ -92,6 +92,39 @@ def test_cem_reaches_a_bound_without_leaving_it():
     assert max(seen) <= 1.0 and np.all(np.asarray(mean) > 0.8)
 
 
+def test_cem_iterations_replay_the_references_update_on_the_samples_it_drew():
+    """Each iteration against handful-of-trials' CEM (dmbrl/misc/optimizers/cem.py) replayed in
+    numpy on the samples CEM drew and the values it got: the constrained variance
+    min((mean - lb)^2 / 4, (ub - mean)^2 / 4, var), samples within mean +- 2 sqrt(that) and
+    strictly inside the bounds (the constraint, not a clip, keeps them there), elites by value,
+    mean <- alpha mean + (1 - alpha) mean(elites), var likewise. The start is near a bound, where
+    the constraint binds."""
+    drawn = []
+
+    def value(seqs, key):
+        values = -jnp.sum((seqs - 0.3) ** 2, axis=(1, 2))
+        jax.debug.callback(lambda s, v: drawn.append((np.asarray(s, np.float64), np.asarray(v))), seqs, values)
+        return values
+
+    init = jnp.full((3, 2), 0.85)  # (ub - mean) / 2 = 0.075: the constrained std, far below the initial 0.5
+    alpha, elites, iterations = 0.1, 8, 4
+    mean, stats = jax.jit(lambda key: pets.cem(value, init, key, population=64, num_elites=elites, iterations=iterations,
+                                               alpha=alpha, epsilon=0.0, lower=LOWER, upper=UPPER))(jax.random.PRNGKey(3))
+    assert len(drawn) == iterations
+    lb, ub = np.asarray(LOWER, np.float64), np.asarray(UPPER, np.float64)
+    ref_mean, ref_var = np.asarray(init, np.float64), np.full((3, 2), (2.0**2) / 16)
+    for samples, values in drawn:
+        constrained = np.minimum(np.minimum(((ref_mean - lb) / 2) ** 2, ((ub - ref_mean) / 2) ** 2), ref_var)
+        reach = np.abs(samples - ref_mean) / np.sqrt(constrained)
+        assert reach.max() <= 2.0 + 1e-3 and reach.max() > 1.5, reach.max()  # truncated at 2 std, and wide as that
+        assert (samples > lb).all() and (samples < ub).all()
+        top = samples[np.argsort(-values, kind="stable")[:elites]]
+        ref_mean = alpha * ref_mean + (1 - alpha) * top.mean(0)
+        ref_var = alpha * ref_var + (1 - alpha) * top.var(0)
+    np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stats["plan/final_std"], np.mean(np.sqrt(ref_var)), rtol=1e-3)
+
+
 def test_random_shooting_returns_the_best_of_its_budget():
     target = jnp.full((5, 2), 0.3)
     calls = []
