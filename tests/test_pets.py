@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,6 +156,57 @@ def test_plan_executes_the_first_step_and_warm_starts_from_the_shifted_solution(
 
 
 # --- trajectory sampling ---------------------------------------------------------------------------
+def _two_member_ensemble(deltas, obs_size, action_size):
+    """A noise-free ensemble: member b predicts next_obs = obs + deltas[b] whatever the input (zero
+    weights, the delta as the last bias, log-variance pinned at -80: std ~ 4e-18)."""
+    model = pets.Ensemble(jax.random.PRNGKey(0), len(deltas), obs_size + action_size, obs_size, 8, 1)
+    last = jnp.concatenate([jnp.asarray(deltas, jnp.float32), jnp.zeros((len(deltas), obs_size))], -1)
+    pinned = jnp.full((obs_size,), -80.0, jnp.float32)
+    return eqx.tree_at(lambda m: (m.weights, m.biases[-1], m.max_logvar, m.min_logvar), model,
+                       ([jnp.zeros_like(w) for w in model.weights], last, pinned, pinned))
+
+
+@pytest.mark.parametrize("propagation", ["ts-inf", "ts1", "expectation"])
+def test_model_value_of_a_noise_free_ensemble_is_known_exactly(propagation):
+    """Pendulum from upright at rest, 2 members that add +1 / -1 to the angular velocity, 2
+    particles, horizon 3, zero torque. The exact candidate values, from `reward_fn` on states rolled
+    by hand: TS-inf, each particle keeps its member: -(0 + 0.1 + 0.4) = -0.5 on every draw; TS1,
+    the members are redrawn every step: -0.5 if step 2 repeats step 1's assignment, else -(0 + 0.1
+    + 0) = -0.1, and over 64 draws both occur; expectation, the mean prediction (+0): 0."""
+    args = pets.resolve(pets.Args(env_id="pendulum", ensemble_size=2, num_particles=2, horizon=3, population=4,
+                                  num_elites=2, propagation=propagation, model_width=8, model_depth=1,
+                                  model_weight_decay=(0.0, 0.0), progress=False))
+    env, _ = pets.make_env(args)
+    model = _two_member_ensemble([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0]], env.obs_size, env.action_size)
+    upright = jnp.array([1.0, 0.0, 0.0])
+    actions = jnp.zeros((1, 3, env.action_size))
+
+    def by_hand(sequence):  # particle A's members per step; particle B has the other member
+        values = []
+        for first in (0, 1):
+            obs, total = np.array([1.0, 0.0, 0.0]), 0.0
+            for m in sequence:
+                member = m if first == 0 else 1 - m
+                nxt = obs + np.array([0.0, 0.0, 1.0 if member == 0 else -1.0])
+                total += float(env.reward_fn(jnp.asarray(obs), jnp.zeros(1), jnp.asarray(nxt)))
+                obs = nxt
+            values.append(total)
+        return np.mean(values)
+
+    values = np.asarray(jax.jit(jax.vmap(lambda k: pets.model_value(args, env, model, upright, actions, k)[0]))(
+        jax.random.split(jax.random.PRNGKey(1), 64)))
+    if propagation == "ts-inf":
+        np.testing.assert_allclose(values, by_hand([0, 0, 0]), atol=1e-5)
+        assert by_hand([0, 0, 0]) == pytest.approx(-0.5)
+    elif propagation == "ts1":
+        same, swapped = by_hand([0, 0, 0]), by_hand([0, 1, 0])
+        assert same == pytest.approx(-0.5) and swapped == pytest.approx(-0.1)
+        near = lambda v: np.isclose(values, v, atol=1e-5)  # noqa: E731
+        assert (near(same) | near(swapped)).all() and near(same).any() and near(swapped).any(), values
+    else:
+        np.testing.assert_allclose(values, 0.0, atol=1e-5)
+
+
 def test_ts_inf_keeps_each_particles_member_and_ts1_resamples_it():
     h, n, p, b = 8, 6, 10, 5
     inf = np.asarray(pets.particle_members(jax.random.PRNGKey(0), "ts-inf", h, n, p, b))
