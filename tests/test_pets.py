@@ -362,6 +362,18 @@ def test_model_step_and_model_fit_use_the_tasks_transforms(preprocess):
     np.testing.assert_allclose(next_obs, expected, atol=1e-4)
     state = jax.eval_shape(pets.make_train(args).init, jax.random.PRNGKey(0))
     assert state.model.weights[0].shape == (args.ensemble_size, 24, 8)
+    # What the fit regresses on (model_io): the reference's targ_proc, the next x-velocity itself
+    # (index 17) and every other entry as next - obs, from the preprocessed inputs; raw: deltas.
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(5), 3)
+    buffer = pets.Buffer.empty(7, 18, 6)._replace(obs=jax.random.normal(k1, (7, 18)), next_obs=jax.random.normal(k2, (7, 18)),
+                                                   action=jax.random.normal(k3, (7, 6)))
+    inputs, targets = (np.asarray(x) for x in pets.model_io(args, buffer))
+    delta = np.array(buffer.next_obs - buffer.obs)
+    if preprocess:
+        delta[:, 17] = np.asarray(buffer.next_obs[:, 17])
+    np.testing.assert_allclose(targets, delta, atol=1e-6)
+    np.testing.assert_allclose(inputs[:, -6:], buffer.action)
+    np.testing.assert_allclose(inputs[:, :-6], pets.task_transforms(args, 18)[0](buffer.obs), atol=1e-6)
 
 
 def _true_dynamics_episode(args, env, params, key, steps, start=lambda state: state):
