@@ -59,34 +59,49 @@ def _mapped(env):
 
 @functools.lru_cache(maxsize=None)
 def runner(env, horizon):
-    """(jitted `run`, a list that grows by one at each trace). `run(states, actions (B, horizon, A),
-    keys (B, horizon, 2), n, params)` -> (states after n steps, {output: (B, horizon, ...)}), the
-    outputs past step n zero; `final_obs` is the observation the step reached (before a reset)."""
+    """(`run`, a list that grows by one at each trace). `run(states, actions (B, horizon, A),
+    keys (B, horizon, 2), n, params, until_terminated=False)` -> (states after n steps, {output:
+    (B, horizon, ...)}), the outputs past step n zero; `final_obs` is the observation the step
+    reached (before a reset). With `until_terminated` (a traced flag: the same program) an env stops
+    after its first termination, its later outputs zero: the episode tests need no more, and the
+    MAPPED envs, stepped one after another, then take only their episode's steps."""
     traces = []
 
-    def one(state, actions, keys, n, params):
+    def one(state, actions, keys, n, params, until_terminated):
         traces.append(1)
         obs = jnp.zeros((horizon, env.obs_size))
         flag, value = jnp.zeros(horizon, bool), jnp.zeros(horizon)
         zeros = dict(obs=obs, next_obs=obs, final_obs=obs, reward=value, terminated=flag, truncated=flag,
                      reward_fn=value, termination_fn=flag)
 
-        def body(t, carry):
-            state, out = carry
+        def body(carry):
+            t, state, out, _ = carry
             obs, action = env.get_obs(state), actions[t]
             next_obs, state, reward, terminated, truncated, info = env.step(keys[t], state, action, params)
             final = info["final_observation"]
             row = dict(obs=obs, next_obs=next_obs, final_obs=final, reward=reward, terminated=terminated,
                        truncated=truncated, reward_fn=env.reward_fn(obs, action, final),
                        termination_fn=env.termination_fn(obs, action, final))
-            return state, {k: out[k].at[t].set(jnp.asarray(v, out[k].dtype)) for k, v in row.items()}
+            out = {k: out[k].at[t].set(jnp.asarray(v, out[k].dtype)) for k, v in row.items()}
+            return t + 1, state, out, until_terminated & jnp.asarray(terminated, bool)
 
-        return jax.lax.fori_loop(0, n, body, (state, zeros))
+        def going(carry):
+            t, _, _, stopped = carry
+            return (t < n) & ~stopped
+
+        _, state, out, _ = jax.lax.while_loop(going, body, (0, state, zeros, False))
+        return state, out
 
     if _mapped(env):
-        return jax.jit(lambda states, actions, keys, n, params: jax.lax.map(
-            lambda x: one(*x, n, params), (states, actions, keys)), compiler_options=FAST_COMPILE_PRESET), traces
-    return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None)), compiler_options=FAST_COMPILE_PRESET), traces
+        jitted = jax.jit(lambda states, actions, keys, n, params, until: jax.lax.map(
+            lambda x: one(*x, n, params, until), (states, actions, keys)), compiler_options=FAST_COMPILE_PRESET)
+    else:
+        jitted = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None, None)), compiler_options=FAST_COMPILE_PRESET)
+
+    def run(states, actions, keys, n, params, until_terminated=False):
+        return jitted(states, actions, keys, n, params, jnp.asarray(until_terminated))
+
+    return run, traces
 
 
 # XLA:CPU's fast-compile preset for `run`: measured alone on this CPU (benchmarks/probe_compile.py,

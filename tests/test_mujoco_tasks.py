@@ -169,7 +169,7 @@ HORIZON = {"hopper": 250, "walker2d": 200, "humanoid": 80, "inverted_pendulum": 
 @functools.lru_cache(maxsize=None)
 def our_episodes(task):
     """EPISODES of ours doing nothing, then EPISODES with uniform random actions, to HORIZON steps:
-    (lengths, returns), from the task's shared `run`."""
+    (lengths, returns), from the task's shared `run`, each env stepped to its first termination."""
     env, params = probe.env_of(task)[0], probe.params_of(probe.env_of(task)[0])
     horizon, steps = probe.GYM_HORIZON[task], HORIZON[task]
     assert 2 * EPISODES == probe.BATCH and steps <= horizon
@@ -178,7 +178,7 @@ def our_episodes(task):
     actions = scale * jax.random.uniform(jax.random.PRNGKey(8), (probe.BATCH, horizon, env.action_size),
                                          minval=-1.0, maxval=1.0)
     run, _ = probe.runner(env, horizon)
-    _, out = run(states, actions, probe.step_keys(jax.random.PRNGKey(9), horizon), steps, params)
+    _, out = run(states, actions, probe.step_keys(jax.random.PRNGKey(9), horizon), steps, params, until_terminated=True)
     terminated, reward = np.asarray(out["terminated"][:, :steps]), np.asarray(out["reward"][:, :steps])
     # An episode is the steps up to its first termination (the auto-reset starts another after it).
     lengths = np.where(terminated.any(1), terminated.argmax(1) + 1, steps)
