@@ -23,6 +23,10 @@ Fixed by the paper and its reference code (kchua/handful-of-trials, configs per 
 * CEM: 5 iterations, alpha 0.1, population/elites 400/40 or 500/50, a normal truncated at 2 std
   kept inside the action bounds, early stop when the largest variance < 1e-3, initial variance
   (ub - lb)^2 / 16, warm start shifted by one step; random shooting evaluates the same budget.
+* Other optimizers (`--optimizer`): iCEM (Pinneri et al. 2020, as their code: colored noise,
+  shrinking population, kept and shifted elites, the best sequence executed) and MPPI (as PDDM and
+  mbrl-lib: smoothed noise, exp-weighted mean), defaults from their code and mbrl-lib's configs;
+  `sequences_per_step` is each one's budget, to compare them at equal cost.
 * MPC replans every step; one random trial first, then one planned trial per iteration; planning
   horizon 25 (30 on halfcheetah).
 
@@ -65,7 +69,7 @@ if __name__ == "__main__":  # join a multi-process run before `import envs` star
 import envs  # noqa: E402
 
 PROPAGATIONS = ("ts-inf", "ts1", "expectation")
-OPTIMIZERS = ("cem", "random")
+OPTIMIZERS = ("cem", "icem", "mppi", "random")
 NONFINITE_RETURN = -1e6  # the reference replaces NaN costs by 1e6
 
 
@@ -141,7 +145,7 @@ class Args:
     num_particles: int = 20
     """P, particles per candidate action sequence (a multiple of --ensemble-size for ts-inf/ts1)"""
     optimizer: str = "cem"
-    """action-sequence optimizer: cem or random (shooting)"""
+    """action-sequence optimizer: cem (PETS'), icem (Pinneri et al. 2020), mppi (PDDM's / mbrl-lib's), random (shooting)"""
     horizon: int | None = None
     """planning horizon H in steps (preset: 25; 30 halfcheetah)"""
     population: int | None = None
@@ -149,11 +153,23 @@ class Args:
     num_elites: int | None = None
     """CEM elites (preset: 40; 50 pusher/halfcheetah)"""
     cem_iterations: int = 5
-    """CEM iterations per planning step (random shooting: batches of --population, the same budget)"""
+    """iterations per planning step of cem, icem and mppi (random shooting: batches of --population, the same budget)"""
     cem_alpha: float = 0.1
-    """CEM smoothing: new = alpha * old + (1 - alpha) * elite statistics"""
+    """CEM and iCEM smoothing: new = alpha * old + (1 - alpha) * elite statistics"""
     cem_epsilon: float = 1e-3
     """CEM stops early once its largest variance is below this"""
+    icem_decay: float = 1.25
+    """iCEM: the population shrinks by this factor per iteration, to at least 2 x --num-elites (the paper's 1.25)"""
+    icem_noise_beta: float | None = None
+    """iCEM: colored-noise exponent, power ~ 1/f^beta along the horizon (preset 0.25 halfcheetah, the paper's; 2 else, mbrl-lib's)"""
+    icem_keep_fraction: float = 0.3
+    """iCEM: share of the elites kept into the next iteration and shifted into the next step (the paper's 0.3)"""
+    mppi_gamma: float = 0.9
+    """MPPI: weights exp(gamma * (value - max value)) (mbrl-lib's halfcheetah config)"""
+    mppi_sigma: float = 1.0
+    """MPPI: std of the action noise, a normal truncated at 2 std (mbrl-lib's)"""
+    mppi_beta: float = 0.9
+    """MPPI: smoothing, u_t = beta (mean_t + noise_t) + (1 - beta) u_(t-1) (mbrl-lib's)"""
 
 
 PRESETS = {  # PETS' reference configuration per task (see the module docstring for the stand-ins)
@@ -163,9 +179,10 @@ PRESETS = {  # PETS' reference configuration per task (see the module docstring 
     "pendulum": dict(num_trials=15, episode_length=200, horizon=25, population=400, num_elites=40),
     "reacher": dict(num_trials=100, episode_length=50, horizon=25, population=400, num_elites=40),
     "pusher": dict(num_trials=100, episode_length=150, horizon=25, population=500, num_elites=50),
-    "halfcheetah": dict(num_trials=300, episode_length=1000, horizon=30, population=500, num_elites=50),
+    "halfcheetah": dict(num_trials=300, episode_length=1000, horizon=30, population=500, num_elites=50,
+                        icem_noise_beta=0.25),
 }
-DEFAULTS = dict(num_trials=100, horizon=25, population=400, num_elites=40, model_min_sgd_steps=0)  # + envs' episode length
+DEFAULTS = dict(num_trials=100, horizon=25, population=400, num_elites=40, model_min_sgd_steps=0, icem_noise_beta=2.0)  # + envs' episode length
 
 # The model's input and target per task (the reference's obs_preproc / targ_proc / obs_postproc),
 # indices into envs' observation: `angles` enter the model as (sin, cos), `dropped` do not enter
@@ -217,6 +234,15 @@ def resolve(args: Args) -> Args:
               f"--num-particles {args.num_particles} must be a multiple of --ensemble-size {args.ensemble_size} "
               f"for --propagation {args.propagation} (each member propagates P / B particles)")
     check(0.0 <= args.cem_alpha < 1.0, f"--cem-alpha must be in [0, 1), got {args.cem_alpha}")
+    if args.optimizer == "icem":
+        check(2 * args.num_elites <= args.population,
+              f"--optimizer icem needs --population >= 2 x --num-elites, got {args.population} and {args.num_elites}")
+    check(args.icem_decay >= 1.0, f"--icem-decay must be >= 1, got {args.icem_decay}")
+    check(args.icem_noise_beta >= 0.0, f"--icem-noise-beta must be >= 0, got {args.icem_noise_beta}")
+    check(0.0 <= args.icem_keep_fraction <= 1.0, f"--icem-keep-fraction must be in [0, 1], got {args.icem_keep_fraction}")
+    check(args.mppi_gamma > 0.0, f"--mppi-gamma must be positive, got {args.mppi_gamma}")
+    check(args.mppi_sigma > 0.0, f"--mppi-sigma must be positive, got {args.mppi_sigma}")
+    check(0.0 < args.mppi_beta <= 1.0, f"--mppi-beta must be in (0, 1], got {args.mppi_beta}")
     check(0.0 <= args.cem_epsilon < 0.25,  # 0.25 = CEM's initial variance (ub - lb)^2 / 16 for [-1, 1] actions
           f"--cem-epsilon must be in [0, 0.25) (below CEM's initial variance), got {args.cem_epsilon}")
     check(args.model_lr > 0.0, f"--model-lr must be positive, got {args.model_lr}")
@@ -394,6 +420,106 @@ def random_shooting(value_fn, shape, key, *, population, iterations, lower, uppe
     return best_seq, stats
 
 
+def colored_noise(key, beta, shape):
+    """Gaussian noise of unit variance whose power spectrum along axis -2 (the horizon) falls as
+    1 / f^beta (Timmer & Koenig 1995, the generator iCEM uses): beta 0 is white noise, larger beta
+    gives smoother action sequences. Frequencies below 1 / H get the power of 1 / H."""
+    *batch, horizon, action_size = shape
+    if horizon == 1:
+        return jax.random.normal(key, shape)
+    freqs = jnp.fft.rfftfreq(horizon)
+    scale = jnp.maximum(freqs, 1.0 / horizon) ** (-beta / 2.0)
+    # The output's std, to normalise it: the Nyquist term counts once when H is even.
+    weights = scale[1:].at[-1].multiply((1 + horizon % 2) / 2.0)
+    sigma = 2.0 * jnp.sqrt(jnp.sum(weights**2)) / horizon
+    real_key, imag_key = jax.random.split(key)
+    real = jax.random.normal(real_key, (*batch, action_size, freqs.size)) * scale
+    imag = jax.random.normal(imag_key, (*batch, action_size, freqs.size)) * scale
+    imag = imag.at[..., 0].set(0.0)  # the mean (f = 0) is real, and so is the Nyquist term
+    if horizon % 2 == 0:
+        imag = imag.at[..., -1].set(0.0)
+    noise = jnp.fft.irfft(real + 1j * imag, n=horizon, axis=-1) / sigma
+    return jnp.swapaxes(noise, -1, -2)
+
+
+def icem_sizes(population, num_elites, iterations, decay):
+    """iCEM's population per iteration: divided by `decay` each time, at least 2 x elites (as the paper's code)."""
+    sizes = [population]
+    for _ in range(iterations - 1):
+        sizes.append(max(2 * num_elites, int(sizes[-1] / decay)))
+    return sizes
+
+
+def icem(value_fn, plan_state, key, *, population, num_elites, iterations, alpha, decay, beta, lower, upper):
+    """iCEM (Pinneri et al. 2020, "Sample-efficient cross-entropy method for real-time planning"),
+    as their code: colored-noise samples clipped to the bounds (no truncation), a population
+    that shrinks every iteration, the best elites kept into the next iteration (with their values,
+    not re-evaluated), the last step's kept elites shifted by one step (a fresh last action) into
+    the first iteration, the mean as a sample in the last iteration, and the best sequence seen
+    executed (not the mean). `plan_state` = (mean (H, A), kept elites (K, H, A), whether they are
+    from a previous step). Returns (best sequence, stats, next plan_state)."""
+    mean, shifted, shifted_ok = plan_state
+    std = jnp.broadcast_to((upper - lower) / 4.0, mean.shape)  # as CEM's initial variance (ub - lb)^2 / 16
+    keep = shifted.shape[0]
+    kept = kept_values = None
+    best_seq, best = mean, jnp.float32(-jnp.inf)
+    for i, size in enumerate(icem_sizes(population, num_elites, iterations, decay)):  # shapes differ: unrolled
+        key, noise_key, end_key, value_key = jax.random.split(key, 4)
+        samples = jnp.clip(mean + std * colored_noise(noise_key, beta, (size, *mean.shape)), lower, upper)
+        if i == iterations - 1:
+            samples = samples.at[0].set(mean)
+        if i == 0:  # last step's elites, one step later, with a last action drawn from the new distribution
+            end = jnp.clip(mean[-1] + std[-1] * jax.random.normal(end_key, (keep, mean.shape[-1])), lower, upper)
+            samples = jnp.concatenate([samples, jnp.concatenate([shifted[:, 1:], end[:, None]], 1)])
+            values = value_fn(samples, value_key)
+            values = values.at[size:].set(jnp.where(shifted_ok, values[size:], -jnp.inf))
+        else:
+            values = jnp.concatenate([value_fn(samples, value_key), kept_values])
+            samples = jnp.concatenate([samples, kept])
+        elite_values, elite_index = jax.lax.top_k(values, num_elites)
+        elites = samples[elite_index]
+        mean = alpha * mean + (1 - alpha) * jnp.mean(elites, 0)
+        std = alpha * std + (1 - alpha) * jnp.std(elites, 0)
+        kept, kept_values = elites[:keep], elite_values[:keep]
+        better = elite_values[0] > best
+        best_seq, best = jnp.where(better, elites[0], best_seq), jnp.maximum(best, elite_values[0])
+    stats = {"plan/best_value": best, "plan/mean_value": jnp.mean(values), "plan/iterations": jnp.int32(iterations),
+             "plan/final_std": jnp.mean(std)}
+    next_mean = jnp.concatenate([mean[1:], mean[-1:]])  # shifted; the last step repeated, as their code
+    return best_seq, stats, (next_mean, kept, jnp.bool_(True))
+
+
+def mppi(value_fn, plan_state, key, *, population, iterations, gamma, sigma, beta, lower, upper):
+    """MPPI as PDDM (Nagabandi et al. 2019) and mbrl-lib's MPPIOptimizer: `iterations` refinements,
+    each sampling sequences u_t = beta (mean_t + noise_t) + (1 - beta) u_(t-1), u_(-1) the last
+    executed action, noise ~ sigma x a normal truncated at 2 std, clipped to the bounds; the new
+    mean is their average weighted by exp(gamma (value - max value)). `plan_state` = (mean (H, A),
+    last action (A,)). Returns (mean, stats, next plan_state): the mean's first action is executed."""
+    mean, last_action = plan_state
+
+    def refine(carry, key):
+        mean, best = carry
+        noise_key, value_key = jax.random.split(key)
+        noisy = mean + sigma * jax.random.truncated_normal(noise_key, -2.0, 2.0, (population, *mean.shape))
+
+        def smooth(previous, noisy_t):
+            u = beta * noisy_t + (1 - beta) * previous
+            return u, u
+
+        _, samples = jax.lax.scan(smooth, jnp.broadcast_to(last_action, (population, mean.shape[-1])),
+                                  jnp.swapaxes(noisy, 0, 1))
+        samples = jnp.clip(jnp.swapaxes(samples, 0, 1), lower, upper)
+        values = value_fn(samples, value_key)
+        weights = jnp.exp(gamma * (values - jnp.max(values)))
+        mean = jnp.einsum("n,nha->ha", weights, samples) / (jnp.sum(weights) + 1e-10)
+        return (mean, jnp.maximum(best, jnp.max(values))), (jnp.mean(values), jnp.mean(jnp.std(samples, 0)))
+
+    (mean, best), (mean_values, stds) = jax.lax.scan(refine, (mean, jnp.float32(-jnp.inf)), jax.random.split(key, iterations))
+    stats = {"plan/best_value": best, "plan/mean_value": mean_values[-1], "plan/iterations": jnp.int32(iterations),
+             "plan/final_std": stds[-1]}
+    return mean, stats, (jnp.concatenate([mean[1:], mean[-1:]]), mean[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # What the phases derive from the arguments and the task
 def action_bounds(env, env_params):
@@ -407,6 +533,29 @@ def action_bounds(env, env_params):
 def task_transforms(args, obs_size):
     """The model's (preprocess, target, postprocess) for this task (`--no-preprocess`: raw)."""
     return transforms(PREPROCESS.get(args.env_id, {}) if args.preprocess else {}, obs_size)
+
+
+def init_plan(args, env, env_params):
+    """What the planner carries from one step to the next, at an episode's start: the warm start
+    (H, A) at the middle of the action box; iCEM adds its kept elites (none valid yet), MPPI the
+    last action."""
+    middle = action_bounds(env, env_params)[2]
+    mean = jnp.broadcast_to(middle, (args.horizon, env.action_size))
+    if args.optimizer == "icem":
+        keep = int(args.icem_keep_fraction * args.num_elites)  # rounded down, as their code
+        return mean, jnp.broadcast_to(mean, (keep, *mean.shape)), jnp.bool_(False)
+    if args.optimizer == "mppi":
+        return mean, middle
+    return mean
+
+
+def sequences_per_step(args):
+    """Action sequences a planning step evaluates at most (each through `particles(args)` particles
+    for the horizon): the budget to compare optimizers at."""
+    if args.optimizer == "icem":
+        return (sum(icem_sizes(args.population, args.num_elites, args.cem_iterations, args.icem_decay))
+                + int(args.icem_keep_fraction * args.num_elites))
+    return args.population * args.cem_iterations
 
 
 def particles(args):
@@ -438,11 +587,11 @@ def episode(args, env, env_params, runner, random_actions, key):
     """One trial in the real env until termination or the time limit: random actions, or MPC
     with the runner's model. Adds every transition (with the true next observation) to the
     buffer; `random_actions` must be unbatched (a real branch under vmap)."""
-    lower, upper, middle = action_bounds(env, env_params)
+    lower, upper, _ = action_bounds(env, env_params)
     preprocess, _, postprocess = task_transforms(args, env.obs_size)
     reset_key, key = jax.random.split(key)
     obs, env_state = env.reset(reset_key, env_params)
-    plan_mean = jnp.broadcast_to(middle, (args.horizon, env.action_size))
+    plan_mean = init_plan(args, env, env_params)
 
     def act(obs, plan_mean, key):
         def mpc_branch():
@@ -603,9 +752,21 @@ def model_value(args, env, model, obs, action_seqs, key):
 
 
 def plan(args, env, env_params, value_fn, plan_mean, key):
-    """MPC: optimize the action sequence (warm-started from `plan_mean`), return its first
-    action and the next warm start (shifted one step, the new last step at the middle)."""
+    """MPC: optimize the action sequence (warm-started from `plan_mean`, what `init_plan` gives
+    and `plan` returns), return its first action and the next warm start (CEM, random shooting:
+    shifted one step, the new last step at the middle; iCEM and MPPI: their own)."""
     lower, upper, middle = action_bounds(env, env_params)
+    if args.optimizer == "icem":
+        solution, stats, next_plan = icem(value_fn, plan_mean, key, population=args.population,
+                                          num_elites=args.num_elites, iterations=args.cem_iterations,
+                                          alpha=args.cem_alpha, decay=args.icem_decay, beta=args.icem_noise_beta,
+                                          lower=lower, upper=upper)
+        return solution[0], next_plan, stats
+    if args.optimizer == "mppi":
+        solution, stats, next_plan = mppi(value_fn, plan_mean, key, population=args.population,
+                                          iterations=args.cem_iterations, gamma=args.mppi_gamma,
+                                          sigma=args.mppi_sigma, beta=args.mppi_beta, lower=lower, upper=upper)
+        return solution[0], next_plan, stats
     if args.optimizer == "cem":
         solution, stats = cem(value_fn, plan_mean, key, population=args.population, num_elites=args.num_elites,
                               iterations=args.cem_iterations, alpha=args.cem_alpha, epsilon=args.cem_epsilon,
@@ -699,13 +860,12 @@ def render_saved(path):
     args, trainer, state, _ = utils.load_saved(path, Args, make_train, seed_keys)
     model = utils.first_seed(state.model)
     env, env_params = make_env(args)
-    middle = jnp.broadcast_to(action_bounds(env, env_params)[2], (args.horizon, env.action_size))
 
     def policy(obs, plan_mean, key):  # the planner's warm start is the carried state
         action, plan_mean, _ = plan(args, env, env_params, partial(model_value, args, env, model, obs), plan_mean, key)
         return action, plan_mean
 
-    file, total = envs.render_episode(env, policy, middle, jax.random.PRNGKey(args.seed), path)
+    file, total = envs.render_episode(env, policy, init_plan(args, env, env_params), jax.random.PRNGKey(args.seed), path)
     print(json.dumps({"render": str(file), "episode_return": total}))
 
 

@@ -141,6 +141,131 @@ def test_random_shooting_returns_the_best_of_its_budget():
     assert np.all(np.abs(np.asarray(best)) <= 1.0)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.25, 2.0])
+def test_colored_noise_has_the_power_law_spectrum_of_its_exponent(beta):
+    """iCEM's samples: the mean periodogram along the horizon falls as 1 / f^beta (log-log slope
+    -beta over the frequencies 1/H .. 1/2 - 1/H), and the variance is the generator's (1 with
+    the f = 0 term left out of the normalisation, as Timmer & Koenig's code: 1.02 for white
+    noise at H = 30, 1.16 for beta 2)."""
+    horizon = 30
+    noise = np.asarray(pets.colored_noise(jax.random.PRNGKey(0), beta, (4000, horizon, 2)), np.float64)
+    power = np.mean(np.abs(np.fft.rfft(noise, axis=1)) ** 2, axis=(0, 2))
+    k = np.arange(1, horizon // 2)
+    slope = np.polyfit(np.log(k), np.log(power[k]), 1)[0]
+    assert abs(slope + beta) < 0.1, slope
+    s = np.maximum(np.fft.rfftfreq(horizon), 1 / horizon) ** (-beta / 2)
+    dc_share = s[0] ** 2 / (4 * np.sum(s[1:-1] ** 2) + s[-1] ** 2)
+    np.testing.assert_allclose(noise.var(), 1 + dc_share, rtol=0.03)
+
+
+def _recording(value_fn, log):
+    def value(seqs, key):
+        values = value_fn(seqs, key)
+        jax.debug.callback(lambda s, v: log.append((np.asarray(s), np.asarray(v))), seqs, values)
+        return values
+    return value
+
+
+def _icem(value, state, key, **overrides):
+    kw = dict(population=200, num_elites=20, iterations=10, alpha=0.1, decay=1.25, beta=0.0, lower=LOWER, upper=UPPER)
+    return jax.jit(lambda key: pets.icem(value, state, key, **{**kw, **overrides}))(key)
+
+
+def _icem_state(horizon, keep, elites=None):
+    mean = jnp.zeros((horizon, 2))
+    if elites is None:
+        return mean, jnp.zeros((keep, horizon, 2)), jnp.bool_(False)
+    return mean, elites, jnp.bool_(True)
+
+
+def test_icem_finds_the_optimum_of_a_quadratic_with_a_shrinking_population():
+    """A known optimum inside the bounds; the population per iteration is the paper's schedule
+    (200, 160, 128, 102, 81, 64, 51, then 40: / 1.25, at least 2 elites' worth), plus the 6
+    shifted elites in the first; the kept elites are not evaluated again."""
+    target = jax.random.uniform(jax.random.PRNGKey(0), (6, 2), minval=-0.8, maxval=0.8)
+    log = []
+    best, stats, (next_mean, kept, ok) = _icem(_recording(_quadratic(target), log), _icem_state(6, 6),
+                                               jax.random.PRNGKey(1), iterations=20)
+    assert [len(v) for _, v in log] == [206, 160, 128, 102, 81, 64, 51] + [40] * 13
+    np.testing.assert_allclose(best, target, atol=0.03)
+    assert float(stats["plan/best_value"]) > -0.002 and kept.shape == (6, 6, 2) and bool(ok)
+    assert np.array_equal(next_mean[-1], next_mean[-2])  # shifted, the last step repeated
+
+
+def test_icem_replays_their_update_executes_the_best_sequence_and_tries_the_mean_last():
+    """Against the iCEM code (martius-lab/iCEM, controllers/icem.py) replayed in numpy on the
+    samples it drew and their values: elites by value among the new samples and the kept ones,
+    mean and std smoothed by alpha, the best 30% of the elites kept with their values; the last
+    iteration's first sample is the mean; the executed sequence is the best of all evaluated,
+    not the mean."""
+    target = jnp.full((5, 2), 0.4)
+    log = []
+    alpha, elites, keep = 0.1, 10, 3
+    best, stats, (next_mean, kept, _) = _icem(_recording(_quadratic(target), log), _icem_state(5, keep),
+                                              jax.random.PRNGKey(2), population=40, num_elites=elites,
+                                              iterations=4, beta=2.0, alpha=alpha)
+    mean, kept_samples, kept_values = np.zeros((5, 2)), None, None
+    for i, (samples, values) in enumerate(log):
+        if i == len(log) - 1:
+            np.testing.assert_allclose(samples[0], mean, atol=1e-5)
+        if i == 0:
+            values = np.where(np.arange(len(values)) < 40, values, -np.inf)  # no previous step's elites yet
+        else:
+            samples, values = np.concatenate([samples, kept_samples]), np.concatenate([values, kept_values])
+        order = np.argsort(-values, kind="stable")[:elites]
+        mean = alpha * mean + (1 - alpha) * samples[order].mean(0)
+        kept_samples, kept_values = samples[order[:keep]], values[order[:keep]]
+    np.testing.assert_allclose(next_mean[:-1], mean[1:], atol=1e-5)
+    np.testing.assert_allclose(kept, kept_samples, atol=1e-6)
+    every = np.concatenate([s for s, _ in log]), np.concatenate([v for _, v in log])
+    np.testing.assert_allclose(best, every[0][np.argmax(every[1])])
+    assert float(stats["plan/best_value"]) == every[1].max()
+
+
+def test_icem_evaluates_the_last_steps_elites_one_step_later():
+    """A value whose optimum is the previous step's elite shifted by one step (any last action):
+    the shifted elite is evaluated in the first iteration and found; not when no previous step
+    has elites (an episode's first step), nor with the mutant that does not shift."""
+    elite = jax.random.uniform(jax.random.PRNGKey(3), (1, 8, 2), minval=-0.9, maxval=0.9)
+    value = lambda seqs, key: -jnp.sum((seqs[:, :-1] - elite[0, 1:]) ** 2, axis=(1, 2))
+    kw = dict(population=4, num_elites=2, iterations=1)
+    best, stats, _ = _icem(value, _icem_state(8, 1, elite), jax.random.PRNGKey(4), **kw)
+    assert float(stats["plan/best_value"]) > -1e-10
+    np.testing.assert_allclose(best[:-1], elite[0, 1:])
+    _, stats, _ = _icem(value, _icem_state(8, 1), jax.random.PRNGKey(4), **kw)
+    assert float(stats["plan/best_value"]) < -0.5
+
+
+def test_mppi_replays_the_references_update_and_finds_a_quadratics_optimum():
+    """Against mbrl-lib's MPPIOptimizer replayed in numpy: each new mean is the average of the
+    iteration's samples weighted by exp(gamma (value - max)); with (almost) no noise the samples
+    are the smoothed mean u_t = beta mean_t + (1 - beta) u_(t-1), from the last action. Then with
+    noise, a sharp gamma and no smoothing (beta 1: smoothing biases each step towards the one
+    before) it reaches a known optimum inside the bounds."""
+    target = jnp.linspace(-0.5, 0.5, 12).reshape(6, 2)
+    start = (jnp.full((6, 2), 0.2), jnp.array([0.9, -0.9]))
+    log = []
+    mean, stats, (next_mean, last) = jax.jit(lambda key: pets.mppi(
+        _recording(_quadratic(target), log), start, key, population=64, iterations=3, gamma=2.0, sigma=1e-6,
+        beta=0.7, lower=LOWER, upper=UPPER))(jax.random.PRNGKey(5))
+    ref_mean = np.asarray(start[0], np.float64)
+    for samples, values in log:
+        u, smoothed = np.asarray(start[1], np.float64), []
+        for t in range(6):
+            u = 0.7 * ref_mean[t] + 0.3 * u
+            smoothed.append(u)
+        np.testing.assert_allclose(samples, np.broadcast_to(smoothed, samples.shape), atol=1e-5)
+        w = np.exp(2.0 * (values - values.max()))
+        ref_mean = np.einsum("n,nha->ha", w, samples) / w.sum()
+    np.testing.assert_allclose(mean, ref_mean, atol=1e-5)
+    np.testing.assert_allclose(next_mean[:-1], mean[1:])
+    np.testing.assert_allclose(last, mean[0])
+    mean, _, _ = jax.jit(lambda key: pets.mppi(_quadratic(target), (jnp.zeros((6, 2)), jnp.zeros(2)), key,
+                                               population=300, iterations=20, gamma=20.0, sigma=0.1, beta=1.0,
+                                               lower=LOWER, upper=UPPER))(jax.random.PRNGKey(6))
+    np.testing.assert_allclose(mean, target, atol=0.05)
+
+
 def test_plan_executes_the_first_step_and_warm_starts_from_the_shifted_solution():
     args, _, env, params = _trainer()
     target = jax.random.uniform(jax.random.PRNGKey(3), (args.horizon, 1), minval=-0.5, maxval=0.5)
@@ -397,7 +522,7 @@ def _true_dynamics_episode(args, env, params, key, steps, start=lambda state: st
             obs, state, reward, terminated, _ = env.step_env(step_key, state, action, params)
             return (state, plan_mean), (terminated, obs)
 
-        init = (state, jnp.zeros((args.horizon, env.action_size)))
+        init = (state, pets.init_plan(args, env, params))
         return jax.lax.scan(step, init, jax.random.split(key, steps))[1]
 
     return map(np.asarray, episode(key))
@@ -411,11 +536,12 @@ def test_planner_with_the_true_dynamics_balances_inverted_pendulum():
     assert not np.any(terminated) and np.max(np.abs(obs[:, 1])) < 0.2
 
 
-def test_planner_with_the_true_dynamics_swings_up_pendulum():
-    """The pendulum curve's planner (50 candidates, H = 25, 5 iterations) with the real env as its
-    model swings the pole up from hanging at rest (several swings: the torque is too weak to lift
-    it) and holds it (angle 0 is up)."""
-    args = tiny_args(env_id="pendulum", population=50, num_elites=5, horizon=25, cem_iterations=5)
+@pytest.mark.parametrize("optimizer", pets.OPTIMIZERS)
+def test_planner_with_the_true_dynamics_swings_up_pendulum(optimizer):
+    """The pendulum curve's planner (50 candidates, H = 25, 5 iterations; each optimizer) with the
+    real env as its model swings the pole up from hanging at rest (several swings: the torque is
+    too weak to lift it) and holds it (angle 0 is up)."""
+    args = tiny_args(env_id="pendulum", population=50, num_elites=5, horizon=25, cem_iterations=5, optimizer=optimizer)
     env, params = pets.envs.make("pendulum")
     hanging = lambda state: state.replace(theta=jnp.float32(np.pi - 0.01), theta_dot=jnp.float32(0.0))
     _, obs = _true_dynamics_episode(args, env, params, jax.random.PRNGKey(0), 200, start=hanging)
@@ -506,6 +632,22 @@ def test_killed_run_resumes_to_identical_results(reference, tmp_path, monkeypatc
                                   reference[1].drop(columns="charts/steps_per_second"))
 
 
+@pytest.mark.parametrize("optimizer", ["icem", "mppi"])
+def test_icem_and_mppi_plan_every_step_of_a_run_with_the_learned_model(tmp_path, optimizer):
+    """The whole loop with the other optimizers (their carried state through the trial's scan and
+    the random first trial's branch) on a tiny pendulum run: every planned step ran all its
+    iterations and every value is finite; MPPI's sampling spread is its sigma's, iCEM's shrinks."""
+    args = dataclasses.replace(tiny_args(env_id="pendulum", optimizer=optimizer, num_trials=2, episode_length=30,
+                                         horizon=8, population=20, num_elites=4, num_particles=5),
+                               run_dir=str(tmp_path))
+    run_dir, _ = pets.run(args)
+    df = pd.read_csv(run_dir.path / "metrics.csv")
+    planned = df[df.trial > 0]
+    assert (planned["plan/iterations"] == args.cem_iterations).all()
+    assert np.isfinite(planned[["plan/best_value", "plan/mean_value", "charts/trial_return", "model/train_mse"]]).all().all()
+    assert (planned["plan/final_std"] < 0.5).all() if optimizer == "icem" else (planned["plan/final_std"] > 0.3).all()
+
+
 def test_bad_arguments_fail_before_compiling():
     for overrides, message in [
         (dict(env_id="Hopper-v4"), "unknown env"),
@@ -525,6 +667,13 @@ def test_bad_arguments_fail_before_compiling():
         (dict(backend="nope"), "unknown backend"),
         (dict(min_input_std=-1.0), "--min-input-std must be >= 0"),
         (dict(model_min_sgd_steps=-1), "--model-min-sgd-steps must be >= 0"),
+        (dict(optimizer="icem", num_elites=30), "--optimizer icem needs --population >= 2 x --num-elites"),
+        (dict(icem_decay=0.9), "--icem-decay must be >= 1"),
+        (dict(icem_noise_beta=-1.0), "--icem-noise-beta must be >= 0"),
+        (dict(icem_keep_fraction=1.5), "--icem-keep-fraction must be in"),
+        (dict(mppi_gamma=0.0), "--mppi-gamma must be positive"),
+        (dict(mppi_sigma=-1.0), "--mppi-sigma must be positive"),
+        (dict(mppi_beta=0.0), "--mppi-beta must be in"),
     ]:
         with pytest.raises(SystemExit, match=message):
             tiny_args(**overrides)
