@@ -64,7 +64,8 @@ def store_row(args, row):
     rows = _read() if ORACLE_FILE.exists() else pd.DataFrame(columns=[*KEY, *row])
     rows = rows[~np.all([rows[k] == v for k, v in key.items()], axis=0)]
     new = pd.DataFrame([{**key, **row}])
-    pd.concat([rows, new] if len(rows) else [new]).sort_values(KEY).to_csv(ORACLE_FILE, index=False)
+    rows = pd.concat([rows, new] if len(rows) else [new]).sort_values(KEY)
+    rows[[*KEY, *[c for c in rows if c not in KEY]]].to_csv(ORACLE_FILE, index=False)
 
 
 def true_dynamics_returns(args, keys):
