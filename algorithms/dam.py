@@ -42,8 +42,12 @@ Choices where the paper is silent (the measurements behind them: benchmarks/READ
 * Models predict the normalized s' - s from the normalized state and a one-hot action, scales
   `min_std` + softplus; a dimension whose std is below `min_input_std` (1e-2) is not scaled.
   The discriminator sees (normalized s, one-hot a, normalized s' - s).
-* `disc/ratio_on_model_samples` = E_q[exp(logit)], 1 for a calibrated ratio; `--self-normalize`
-  (off: Eq. 4 as written) weights each step's rewards by w / sum_p w over the particles.
+* The discriminator holds out `disc_holdout` (20%) of the episodes at every fit and keeps the
+  parameters with the lowest held-out loss (early stopping; trained on all data for 1000 steps it
+  called a third of held-out real transitions fake). `disc/holdout_ratio_real` = E_p[exp(-logit)]
+  and `disc/holdout_ratio_model` = E_q[exp(logit)] on held-out data, both 1 for a calibrated ratio;
+  `disc/ratio_on_model_samples` is the second on training batches. `--self-normalize` (off: Eq. 4
+  as written) weights each step's rewards by w / sum_p w over the particles.
 * `--model true` samples p(s'|s, a) from an observation through `env.state_from_obs` (hidden
   variables drawn given it) and one `step_env`.
 * Network sizes, learning rates, step counts, K, H, particles and the random data are not given;
@@ -166,6 +170,12 @@ class Args:
     disc_batch_size: int = 256
     disc_train_steps: int = 1000
     """Adam steps per fit (from fresh parameters every round, Alg. 2)"""
+    disc_holdout: float = 0.2
+    """share of the stored episodes (at least one) held out of each discriminator fit: the fit keeps the parameters with the lowest held-out loss (early stopping) and reports its held-out calibration (disc/holdout_*); 0: every episode trained on, the last parameters kept (the paper gives no details)"""
+    disc_eval_every: int = 50
+    """Adam steps between held-out evaluations (a divisor of --disc-train-steps)"""
+    disc_holdout_batch: int = 1024
+    """held-out transitions per evaluation, drawn once per fit from the held-out episodes, each with one model sample"""
 
 
 PRESETS = {
@@ -193,6 +203,12 @@ def resolve(args: Args) -> Args:
     check(args.model != "true" or args.method == "baseline",
           "--model true plans with the env's own dynamics (nothing to correct): use --method baseline")
     check(args.min_input_std >= 0, f"--min-input-std must be >= 0, got {args.min_input_std}")
+    check(0 <= args.disc_holdout < 1, f"--disc-holdout must be in [0, 1), got {args.disc_holdout}")
+    check(args.disc_eval_every > 0 and args.disc_train_steps % args.disc_eval_every == 0,
+          f"--disc-eval-every must be a positive divisor of --disc-train-steps {args.disc_train_steps}, got {args.disc_eval_every}")
+    check(args.disc_holdout_batch > 0, f"--disc-holdout-batch must be positive, got {args.disc_holdout_batch}")
+    check(args.disc_holdout == 0 or args.method not in ("disc", "dam") or args.init_episodes >= 2,
+          "--disc-holdout needs --init-episodes >= 2 (one to train the first discriminator on, one to hold out)")
     return args
 
 
@@ -242,10 +258,14 @@ class Dataset(NamedTuple):
         new = [jax.lax.dynamic_update_slice_in_dim(x, y, self.size, axis=0) for x, y in zip(self[:4], episodes)]
         return Dataset(*new, self.size + n)
 
-    def sample(self, key, n):
-        """n transitions uniformly from the stored episodes: (obs, action, next_obs, episode index)."""
+    def sample(self, key, n, episodes=None):
+        """n transitions uniformly from the stored episodes, or from those where the mask `episodes`
+        (E,) is true: (obs, action, next_obs, episode index)."""
         episode_key, step_key = jax.random.split(key)
-        e = jax.random.randint(episode_key, (n,), 0, self.size)
+        if episodes is None:
+            e = jax.random.randint(episode_key, (n,), 0, self.size)
+        else:
+            e = jax.random.categorical(episode_key, jnp.where(episodes, 0.0, -jnp.inf), shape=(n,))
         t = jax.random.randint(step_key, (n,), 0, self.obs.shape[1])
         return self.obs[e, t], self.action[e, t], self.next_obs[e, t], e
 
@@ -388,32 +408,78 @@ def disc_logit(disc, norm, obs, action, next_obs):
     return disc(x)[..., 0]
 
 
+def holdout_episodes(args, data, key):
+    """Mask (E,) of the episodes held out of a discriminator fit: a random `disc_holdout` share of
+    the stored ones, at least one, and at least one left to train on."""
+    capacity = data.obs.shape[0]
+    stored = jnp.arange(capacity) < data.size
+    count = jnp.clip(jnp.floor(args.disc_holdout * data.size).astype(jnp.int32), 1, data.size - 1)
+    rank = jnp.argsort(jnp.argsort(jnp.where(stored, jax.random.uniform(key, (capacity,)), 2.0)))
+    return stored & (rank < count)
+
+
+def disc_scores(disc, norm, obs, action, real, fake):
+    """Alg. 2's loss (-log D on real, -log(1 - D) on model samples), accuracy, and the two
+    calibration checks: E_p[exp(-logit)] = E_p[q/p] and E_q[exp(logit)] = E_q[p/q], both 1 for a
+    calibrated density ratio (a large one means the ratio is wrong where the other side has mass)."""
+    real_logit, fake_logit = disc_logit(disc, norm, obs, action, real), disc_logit(disc, norm, obs, action, fake)
+    loss = jnp.mean(jax.nn.softplus(-real_logit)) + jnp.mean(jax.nn.softplus(fake_logit))
+    accuracy = 0.5 * (jnp.mean(real_logit > 0) + jnp.mean(fake_logit < 0))
+    ratio_real, ratio_model = (jnp.mean(jnp.exp(jnp.minimum(x, 30.0))) for x in (-real_logit, fake_logit))
+    return loss, (accuracy, ratio_real, ratio_model)
+
+
 def fit_discriminator(args, data, norm, sample_fake, key):
-    """Real (s, a, s') -> 1, (s, a, s'~sample_fake(s, a)) at the same real (s, a) -> 0."""
+    """Real (s, a, s') -> 1, (s, a, s'~sample_fake(s, a)) at the same real (s, a) -> 0. With
+    `disc_holdout`, on the episodes not held out, keeping the parameters whose held-out loss is
+    lowest (evaluated every `disc_eval_every` steps on one held-out batch)."""
     init_key, key = jax.random.split(key)
     disc = new_discriminator(args, init_key, data.obs.shape[-1])
     optimizer = optax.adam(args.disc_lr)
-
-    def loss_fn(disc, obs, action, real, fake):
-        real_logit, fake_logit = disc_logit(disc, norm, obs, action, real), disc_logit(disc, norm, obs, action, fake)
-        loss = jnp.mean(jax.nn.softplus(-real_logit)) + jnp.mean(jax.nn.softplus(fake_logit))  # -log D - log(1-D)
-        accuracy = 0.5 * (jnp.mean(real_logit > 0) + jnp.mean(fake_logit < 0))
-        # Calibration: E_q[exp(logit)] = E_q[p/q] = 1 for a calibrated density ratio.
-        return loss, (accuracy, jnp.mean(jnp.exp(jnp.minimum(fake_logit, 30.0))))
+    held_out, train_on = None, None
+    if args.disc_holdout > 0:
+        key, split_key, batch_key, fake_key = jax.random.split(key, 4)
+        held_out = holdout_episodes(args, data, split_key)
+        train_on = (jnp.arange(held_out.size) < data.size) & ~held_out
+        obs, action, real, _ = data.sample(batch_key, args.disc_holdout_batch, held_out)
+        held_batch = (obs, action, real, sample_fake(obs, action, fake_key))
 
     def sgd_step(carry, key):
         disc, opt_state = carry
         batch_key, fake_key = jax.random.split(key)
-        obs, action, real, _ = data.sample(batch_key, args.disc_batch_size)
+        obs, action, real, _ = data.sample(batch_key, args.disc_batch_size, train_on)
         fake = jax.lax.stop_gradient(sample_fake(obs, action, fake_key))
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(disc, obs, action, real, fake)
+        (loss, (accuracy, _, ratio)), grads = jax.value_and_grad(disc_scores, has_aux=True)(disc, norm, obs, action,
+                                                                                          real, fake)
         updates, opt_state = optimizer.update(grads, opt_state)
-        return (optax.apply_updates(disc, updates), opt_state), (loss, *aux)
+        return (optax.apply_updates(disc, updates), opt_state), (loss, accuracy, ratio)
 
-    (disc, _), (losses, accuracies, ratios) = jax.lax.scan(sgd_step, (disc, optimizer.init(disc)),
-                                                           jax.random.split(key, args.disc_train_steps))
+    keys = jax.random.split(key, args.disc_train_steps)
+    if held_out is None:
+        (disc, _), (losses, accuracies, ratios) = jax.lax.scan(sgd_step, (disc, optimizer.init(disc)), keys)
+        held_metrics = {}
+    else:
+        def block(carry, keys):  # `disc_eval_every` steps, then the held-out loss: keep the best
+            disc, opt_state, best, best_loss, best_step, step = carry
+            (disc, opt_state), stats = jax.lax.scan(sgd_step, (disc, opt_state), keys)
+            step = step + keys.shape[0]
+            loss = disc_scores(disc, norm, *held_batch)[0]
+            better = loss < best_loss
+            best = jax.tree.map(lambda new, old: jnp.where(better, new, old), disc, best)
+            return (disc, opt_state, best, jnp.where(better, loss, best_loss), jnp.where(better, step, best_step),
+                    step), stats
+
+        init = (disc, optimizer.init(disc), disc, jnp.float32(jnp.inf), jnp.int32(0), jnp.int32(0))
+        blocks = keys.reshape(-1, args.disc_eval_every, *keys.shape[1:])
+        (_, _, disc, _, best_step, _), stats = jax.lax.scan(block, init, blocks)
+        losses, accuracies, ratios = (x.reshape(-1) for x in stats)
+        loss, (accuracy, ratio_real, ratio_model) = disc_scores(disc, norm, *held_batch)
+        held_metrics = {"disc/holdout_loss": loss, "disc/holdout_accuracy": accuracy,
+                        "disc/holdout_ratio_real": ratio_real, "disc/holdout_ratio_model": ratio_model,
+                        "disc/best_step": best_step}
+    # In-sample (the last 100 training batches): optimistic; the held-out metrics are the check.
     return disc, {"disc/loss": jnp.mean(losses[-100:]), "disc/accuracy": jnp.mean(accuracies[-100:]),
-                  "disc/ratio_on_model_samples": jnp.mean(ratios[-100:])}
+                  "disc/ratio_on_model_samples": jnp.mean(ratios[-100:]), **held_metrics}
 
 
 # --- PLAN (Alg. 1 ESTIMATEVALUE, Alg. 3 RSPLANNER) -------------------------------------------
