@@ -21,6 +21,12 @@ Lines, each starting from the least-squares model unless it says "scratch":
   through s_hat_2 (a semi-gradient), which is what separates it from `best in class`.
 * `Algorithm 1` (tdml.py's own chunk: a learned critic, kappa, d, targets) and `one-step`
   (tdml.py, Eq. 1), from the least-squares model and from scratch, several seeds.
+
+Along every Algorithm 1 run, the learned critic against the exact tail it stands for
+(results/tdml/oracle_critic.{csv,md}): D_psi(s, s) on the held-out starts against the exact true
+TDML of the current model theta and of the target model theta' (what its TD targets are built
+from), and D_psi(s_2, s_hat_2) on the buffer's states, where Eq. 9 reads it, against the exact
+sum_n gamma^n ||f^n(s_2) - f_theta^n(s_hat_2)||^2: ratio of means and correlation.
 """
 
 import argparse
@@ -178,6 +184,24 @@ def main():
         tail = jnp.sum(discount * jnp.sum((real_from_s2 - predicted) ** 2, -1), 0)
         return jnp.mean(jnp.sum((s1 - hat[1]) ** 2, -1) + GAMMA * tail)
 
+    @jax.jit
+    def critic_check(runner):
+        """The learned critic against the exact quantities it stands for (see the docstring)."""
+        theta, target = theta_of(runner.model), theta_of(runner.target_model)
+        at_start = jax.vmap(runner.critic)(starts, starts)
+        hat2 = closed_loop_linear(theta, s0, 2)[2]
+        predicted = closed_loop_linear(theta, hat2, HORIZON - 2)
+        discount = GAMMA ** jnp.arange(HORIZON - 1)[:, None]
+        tail = jnp.sum(discount * jnp.sum((real_from_s2 - predicted) ** 2, -1), 0)
+        return at_start, tdml_from(theta, real), tdml_from(target, real), jax.vmap(runner.critic)(s2, hat2), tail
+
+    def critic_row(runner):
+        at_start, exact, exact_target, at_eq9, tail = (np.asarray(x, np.float64) for x in critic_check(runner))
+        return dict(critic_at_start=at_start.mean(), exact_tdml=exact.mean(), exact_tdml_target=exact_target.mean(),
+                    corr_at_start=np.corrcoef(at_start, exact)[0, 1], critic_eq9=at_eq9.mean(), exact_eq9=tail.mean(),
+                    corr_eq9=np.corrcoef(at_eq9, tail)[0, 1])
+
+    critic_rows = []
     _, curve = descend(ls, eq9_exact_critic, cli.model_steps, cli.lr, evaluate, 50)
     add("exact critic, Eq. 9", curve)
     summary = {"least_squares": float(evaluate(ls)), "identity": float(evaluate(identity)),
@@ -202,12 +226,30 @@ def main():
                     batch = trainer.eval_batch(data, GAIN, c)
                     runner, _ = chunk(runner, data, GAIN, batch, jnp.int32(c * run_args.eval_every))
                     curve.append(((c + 1) * per_chunk, evaluate(theta_of(runner.model))))
+                    if loss == "tdml":
+                        critic_rows.append(dict(init=init, seed=seed, model_steps=(c + 1) * per_chunk,
+                                                **critic_row(runner)))
                 name = "Algorithm 1" if loss == "tdml" else "one-step"
                 add(f"{name}, from {init}", curve, seed)
                 print(f"{name} from {init}, seed {seed}: {float(curve[-1][1]):.3f}", flush=True)
 
     df = pd.DataFrame(rows)
     OUT.mkdir(parents=True, exist_ok=True)
+    critic = pd.DataFrame(critic_rows)
+    critic.to_csv(OUT / "oracle_critic.csv", index=False)
+    shown = critic[critic.model_steps.isin([50, 100, 200, 500, cli.model_steps])]
+    table = shown.groupby(["init", "model_steps"]).mean(numeric_only=True).reset_index()
+    critic_lines = ["Algorithm 1's learned critic against the exact tail it stands for (mean over "
+                    f"{cli.seeds} seeds; `python benchmarks/tdml_oracle.py --model-steps {cli.model_steps} --seeds {cli.seeds}`)."
+                    " At the held-out starts: D(s, s) against the exact true TDML of theta and of theta'; where Eq. 9 reads it: "
+                    "D(s_2, s_hat_2) against the exact tail.", "",
+                    "| from | model steps | D(s, s) | exact TDML theta | exact TDML theta' | corr | D(s_2, s_hat_2) | exact tail | corr |",
+                    "|---|---|---|---|---|---|---|---|---|"]
+    critic_lines += [f"| {r['init']} | {int(r['model_steps'])} | {r['critic_at_start']:.4f} | {r['exact_tdml']:.4f} | "
+                     f"{r['exact_tdml_target']:.4f} | {r['corr_at_start']:.2f} | {r['critic_eq9']:.4f} | {r['exact_eq9']:.4f} | "
+                     f"{r['corr_eq9']:.2f} |" for _, r in table.iterrows()]
+    (OUT / "oracle_critic.md").write_text("\n".join(critic_lines) + "\n")
+    print("\n".join(critic_lines))
     df.to_csv(OUT / "oracle.csv", index=False)
     final = df[df.model_steps == df.model_steps.max()].groupby("line")["true_tdml"].agg(["mean", "min", "max", "count"])
     lines = [f"True TDML (gamma {GAMMA}, {EVAL_STARTS} held-out starts, {HORIZON} steps) after {cli.model_steps} model "
