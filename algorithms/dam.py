@@ -46,8 +46,11 @@ Choices where the paper is silent (the measurements behind them: benchmarks/READ
   parameters with the lowest held-out loss (early stopping; trained on all data for 1000 steps it
   called a third of held-out real transitions fake). `disc/holdout_ratio_real` = E_p[exp(-logit)]
   and `disc/holdout_ratio_model` = E_q[exp(logit)] on held-out data, both 1 for a calibrated ratio;
-  `disc/ratio_on_model_samples` is the second on training batches. `--self-normalize` (off: Eq. 4
-  as written) weights each step's rewards by w / sum_p w over the particles.
+  `disc/ratio_on_model_samples` is the second on training batches.
+* Usable weights, as Grover et al. 2019 (the ratio estimator the paper cites) keep theirs, all off
+  by default (Eq. 4 as written): `--self-normalize` weights each step's rewards by w / sum_p w
+  over the particles; `--weight-power` alpha flattens w_{1..h} to w^alpha; `--weight-floor` beta
+  clips it to max(w, beta).
 * `--model true` samples p(s'|s, a) from an observation through `env.state_from_obs` (hidden
   variables drawn given it) and one `step_env`.
 * Network sizes, learning rates, step counts, K, H, particles and the random data are not given;
@@ -148,6 +151,10 @@ class Args:
     """cap on the running log importance weight (overflow guard)"""
     self_normalize: bool = False
     """self-normalised importance weights: step h's reward is averaged over particles with weights w_{1..h} / sum_p w_{1..h}, so a discriminator whose ratios are off by a constant factor (E_q[exp(logit)] != 1) changes nothing"""
+    weight_power: float = 1.0
+    """flattening (Grover et al. 2019): the weight w_{1..h} raised to this power, in [0, 1] (1: Eq. 4; 0: no correction; their code tried 0.25, 0.5, 0.75)"""
+    weight_floor: float = 0.0
+    """clipping (Grover et al. 2019): the weight w_{1..h} is at least this (0: none; their code tried 0.001, 0.01, 0.1, 1)"""
 
     # dynamics model
     model_width: int = 128
@@ -203,6 +210,8 @@ def resolve(args: Args) -> Args:
     check(args.model != "true" or args.method == "baseline",
           "--model true plans with the env's own dynamics (nothing to correct): use --method baseline")
     check(args.min_input_std >= 0, f"--min-input-std must be >= 0, got {args.min_input_std}")
+    check(0 <= args.weight_power <= 1, f"--weight-power must be in [0, 1], got {args.weight_power}")
+    check(args.weight_floor >= 0, f"--weight-floor must be >= 0, got {args.weight_floor}")
     check(0 <= args.disc_holdout < 1, f"--disc-holdout must be in [0, 1), got {args.disc_holdout}")
     check(args.disc_eval_every > 0 and args.disc_train_steps % args.disc_eval_every == 0,
           f"--disc-eval-every must be a positive divisor of --disc-train-steps {args.disc_train_steps}, got {args.disc_eval_every}")
@@ -501,9 +510,7 @@ def estimate_values(args, env, env_params, sample_next, step_log_weight, obs, t,
         next_state = jax.vmap(sample_next)(state, action, keys)  # one key per sequence: its p particles
         log_w = jnp.minimum(log_w + step_log_weight(state, action, next_state), args.max_log_weight)
         reward = env.reward_fn(state, action, next_state, env_params)
-        # w_{1..h}: the plain product (Eq. 4), or normalised over the particles (times p, so
-        # that the mean over particles below is their weighted sum).
-        weight = p * jax.nn.softmax(log_w, axis=1) if args.self_normalize else jnp.exp(log_w)
+        weight = importance_weight(args, log_w)
         total = total + jnp.where((t + h < env_params.max_steps_in_episode) & ~ended, weight * reward, 0.0)
         ended = ended | env.termination_fn(state, action, next_state, env_params)
         return (next_state, log_w, total, ended), None
@@ -513,6 +520,18 @@ def estimate_values(args, env, env_params, sample_next, step_log_weight, obs, t,
     steps = (jnp.arange(horizon), jnp.moveaxis(actions, 2, 0), jax.random.split(key, horizon))
     (_, log_w, total, _), _ = jax.lax.scan(step, init, steps)
     return jnp.mean(total, 1), jnp.mean(log_w)
+
+
+def importance_weight(args, log_w):
+    """w_{1..h} from its log (N, P): the plain product (Eq. 4); flattened to the power
+    `weight_power` and clipped from below at `weight_floor` (Grover et al. 2019); then, with
+    `self_normalize`, normalised over the particles (times P, so that the mean over particles is
+    their weighted sum)."""
+    if args.weight_power != 1.0:
+        log_w = args.weight_power * log_w
+    if args.weight_floor > 0.0:
+        log_w = jnp.maximum(log_w, jnp.log(args.weight_floor))
+    return log_w.shape[1] * jax.nn.softmax(log_w, axis=1) if args.self_normalize else jnp.exp(log_w)
 
 
 def sample_true(env, env_params, obs, action, key):

@@ -293,6 +293,21 @@ def test_importance_weights_multiply_along_the_rollout_and_are_capped():
     assert float(log_w) == 2.5
 
 
+def test_flattened_and_clipped_weights_are_grover_et_al_s():
+    """Flattening w^alpha and clipping max(w, beta) of the cumulative weight (Grover et al. 2019),
+    closed forms: log w = 1 per step, reward 1 per step, so step h earns e^(alpha h) flattened and
+    max(e^h, beta) clipped; alpha 0 is the uncorrected value (5)."""
+    still = lambda s, a, key: s  # stays at (0, 0, 1, 0): reward xdot = 1 per step
+    one = lambda s, a, s2: jnp.ones(s.shape[:-1])  # log w = 1 per step
+    start, sequence = jnp.array([0.0, 0, 1, 0]), jnp.zeros((1, 5), jnp.int32)
+    h = np.arange(1, 6)
+    for overrides, expected in [(dict(weight_power=0.5), np.exp(0.5 * h).sum()), (dict(weight_power=0.0), 5.0),
+                                (dict(weight_floor=np.exp(3.0)), np.maximum(np.exp(h), np.exp(3.0)).sum())]:
+        trainer = trainer_for(**overrides)
+        values, _ = trainer.estimate_values(still, one, start, 0, sequence, jax.random.PRNGKey(0))
+        np.testing.assert_allclose(values, [expected], rtol=1e-5, err_msg=str(overrides))
+
+
 def test_self_normalised_weights_ignore_a_constant_factor():
     """--self-normalize: log w + c for every transition (a ratio off by e^c) leaves the values
     unchanged, where the plain product scales step h's reward by e^(c h); with unequal weights
@@ -403,6 +418,8 @@ def test_bad_arguments_fail_before_compiling():
         (dict(max_log_weight=0.0), "--max-log-weight must be positive"),
         (dict(model="true", method="dam"), "--model true plans with the env's own dynamics"),
         (dict(min_input_std=-1.0), "--min-input-std must be >= 0"),
+        (dict(weight_power=1.5), "--weight-power must be in"),
+        (dict(weight_floor=-0.1), "--weight-floor must be >= 0"),
         (dict(disc_holdout=1.0), "--disc-holdout must be in"),
         (dict(disc_eval_every=33), "--disc-eval-every must be a positive divisor"),
         (dict(disc_holdout_batch=0), "--disc-holdout-batch must be positive"),
