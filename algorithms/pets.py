@@ -456,7 +456,7 @@ def icem(value_fn, plan_state, key, *, population, num_elites, iterations, alpha
     that shrinks every iteration, the best elites kept into the next iteration (with their values,
     not re-evaluated), the last step's kept elites shifted by one step (a fresh last action) into
     the first iteration, the mean as a sample in the last iteration, and the best sequence seen
-    executed (not the mean). `plan_state` = (mean (H, A), kept elites (K, H, A), whether they are
+    executed, not the mean (theirs: the last iteration's best, the same whenever an elite is kept). `plan_state` = (mean (H, A), kept elites (K, H, A), whether they are
     from a previous step). Returns (best sequence, stats, next plan_state)."""
     mean, shifted, shifted_ok = plan_state
     std = jnp.broadcast_to((upper - lower) / 4.0, mean.shape)  # as CEM's initial variance (ub - lb)^2 / 16
