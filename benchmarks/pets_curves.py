@@ -133,13 +133,13 @@ def write_curves(run_dir, args, out_dir):
     if oracle is None:
         print(f"no true-dynamics row for this planner in benchmarks/results/pets_oracle.csv: run pets_reference.py "
               f"--env-id {args.env_id} --population {args.population} --elites {args.num_elites} "
-              f"--horizon {args.horizon} --iterations {args.cem_iterations}")
+              f"--horizon {args.horizon} --iterations {args.cem_iterations} --optimizer {args.optimizer}")
     else:
         ax.axhline(oracle["oracle_mean"], color="black", linestyle="--", linewidth=1,
                    label=f"same planner, true dynamics ({int(oracle['episodes'])} episodes)")
     ax.set(xlabel="trial (0: random actions)", ylabel="trial return (mean ± std over seeds)",
            title=f"PETS {args.env_id}{f' ({args.backend})' if args.env_id in pets.envs.MUJOCO_TASKS else ''}: "
-                 f"pop {args.population}, P={args.num_particles}, H={args.horizon}, {args.cem_iterations} it., "
+                 f"{args.optimizer}, pop {args.population}, P={args.num_particles}, H={args.horizon}, {args.cem_iterations} it., "
                  f"B={args.ensemble_size}x{args.model_depth}x{args.model_width}",
            xlim=(-0.5, args.num_trials - 0.5))
     ax.title.set_fontsize(9)
