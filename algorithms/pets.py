@@ -509,7 +509,10 @@ def mppi(value_fn, plan_state, key, *, population, iterations, gamma, sigma, bet
         _, samples = jax.lax.scan(smooth, jnp.broadcast_to(last_action, (population, mean.shape[-1])),
                                   jnp.swapaxes(noisy, 0, 1))
         samples = jnp.clip(jnp.swapaxes(samples, 0, 1), lower, upper)
+        # A mean over blown-up particles can overflow to -inf (every one: max - max = NaN): the
+        # lowest finite value instead, so such sequences get no weight unless all are such.
         values = value_fn(samples, value_key)
+        values = jnp.nan_to_num(values, nan=NONFINITE_RETURN, posinf=NONFINITE_RETURN, neginf=jnp.finfo(values.dtype).min)
         weights = jnp.exp(gamma * (values - jnp.max(values)))
         mean = jnp.einsum("n,nha->ha", weights, samples) / (jnp.sum(weights) + 1e-10)
         return (mean, jnp.maximum(best, jnp.max(values))), (jnp.mean(values), jnp.mean(jnp.std(samples, 0)))

@@ -266,6 +266,18 @@ def test_mppi_replays_the_references_update_and_finds_a_quadratics_optimum():
     np.testing.assert_allclose(mean, target, atol=0.05)
 
 
+def test_mppi_stays_finite_when_every_value_overflowed():
+    """A first model can blow every particle up: the means over particles then overflow to -inf
+    (measured on pendulum's trial 1: NaN actions from there on). MPPI's mean stays finite: all -inf
+    values weigh equally; NaN and +inf count as the reference's very bad value."""
+    start = (jnp.full((4, 2), 0.3), jnp.zeros(2))
+    for bad in [lambda seqs, key: jnp.full(seqs.shape[0], -jnp.inf),
+                lambda seqs, key: jnp.where(jnp.arange(seqs.shape[0]) % 2 == 0, jnp.nan, jnp.inf)]:
+        mean, _, (_, last) = jax.jit(lambda key: pets.mppi(bad, start, key, population=16, iterations=2, gamma=0.9,
+                                                           sigma=0.5, beta=0.9, lower=LOWER, upper=UPPER))(jax.random.PRNGKey(0))
+        assert np.isfinite(np.asarray(mean)).all() and np.isfinite(np.asarray(last)).all()
+
+
 def test_plan_executes_the_first_step_and_warm_starts_from_the_shifted_solution():
     args, _, env, params = _trainer()
     target = jax.random.uniform(jax.random.PRNGKey(3), (args.horizon, 1), minval=-0.5, maxval=0.5)
