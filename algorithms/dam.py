@@ -267,14 +267,15 @@ class Dataset(NamedTuple):
         new = [jax.lax.dynamic_update_slice_in_dim(x, y, self.size, axis=0) for x, y in zip(self[:4], episodes)]
         return Dataset(*new, self.size + n)
 
-    def sample(self, key, n, episodes=None):
-        """n transitions uniformly from the stored episodes, or from those where the mask `episodes`
-        (E,) is true: (obs, action, next_obs, episode index)."""
+    def sample(self, key, n, among=None):
+        """n transitions uniformly from the stored episodes, or from the episodes order[lo:hi] when
+        `among` = (order, lo, hi): (obs, action, next_obs, episode index)."""
         episode_key, step_key = jax.random.split(key)
-        if episodes is None:
+        if among is None:
             e = jax.random.randint(episode_key, (n,), 0, self.size)
         else:
-            e = jax.random.categorical(episode_key, jnp.where(episodes, 0.0, -jnp.inf), shape=(n,))
+            order, lo, hi = among
+            e = order[jax.random.randint(episode_key, (n,), lo, hi)]
         t = jax.random.randint(step_key, (n,), 0, self.obs.shape[1])
         return self.obs[e, t], self.action[e, t], self.next_obs[e, t], e
 
@@ -417,14 +418,13 @@ def disc_logit(disc, norm, obs, action, next_obs):
     return disc(x)[..., 0]
 
 
-def holdout_episodes(args, data, key):
-    """Mask (E,) of the episodes held out of a discriminator fit: a random `disc_holdout` share of
-    the stored ones, at least one, and at least one left to train on."""
+def holdout_split(args, data, key):
+    """(order, count): the stored episodes in a random order (the empty slots after them), the
+    first `count` held out of a discriminator fit: a `disc_holdout` share, at least one, and at
+    least one left to train on."""
     capacity = data.obs.shape[0]
-    stored = jnp.arange(capacity) < data.size
-    count = jnp.clip(jnp.floor(args.disc_holdout * data.size).astype(jnp.int32), 1, data.size - 1)
-    rank = jnp.argsort(jnp.argsort(jnp.where(stored, jax.random.uniform(key, (capacity,)), 2.0)))
-    return stored & (rank < count)
+    order = jnp.argsort(jnp.where(jnp.arange(capacity) < data.size, jax.random.uniform(key, (capacity,)), 2.0))
+    return order, jnp.clip(jnp.floor(args.disc_holdout * data.size).astype(jnp.int32), 1, data.size - 1)
 
 
 def disc_scores(disc, norm, obs, action, real, fake):
@@ -448,8 +448,8 @@ def fit_discriminator(args, data, norm, sample_fake, key):
     held_out, train_on = None, None
     if args.disc_holdout > 0:
         key, split_key, batch_key, fake_key = jax.random.split(key, 4)
-        held_out = holdout_episodes(args, data, split_key)
-        train_on = (jnp.arange(held_out.size) < data.size) & ~held_out
+        order, count = holdout_split(args, data, split_key)
+        held_out, train_on = (order, 0, count), (order, count, data.size)
         obs, action, real, _ = data.sample(batch_key, args.disc_holdout_batch, held_out)
         held_batch = (obs, action, real, sample_fake(obs, action, fake_key))
 

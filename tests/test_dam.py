@@ -90,7 +90,7 @@ def test_early_stopping_on_held_out_episodes_keeps_a_calibrated_discriminator():
     the exact log-ratio 0.5 - x gives the Bayes log loss (Monte Carlo, 1e6 draws), which no
     discriminator can beat on held-out data. Kept to the last step (one evaluation, at the end),
     it memorises the real points: on the held-out ones E_p[exp(-logit)] is far from 1 (measured
-    425). Early stopping on the held-out episodes keeps parameters within 0.1 of the Bayes loss,
+    405). Early stopping on the held-out episodes keeps parameters within 0.1 of the Bayes loss,
     with both calibration ratios near 1."""
     n, horizon = 40, 5
     real = jnp.zeros((n, horizon, 4)).at[..., 0].set(jax.random.normal(jax.random.PRNGKey(0), (n, horizon)))
