@@ -43,7 +43,7 @@ Choices where the paper is silent (the measurements behind them: benchmarks/READ
   `min_std` + softplus; a dimension whose std is below `min_input_std` (1e-2) is not scaled.
   The discriminator sees (normalized s, one-hot a, normalized s' - s).
 * The discriminator holds out `disc_holdout` (20%) of the episodes at every fit and keeps the
-  parameters with the lowest held-out loss (early stopping; trained on all data for 1000 steps it
+  parameters with the lowest held-out loss (early stopping; the DAM issue measured that, trained on all data for 1000 steps, it
   called a third of held-out real transitions fake). `disc/holdout_ratio_real` = E_p[exp(-logit)]
   and `disc/holdout_ratio_model` = E_q[exp(logit)] on held-out data, both 1 for a calibrated ratio;
   `disc/ratio_on_model_samples` is the second on training batches.
