@@ -73,6 +73,32 @@ else:
     compiler._cache_read, compiler._cache_write = _read, _write
 
 
+# The tests' eager random numbers (`jax.random.uniform(key, (32, 250, 8))` and the like, outside any
+# jit) each compile a small program per shape, and XLA:CPU's backend optimisation makes that slow
+# for large shapes: measured alone, a (32, 250, 8) uniform 408 ms -> 89 ms, 32 x 250 split keys
+# 227 -> 128 ms; in the cold suite of 63a7e60 these programs took 46 s of compile (90 uniform, 82
+# split, ...). The programs below are integer and bit operations (threefry, and the bitcast that
+# makes a uniform float), so they compile with the optimisation off to the same bits: checked by
+# test_host.py. (Not `_normal` or `_truncated_normal`: their erf_inv differs in the last float bit.)
+EXACT_AT_LEVEL_0 = {"jit__uniform", "jit__threefry_split", "jit__threefry_seed", "jit__threefry_fold_in",
+                    "jit__randint", "jit__bernoulli", "jit__random_bits", "jit_dynamic_slice", "jit_broadcast_in_dim",
+                    "jit_unstack", "jit_gather", "jit_concatenate"}
+from jax._src import compiler  # noqa: E402
+
+_backend_compile = compiler.backend_compile_and_load
+
+
+def _compile(backend, module, executable_devices, options, host_callbacks):
+    from jax._src.lib.mlir import ir
+
+    if ir.StringAttr(module.operation.attributes["sym_name"]).value in EXACT_AT_LEVEL_0:
+        options.executable_build_options.debug_options.xla_backend_optimization_level = 0
+    return _backend_compile(backend, module, executable_devices, options, host_callbacks)
+
+
+compiler.backend_compile_and_load = _compile
+
+
 _EXECUTABLES = {}
 # MBRL_TEST_COMPILE_LOG=<dir>: one JSON line per compile (seconds), in-memory hit (null) or read of the
 # subprocesses' cache (-1) of the test processes, with the test and the program's cache key, to find

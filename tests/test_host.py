@@ -246,3 +246,33 @@ def test_the_code_passes_the_linter():
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "algorithms", "envs", "tests", "benchmarks"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
+
+
+# --- the test setup itself (conftest.py) -------------------------------------------------------------
+def test_programs_compiled_without_backend_optimisation_give_the_same_bits():
+    """conftest.py compiles the eager programs named in EXACT_AT_LEVEL_0 with XLA's backend
+    optimisation off, to save compile time: each must give the bits of the default compile (large
+    shapes, where XLA:CPU vectorises). `jax.random.normal` would fail here (its erf_inv)."""
+    import conftest
+
+    key, shape = jax.random.PRNGKey(3), (32, 250, 8)
+    x = jax.random.uniform(jax.random.PRNGKey(4), (5000, 11))
+    checks = {
+        "jit__uniform": lambda k: jax.random.uniform(k, shape, minval=-2.0, maxval=2.0),
+        "jit__threefry_split": lambda k: jax.random.split(k, 5000),
+        "jit__threefry_seed": lambda k: jax.random.PRNGKey(k[0] + 5),
+        "jit__threefry_fold_in": lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, jnp.arange(5000)),
+        "jit__randint": lambda k: jax.random.randint(k, shape, -7, 1000),
+        "jit__bernoulli": lambda k: jax.random.bernoulli(k, 0.3, shape),
+        "jit__random_bits": lambda k: jax.random.bits(k, shape),
+        "jit_dynamic_slice": lambda k: jax.lax.dynamic_slice_in_dim(x, k[0] % 100, 4000),
+        "jit_broadcast_in_dim": lambda k: jnp.broadcast_to(x[None] * 1.5, (4, 5000, 11)),
+        "jit_unstack": lambda k: jnp.stack(jnp.unstack(x[:64] * 0.5))[::-1],
+        "jit_gather": lambda k: x[jax.random.randint(k, (4096,), 0, 5000)],
+        "jit_concatenate": lambda k: jnp.concatenate([x * 0.1, x[::-1]], -1),
+    }
+    assert conftest.EXACT_AT_LEVEL_0 <= set(checks), conftest.EXACT_AT_LEVEL_0 - set(checks)
+    for name in conftest.EXACT_AT_LEVEL_0:
+        default = np.asarray(jax.jit(checks[name])(key))
+        level_0 = np.asarray(jax.jit(checks[name], compiler_options={"xla_backend_optimization_level": 0})(key))
+        np.testing.assert_array_equal(default, level_0, err_msg=name)
