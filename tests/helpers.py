@@ -13,3 +13,20 @@ def as_cli(config: dict) -> list:
         else:
             out += [flag, str(value)]
     return out
+
+
+def help_text(args_cls) -> str:
+    """What `python algorithms/<algo>.py --help` prints (tyro's help of its Args), in this process:
+    a subprocess costs ~3.5 s of imports, and each algorithm's CLI run is tested from a subprocess."""
+    import contextlib
+    import io
+
+    import tyro
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            tyro.cli(args_cls, args=["--help"])
+        except SystemExit as stop:
+            assert stop.code == 0, stop.code
+    return out.getvalue()

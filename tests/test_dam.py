@@ -18,7 +18,7 @@ import pytest
 from algorithms import dam, utils
 from envs.icy_road import EnvState as IcyState
 
-from helpers import as_cli
+from helpers import as_cli, help_text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -434,11 +434,10 @@ def test_cli_help_and_evaluate_saved(intersection_cli, tmp_path):
     evaluated in this process (the run's evaluation program, read from the tests' shared cache)
     and rendered from the command line."""
     summary, _ = intersection_cli
-    help_text = subprocess.run([sys.executable, str(ROOT / "algorithms" / "dam.py"), "--help"],
-                               cwd=tmp_path, capture_output=True, text=True).stdout
+    shown = help_text(dam.Args)
     for flag in ["--method", "--model", "--num-sequences", "--horizon", "--rounds", "--mixture-components",
                  "--weight", "--max-log-weight", "--disc-lr", "--model-train-steps", "--num-seeds"]:
-        assert flag in help_text
+        assert flag in shown
     returns = dam.evaluate_saved(summary["run_dir"], eval_episodes=2)
     assert returns.shape == (4,) and np.isfinite(returns).all()
     rendered = subprocess.run([sys.executable, str(ROOT / "algorithms" / "dam.py"), "--render", summary["run_dir"]],
