@@ -35,9 +35,12 @@ Choices where the paper is silent (the measurements behind them: benchmarks/READ
   `--common-noise` (default) particle j of every sequence uses the same draws, so candidates meet
   the same futures; a particle stops earning after its first terminal transition (Intersection's
   crash); rewards past the episode's end are masked; returns are undiscounted.
-* Eq. 10 needs R >= 0: rewards are shifted by the env's lowest reward r_min (IcyRoad -6,
-  Intersection -10), R' = R - T r_min, which ranks policies as R does at a fixed horizon; the
-  weights are divided by their dataset mean (Eq. 16's 1 / E_p[R]).
+* Eq. 10 needs R >= 0: returns are shifted by the lowest stored return, R' = R - min R, the
+  smallest shift that makes every return non-negative (`--minvar-shift data`; the worst stored
+  episode then weighs 0). `--minvar-shift worst` shifts by the lowest possible return T r_min
+  (IcyRoad -6, Intersection -10 per step), our earlier choice: on Intersection it adds ~250 to
+  returns of 0-250, so episode weights differed by at most ~2x. The weights are divided by their
+  dataset mean (Eq. 16's 1 / E_p[R]).
 * The running log-weight is capped at `max_log_weight` (10); products are kept in log space.
 * Models predict the normalized s' - s from the normalized state and a one-hot action, scales
   `min_std` + softplus; a dimension whose std is below `min_input_std` (1e-2) is not scaled.
@@ -156,6 +159,9 @@ class Args:
     weight_floor: float = 0.0
     """clipping (Grover et al. 2019): the weight w_{1..h} is at least this (0: none; their code tried 0.001, 0.01, 0.1, 1)"""
 
+    minvar_shift: str = "data"
+    """Eq. 10 needs R >= 0. data: R' = R - min of the stored returns, the smallest shift that makes every return non-negative (the worst stored episode weighs 0); worst: R' = R - T r_min, the lowest possible return (r_min: IcyRoad -6, Intersection -10), which on Intersection adds ~250 and flattens the weights"""
+
     # dynamics model
     model_width: int = 128
     model_depth: int = 2
@@ -212,6 +218,7 @@ def resolve(args: Args) -> Args:
     check(args.min_input_std >= 0, f"--min-input-std must be >= 0, got {args.min_input_std}")
     check(0 <= args.weight_power <= 1, f"--weight-power must be in [0, 1], got {args.weight_power}")
     check(args.weight_floor >= 0, f"--weight-floor must be >= 0, got {args.weight_floor}")
+    check(args.minvar_shift in ("data", "worst"), f"--minvar-shift must be data or worst, got {args.minvar_shift}")
     check(0 <= args.disc_holdout < 1, f"--disc-holdout must be in [0, 1), got {args.disc_holdout}")
     check(args.disc_eval_every > 0 and args.disc_train_steps % args.disc_eval_every == 0,
           f"--disc-eval-every must be a positive divisor of --disc-train-steps {args.disc_train_steps}, got {args.disc_eval_every}")
@@ -375,15 +382,20 @@ def fit_normalizer(args, data):
 
 # --- FIT MODEL (Alg. 2, TRAINMODEL; Eq. 10) ---------------------------------------------------
 def trajectory_weights(args, data):
-    """Per-episode weight of the log-likelihood: R'(tau) / mean R' with R' = R - T r_min >= 0
-    (minimum-variance objective, Eq. 10), or 1 (maximum likelihood)."""
+    """Per-episode weight of the log-likelihood: R'(tau) / mean R' with R' = R - shift >= 0
+    (minimum-variance objective, Eq. 10; `minvar_shift`), or 1 (maximum likelihood). Equal
+    returns (R' all 0) weigh 1 each: Eq. 9's q* is then p itself."""
     slots = data.obs.shape[0]
     if args.method not in ("minvar", "dam"):
         return jnp.ones(slots)
-    shifted = jnp.sum(data.reward, 1) - data.obs.shape[1] * MIN_REWARD[args.env_id]
-    stored = jnp.arange(slots) < data.size
-    mean = jnp.sum(jnp.where(stored, shifted, 0.0)) / data.size
-    return jnp.where(stored, shifted / jnp.maximum(mean, 1e-8), 0.0)
+    returns, stored = jnp.sum(data.reward, 1), jnp.arange(slots) < data.size
+    if args.minvar_shift == "data":
+        shift = jnp.min(jnp.where(stored, returns, jnp.inf))
+    else:
+        shift = data.obs.shape[1] * MIN_REWARD[args.env_id]
+    shifted = jnp.where(stored, returns - shift, 0.0)
+    mean = jnp.sum(shifted) / data.size
+    return jnp.where(stored, jnp.where(mean > 0, shifted / jnp.where(mean > 0, mean, 1.0), 1.0), 0.0)
 
 
 def model_loss(args, model, norm, obs, action, next_obs, weight):

@@ -166,15 +166,24 @@ def test_mdn_fits_both_modes_of_a_bimodal_target_and_the_gaussian_cannot(model):
 
 
 def test_minimum_variance_loss_weights_each_trajectory_by_its_shifted_return():
-    """Eq. 10: weight(tau) = R'(tau) / mean R' with R' = R - T r_min (IcyRoad r_min = -6, T = 5)."""
+    """Eq. 10: weight(tau) = R'(tau) / mean R'. --minvar-shift data (default): R' = R - the lowest
+    stored return; worst: R' = R - T r_min (IcyRoad r_min = -6, T = 5: R + 30)."""
     minvar, baseline = trainer_for(method="minvar", model="gaussian"), trainer_for(method="baseline", model="gaussian")
+    worst = trainer_for(method="minvar", model="gaussian", minvar_shift="worst")
     capacity = TINY["init_episodes"] + TINY["rounds"]  # 6 episode slots
-    rewards = jnp.zeros((capacity, 5)).at[:3, 0].set(jnp.array([-30.0, 0.0, 30.0]))  # R = -30, 0, 30
-    data = dam.Dataset(jnp.zeros((capacity, 5, 4)), jnp.zeros((capacity, 5), jnp.int32), rewards,
-                       jnp.zeros((capacity, 5, 4)), jnp.int32(3))
-    # R' = 0, 30, 60 (mean 30) -> weights 0, 1, 2; empty slots 0.
-    np.testing.assert_allclose(minvar.trajectory_weights(data), [0, 1, 2, 0, 0, 0], atol=1e-6)
-    np.testing.assert_allclose(baseline.trajectory_weights(data), np.ones(capacity))
+
+    def data(returns):
+        rewards = jnp.zeros((capacity, 5)).at[:3, 0].set(jnp.array(returns))
+        return dam.Dataset(jnp.zeros((capacity, 5, 4)), jnp.zeros((capacity, 5), jnp.int32), rewards,
+                           jnp.zeros((capacity, 5, 4)), jnp.int32(3))
+
+    # R = -20, 0, 40. data: R' = 0, 20, 60 (mean 80/3); worst: R' = 10, 30, 70 (mean 110/3); empty slots 0.
+    np.testing.assert_allclose(minvar.trajectory_weights(data([-20.0, 0.0, 40.0])), [0, 0.75, 2.25, 0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(worst.trajectory_weights(data([-20.0, 0.0, 40.0])),
+                               [3 / 11, 9 / 11, 21 / 11, 0, 0, 0], atol=1e-6)
+    # Equal returns: R' = 0 everywhere, and q* = p (Eq. 9), so every stored episode weighs 1.
+    np.testing.assert_allclose(minvar.trajectory_weights(data([5.0, 5.0, 5.0])), [1, 1, 1, 0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(baseline.trajectory_weights(data([-20.0, 0.0, 40.0])), np.ones(capacity))
     model = dam.MLP(jax.random.PRNGKey(0), 4 + 3, 1 + 2 * 4, 8, 1)
     obs = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
     next_obs = obs + jax.random.normal(jax.random.PRNGKey(2), (3, 4))
@@ -308,6 +317,31 @@ def test_flattened_and_clipped_weights_are_grover_et_al_s():
         np.testing.assert_allclose(values, [expected], rtol=1e-5, err_msg=str(overrides))
 
 
+def test_exact_density_ratio_moves_model_values_to_the_true_returns():
+    """A toy problem with a known model error: IcyRoad's reward (xdot = 1 on the road, |y| <= 1;
+    -5 off it) where the real next y ~ N(0, 1) and the model's y ~ N(0.5, 1), independent of the
+    state. The true value of 5 steps is 5 (P_on - 5 P_off) with P_on = 2 Phi(1) - 1 (-4.52); the
+    model's is -6.26. Eq. 4 with the exact log-ratio log p/q (y) = (m^2 - 2 m y) / 2 is an
+    unbiased estimate of the true value (each step's weight w_1..h averages 1 under q); 4000
+    particles bring it within 0.4 of it, plain and self-normalised."""
+    from statistics import NormalDist
+
+    m, particles = 0.5, 4000
+    on = 2 * NormalDist().cdf(1.0) - 1
+    on_model = NormalDist().cdf(1.0 - m) - NormalDist().cdf(-1.0 - m)
+    true_value, model_value = 5 * (on - 5 * (1 - on)), 5 * (on_model - 5 * (1 - on_model))
+    sample = lambda s, a, key: s.at[..., 1].set(m + jax.random.normal(key, s.shape[:-1])).at[..., 2].set(1.0)
+    exact = lambda s, a, s2: (m**2 - 2 * m * s2[..., 1]) / 2
+    plain = lambda s, a, s2: jnp.zeros(s.shape[:-1])
+    start, sequence = jnp.array([0.0, 0, 1, 0]), jnp.zeros((1, 5), jnp.int32)
+    for overrides in [{}, {"self_normalize": True}]:
+        trainer = trainer_for(num_particles=particles, common_noise=False, **overrides)
+        uncorrected, _ = trainer.estimate_values(sample, plain, start, 0, sequence, jax.random.PRNGKey(0))
+        corrected, _ = trainer.estimate_values(sample, exact, start, 0, sequence, jax.random.PRNGKey(0))
+        assert abs(float(uncorrected[0]) - model_value) < 0.4, (overrides, float(uncorrected[0]), model_value)
+        assert abs(float(corrected[0]) - true_value) < 0.4, (overrides, float(corrected[0]), true_value)
+
+
 def test_self_normalised_weights_ignore_a_constant_factor():
     """--self-normalize: log w + c for every transition (a ratio off by e^c) leaves the values
     unchanged, where the plain product scales step h's reward by e^(c h); with unequal weights
@@ -419,6 +453,7 @@ def test_bad_arguments_fail_before_compiling():
         (dict(model="true", method="dam"), "--model true plans with the env's own dynamics"),
         (dict(min_input_std=-1.0), "--min-input-std must be >= 0"),
         (dict(weight_power=1.5), "--weight-power must be in"),
+        (dict(minvar_shift="zero"), "--minvar-shift must be data or worst"),
         (dict(weight_floor=-0.1), "--weight-floor must be >= 0"),
         (dict(disc_holdout=1.0), "--disc-holdout must be in"),
         (dict(disc_eval_every=33), "--disc-eval-every must be a positive divisor"),

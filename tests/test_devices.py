@@ -87,8 +87,9 @@ def test_seeds_split_over_devices_match_one_device_and_resume_on_another_count(t
 
 
 # --- across processes (jax.distributed): 2 processes on 127.0.0.1, one CPU device each --------------
-# The GPU check's smoke configs (benchmarks/gpu_check.py): its smoke test (below, same worker, after
-# these) then reads the one-process runs' programs from the tests' shared persistent cache (conftest.py).
+# The GPU check's smoke configs (benchmarks/gpu_check.py): its smoke test (below; a group of its own,
+# queued after these and the algorithm groups, conftest.py) then reads the one-process runs'
+# programs from the tests' shared persistent cache.
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from gpu_check import CASES  # noqa: E402
 
