@@ -19,7 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # user's run (XLA's defaults) is float rounding, which RL amplifies (that run's final evaluation:
 # 63.2 vs 139.0), so no test compares with a number measured outside the suite bit for bit.
 # MBRL_TEST_XLA_DEFAULTS=1 runs the suite with XLA's defaults.
-FAST_COMPILE_FLAG = "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE"
+FAST_PRESET = "CPU_OPT_PRESET_FAST_COMPILE"
+FAST_COMPILE_FLAG = f"--xla_cpu_opt_preset={FAST_PRESET}"
 if not os.environ.get("MBRL_TEST_XLA_DEFAULTS") and FAST_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
 
@@ -103,6 +104,11 @@ def _compile(backend, module, executable_devices, options, host_callbacks):
 
     if ir.StringAttr(module.operation.attributes["sym_name"]).value in EXACT_AT_LEVEL_0:
         options.executable_build_options.debug_options.xla_backend_optimization_level = 0
+    if FAST_COMPILE_FLAG in os.environ.get("XLA_FLAGS", "") and not any(
+            name == "xla_cpu_opt_preset" for name, _ in options.env_option_overrides):
+        # The preset of XLA_FLAGS (top of this file), for this process too: XLA read XLA_FLAGS in a
+        # worker before this file set it (measured: its compiles ran as slowly as without it).
+        options.env_option_overrides = [*options.env_option_overrides, ("xla_cpu_opt_preset", FAST_PRESET)]
     return _backend_compile(backend, module, executable_devices, options, host_callbacks)
 
 
