@@ -89,7 +89,7 @@ else:
 # for large shapes: measured alone, a (32, 250, 8) uniform 408 ms -> 89 ms, 32 x 250 split keys
 # 227 -> 128 ms; in the cold suite of 63a7e60 these programs took 46 s of compile (90 uniform, 82
 # split, ...). The programs below are integer and bit operations (threefry, and the bitcast that
-# makes a uniform float), so they compile with the optimisation off to the same bits: checked by
+# makes a uniform float) and data movement, so they compile with the optimisation off to the same bits: checked by
 # test_host.py. (Not `_normal` or `_truncated_normal`: their erf_inv differs in the last float bit.)
 EXACT_AT_LEVEL_0 = {"jit__uniform", "jit__threefry_split", "jit__threefry_seed", "jit__threefry_fold_in",
                     "jit__randint", "jit__bernoulli", "jit__random_bits", "jit_dynamic_slice", "jit_broadcast_in_dim",
@@ -229,9 +229,8 @@ GROUP_SECONDS = {
 # The GPU check's smoke test (`benchmarks/gpu_check.py --smoke`) is a group of its own, queued after
 # every group of 20 s or more: its five cases are runs that test_devices.py (SAC, MBPO) and the
 # algorithm groups' CLI runs (PETS, DAM, TDML) compile, and it reads their programs from the
-# subprocesses' shared cache only if they ran first. Queued inside test_devices, it started while
-# the other worker was still in an algorithm group in one cold run (63a7e60 -> a9346ea: its
-# subprocesses' CPU 41.6 -> 76.8 s).
+# subprocesses' shared cache only if they ran first. Queued inside test_devices, it overlapped
+# test_pets' CLI run in 63a7e60's cold run (a precaution: no gain measured).
 GPU_CHECK_SMOKE = "test_gpu_check_smoke_runs_every_algorithm"
 QUEUED_LATE = {"gpu_check": 19.5}
 
