@@ -395,7 +395,7 @@ def trajectory_weights(args, data):
         shift = data.obs.shape[1] * MIN_REWARD[args.env_id]
     shifted = jnp.where(stored, returns - shift, 0.0)
     mean = jnp.sum(shifted) / data.size
-    return jnp.where(stored, jnp.where(mean > 0, shifted / jnp.where(mean > 0, mean, 1.0), 1.0), 0.0)
+    return jnp.where(stored, jnp.where(mean > 0, shifted / jnp.maximum(mean, 1e-8), 1.0), 0.0)
 
 
 def model_loss(args, model, norm, obs, action, next_obs, weight):
