@@ -596,9 +596,9 @@ def fit(args, runner, key):
     return runner, metrics
 
 
-def init(args, env, env_params, key):
-    """The data's first `init_episodes` random-policy episodes, and the model (+ discriminator)
-    fitted on them: the model the first round plans with."""
+def start(args, env, env_params, key):
+    """The data's first `init_episodes` random-policy episodes and fresh networks; returns them with
+    the key of their first fit."""
     key, data_key, model_key, disc_key, fit_key = jax.random.split(key, 5)
     obs_size, horizon_T = obs_size_of(env, env_params), env_params.max_steps_in_episode
     capacity = args.init_episodes + args.rounds * args.episodes_per_round
@@ -609,18 +609,22 @@ def init(args, env, env_params, key):
     norm = Normalizer(jnp.zeros(obs_size), jnp.ones(obs_size), jnp.zeros(obs_size), jnp.ones(obs_size))
     runner = RunnerState(data=empty.add(episodes), norm=norm, key=key, model=new_model(args, model_key, obs_size),
                          disc=new_discriminator(args, disc_key, obs_size))
-    return fit(args, runner, fit_key)[0]
+    return runner, fit_key
 
 
-def round_(args, env, env_params, runner, round_index):
-    """One round of Algorithm 3 in its order: roll out the planner with the current model in the
-    real env, add the trajectories, then refit the model (+ discriminator) on all data, so every
-    state a round leaves (the final one is evaluated and saved) holds a model of all its data."""
+def init(args, env, env_params, key):
+    """The first episodes and the model (+ discriminator) fitted on them: the model the first round
+    plans with."""
+    return fit(args, *start(args, env, env_params, key))[0]
+
+
+def collect(args, env, env_params, runner, round_index):
+    """Algorithm 3's rollout: the planner with the current model in the real env; the trajectories
+    are added to the data. Returns the runner, the key of the refit that follows, and metrics."""
     key, rollout_key, fit_key = jax.random.split(runner.key, 3)
     policy = partial(plan, args, env, env_params, runner)
     episodes, info = jax.vmap(partial(run_episode, env, env_params, policy))(
         jax.random.split(rollout_key, args.episodes_per_round))
-    runner, metrics = fit(args, runner._replace(key=key, data=runner.data.add(episodes)), fit_key)
     returns = jnp.sum(episodes[2], 1)
     metrics = {
         "round": round_index + 1,
@@ -628,9 +632,17 @@ def round_(args, env, env_params, runner, round_index):
         "charts/episode_return": jnp.mean(returns),
         "plan/value_first_step": jnp.mean(info["plan/value"][:, 0]),
         "plan/mean_log_weight": jnp.mean(info["plan/log_weight"]),
-        **metrics,  # the refit on all data, this round's episodes included
     }
-    return runner, metrics
+    return runner._replace(key=key, data=runner.data.add(episodes)), fit_key, metrics
+
+
+def round_(args, env, env_params, runner, round_index):
+    """One round of Algorithm 3 in its order: roll out and add the trajectories, then refit the
+    model (+ discriminator) on all data, so every state a round leaves (the final one is evaluated
+    and saved) holds a model of all its data."""
+    runner, fit_key, metrics = collect(args, env, env_params, runner, round_index)
+    runner, fit_metrics = fit(args, runner, fit_key)
+    return runner, {**metrics, **fit_metrics}  # the refit's metrics: on all data, this round's included
 
 
 def train(args, env, env_params, key):
@@ -666,13 +678,17 @@ class Trainer(NamedTuple):
     round: callable  # (state, round_index) -> (state, metrics): one round of Algorithm 3
     train: callable  # key -> (state, metrics of every round)
     evaluate: callable  # (state, key, per_episode=False) -> (mean return, metrics)
+    start: callable  # key -> (RunnerState before its first fit, the fit's key): init = fit(*start(key))
+    collect: callable  # (state, round_index) -> (state, fit key, metrics): round = collect, then fit
+    fit: callable  # (state, key) -> (state, metrics)
     env: object
     env_params: object
 
 
 def make_train(args: Args) -> Trainer:
     env, env_params = make_env(args)
-    return Trainer(*(partial(phase, args, env, env_params) for phase in (init, round_, train, evaluate)), env, env_params)
+    return Trainer(*(partial(phase, args, env, env_params) for phase in (init, round_, train, evaluate, start, collect)),
+                   partial(fit, args), env, env_params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -690,8 +706,19 @@ def run(args: Args):
     args, run_dir = utils.open_run(args, Args, f"dam-{args.method}-{args.model}", resolve)
     trainer = make_train(args)
     mesh = utils.seed_mesh(args)  # seeds split over the devices: each trains its own
-    state = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)(utils.on_devices(seed_keys(args), mesh))
-    one_round = utils.over_devices(jax.vmap(trainer.round, in_axes=(0, None)), mesh, replicated=1)
+    # Init and each round as two programs, collect and fit: the fit is then one compile, shared by
+    # init and every round (a round's single program held a second copy of it: ~5 s of compile).
+    # (Not donated: the key cannot be, and the state is small: the episodes and two small networks.)
+    refit = utils.over_devices(jax.vmap(lambda runner_and_key: trainer.fit(*runner_and_key)), mesh, donate=False)
+    collect = utils.over_devices(jax.vmap(trainer.collect, in_axes=(0, None)), mesh, replicated=1)
+    started = utils.over_devices(jax.vmap(trainer.start), mesh, donate=False)(utils.on_devices(seed_keys(args), mesh))
+    state = refit(started)[0]
+
+    def one_round(state, round_index):
+        state, fit_key, metrics = collect(state, round_index)
+        state, fit_metrics = refit((state, fit_key))
+        return state, {**metrics, **fit_metrics}
+
     state, metrics, _ = utils.train_loop(run_dir, args, state, one_round, args.rounds, unit="round",
                                          check_metrics=lambda m, rounds: utils.assert_finite(m, f"round {rounds}"),
                                          show="charts/episode_return")
