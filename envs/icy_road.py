@@ -21,9 +21,15 @@ Choices the paper leaves open, and why:
 - Reward is evaluated on the state *after* the transition (``next_obs``), so
   ``reward_fn(obs, action, next_obs)`` depends on ``next_obs`` only: accelerating past
   the threshold immediately earns either the bonus or the penalty.
+  ``reward_on_next_state=False`` evaluates Eq. 20 on ``obs`` instead, as its "r(s, a)" is
+  written (the last action's effect is then never rewarded).
 - Semi-implicit Euler: velocities are updated first, then ``pos += dt * new_velocity``.
   With dt = 1 the car is at ``(2, 0, 2, 0)`` after one acceleration, the state of the
   paper's Fig. 2, and a swerve moves the car off the road in the step it happens.
+  ``semi_implicit_euler=False`` is the explicit ("simple") Euler step, ``pos += dt *
+  old_velocity``: a swerve leaves the road one step later, so the step that swerves still
+  earns the bonus. What each reading does to the optimum and to the planners:
+  benchmarks/README.md "DAM: IcyRoad's readings of Appendix C".
 - Swerving: when the new ``xdot > speed_threshold`` (2, as in the paper) and the car
   has not swerved yet, it swerves with probability ``swerve_prob`` = 0.8 ("high
   chance"), to +y or -y with equal probability: ``ydot = +-swerve_speed``. One uniform
@@ -73,6 +79,9 @@ class EnvParams(environment.EnvParams):
     max_speed: float = 5.0  # xdot is clipped to [0, max_speed]
     dt: float = 1.0  # Euler time step
     max_steps_in_episode: int = 5
+    # Two readings of Appendix C (the docstring; benchmarks/dam_icy_readings.py measures all four):
+    semi_implicit_euler: bool = True  # positions move with the new velocities (False: the old ones)
+    reward_on_next_state: bool = True  # Eq. 20 on s' (False: on s, as "r(s, a)" is written)
 
 
 class IcyRoad(FixedHorizonDiscreteEnv):
@@ -111,9 +120,12 @@ class IcyRoad(FixedHorizonDiscreteEnv):
         )
         direction = jnp.where(u < params.swerve_prob / 2, -1.0, 1.0)
         ydot = jnp.where(swerve, direction * params.swerve_speed, state.ydot)
+        # Semi-implicit Euler moves with the new velocities; explicit ("simple") Euler with the old.
+        x_vel = jnp.where(params.semi_implicit_euler, xdot, state.xdot)
+        y_vel = jnp.where(params.semi_implicit_euler, ydot, state.ydot)
         next_state = EnvState(
-            x=state.x + params.dt * xdot,
-            y=state.y + params.dt * ydot,
+            x=state.x + params.dt * x_vel,
+            y=state.y + params.dt * y_vel,
             xdot=xdot,
             ydot=ydot,
             time=state.time + 1,
@@ -143,9 +155,11 @@ class IcyRoad(FixedHorizonDiscreteEnv):
         return jnp.stack([state.x, state.y, state.xdot, state.ydot]).astype(jnp.float32)
 
     def reward_fn(self, obs, action, next_obs, params: EnvParams | None = None):
-        """Paper Eq. 20 on the post-transition observation; any leading batch dims."""
+        """Paper Eq. 20 on the post-transition observation (or on `obs`: `reward_on_next_state`);
+        any leading batch dims."""
         params = self.default_params if params is None else params
-        y, xdot = next_obs[..., 1], next_obs[..., 2]
+        rewarded = jnp.where(params.reward_on_next_state, next_obs, obs)
+        y, xdot = rewarded[..., 1], rewarded[..., 2]
         on_road = jnp.abs(y) <= params.road_half_width
         bonus = jnp.where(xdot > params.speed_threshold, 8.0, 0.0)
         return jnp.where(on_road, xdot + bonus, xdot - 6.0).astype(jnp.float32)

@@ -287,6 +287,31 @@ def test_icy_road_greedy_policy_is_not_optimal():
         assert np.all(safe > mean["careful"])
 
 
+@pytest.mark.parametrize("semi_implicit", [True, False])
+@pytest.mark.parametrize("on_next", [True, False])
+def test_icy_road_readings_of_appendix_c_give_their_closed_form_returns(semi_implicit, on_next):
+    """Expected returns by hand from Appendix C, for each reading of its open choices (envs/icy_road.py):
+    the Euler step (semi-implicit: a swerve leaves the road in its own step; explicit: one step later)
+    and where Eq. 20 is evaluated (s' or s). q = 1 - swerve_prob: the chance of no swerve per fast step."""
+    params = ICY.default_params.replace(semi_implicit_euler=semi_implicit, reward_on_next_state=on_next)
+    q = 1 - params.swerve_prob
+    fast_on_road, fast_off_road = 3 + 8.0, 3 - 6.0  # xdot = 3: bonus, or the penalty off the road
+    # The last step accelerates to xdot 3: its reward counts only on s', and is the bonus for sure
+    # when the swerve moves the car one step later.
+    last = (fast_on_road if not semi_implicit else q * fast_on_road + (1 - q) * fast_off_road) if on_next else 2.0
+    # Twice to xdot 3 at step 2, then cruise: on s', step k >= 2 (1-based) is on the road iff no
+    # swerve in the steps that already moved the car (k - 1 of them semi-implicit, k - 2 explicit).
+    fast_steps = [k - 1 if semi_implicit else k - 2 for k in range(2, 6)] if on_next else [
+        k - 2 if semi_implicit else k - 3 for k in range(3, 6)]
+    greedy = (2.0 if on_next else 1.0 + 2.0) + sum(q**n * fast_on_road + (1 - q**n) * fast_off_road for n in fast_steps)
+    expected = {"careful": 10.0 if on_next else 9.0, "late": 8.0 + last if on_next else 9.0, "greedy_twice": greedy}
+    for name, actions in [("careful", [ACCEL] + [CRUISE] * 4), ("late", [ACCEL, CRUISE, CRUISE, CRUISE, ACCEL]),
+                          ("greedy_twice", [ACCEL, ACCEL, CRUISE, CRUISE, CRUISE])]:
+        returns = icy_runs(actions, seed=12, params=params)["reward"].sum(1)
+        assert abs(returns.mean() - expected[name]) <= 5 * returns.std() / np.sqrt(N_ICY) + 1e-5, (
+            name, returns.mean(), expected[name])
+
+
 # ------------------------------------------------------------------------- Intersection
 
 

@@ -1,0 +1,123 @@
+"""IcyRoad under each reading of Appendix C's open choices (envs/icy_road.py): the Euler step
+(semi-implicit, ours, or explicit "simple Euler") x where Eq. 20 is evaluated (on s', ours, or on s
+as "r(s, a)" is written). Per reading:
+* the exact optimum and the uniform-random policy's expected return, by dynamic programming over
+  the text's dynamics (written here from Appendix C, not from envs/icy_road.py: an oracle that the
+  env's own returns are checked against in tests/test_dam_envs.py's closed forms);
+* doing nothing (cruise at the start speed 1: return 5 on every reading);
+* dam.py's planner with the true dynamics (`--model true`), and the baseline with each learned model
+  (Gaussian, mixture), J = 10 rounds: dam.py's defaults, `--seeds` seeds, each seed's final model on
+  `--eval-episodes` planner episodes (benchmarks/dam_table.py's cells, same keys).
+The paper's Table 1 puts the baselines at 0.71 (Gaussian) and 5.34 (mixture), far below the optimum;
+a reading on which every method sits at the optimum cannot rank them.
+
+    python benchmarks/dam_icy_readings.py [--seeds 10] [--readings semi/next explicit/next ...]
+
+Resumable: each finished cell is appended to benchmarks/results/dam_icy_readings.csv and skipped on
+the next start; dam_icy_readings.md is rebuilt after every cell.
+"""
+
+import argparse
+import functools
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+from dam_table import mean_se, run_cell
+
+import envs
+from algorithms import dam, utils
+
+RESULTS = Path(__file__).parent / "results"
+READINGS = {"semi/next": (True, True), "explicit/next": (False, True), "semi/s": (True, False),
+            "explicit/s": (False, False)}
+PAPER = {"gaussian": "0.71 ± 1.72", "mdn": "5.34 ± 0.84"}
+
+
+def exact_values(semi_implicit, on_next, swerve_prob=0.8, steps=5):
+    """(optimum, uniform-random policy) expected returns from (x, y, xdot, ydot) = (0, 0, 1, 0), by
+    recursion over Appendix C: xdot += 1 / -1 / 0 clipped to [0, 5]; above xdot 2 a car that has not
+    swerved swerves with `swerve_prob`, to ydot = +-2 with equal chance; positions by Euler (dt 1);
+    reward Eq. 20 (xdot - 6 off the road |y| > 1, xdot + 8 on it above xdot 2, else xdot)."""
+
+    def reward(y, xdot):
+        return xdot - 6.0 if abs(y) > 1 else (xdot + 8.0 if xdot > 2 else xdot)
+
+    @functools.cache
+    def value(y, xdot, ydot, t, policy):
+        if t == steps:
+            return 0.0
+        totals = []
+        for delta in (1, -1, 0):
+            new_xdot = min(max(xdot + delta, 0), 5)
+            swerves = new_xdot > 2 and ydot == 0
+            outcomes = ([(swerve_prob / 2, -2), (swerve_prob / 2, 2), (1 - swerve_prob, 0)] if swerves
+                        else [(1.0, ydot)])
+            total = 0.0
+            for prob, new_ydot in outcomes:
+                new_y = y + (new_ydot if semi_implicit else ydot)
+                r = reward(new_y, new_xdot) if on_next else reward(y, xdot)
+                total += prob * (r + value(new_y, new_xdot, new_ydot, t + 1, policy))
+            totals.append(total)
+        return max(totals) if policy == "optimal" else float(np.mean(totals))
+
+    return value(0, 1, 0, 0, "optimal"), value(0, 1, 0, 0, "random")
+
+
+def run_reading(reading, model, seeds, eval_episodes):
+    semi_implicit, on_next = READINGS[reading]
+    made = envs.make("IcyRoad", semi_implicit_euler=semi_implicit, reward_on_next_state=on_next)
+    original = dam.make_env
+    dam.make_env = lambda args: made  # this reading's env for the whole cell (dam.py makes the default)
+    try:
+        cell = run_cell("IcyRoad", model, "baseline", seeds, 10, None, eval_episodes)
+    finally:
+        dam.make_env = original
+    return cell.assign(reading=reading)
+
+
+def table(df):
+    lines = ["| reading (Euler / Eq. 20 on) | optimum (exact) | random policy (exact) | do nothing | true-model planner "
+             "| Gaussian baseline | mixture baseline | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for reading in READINGS:
+        cells = df[df.reading == reading]
+        if cells.empty:
+            continue
+        optimum, random = exact_values(*READINGS[reading])
+        shown = {}
+        for model in ("true", "gaussian", "mdn"):
+            cell = cells[cells.model == model]
+            shown[model] = "-" if cell.empty else "{:.2f} ± {:.2f}".format(*mean_se(cell.eval_return))
+        lines.append(f"| {reading} | {optimum:.2f} | {random:.2f} | 5.00 | {shown['true']} | {shown['gaussian']} | "
+                     f"{shown['mdn']} | {cells.groupby('model').size().max()} |")
+    lines.append(f"\nPaper, Table 1 (3 seeds): Gaussian baseline {PAPER['gaussian']}, mixture baseline {PAPER['mdn']}. "
+                 f"Ours: mean ± s.e. over seeds of each seed's final-model evaluation. Wall-clock of these cells: "
+                 f"{df.groupby(['reading', 'model'])['seconds_cell'].first().sum():.0f} s on {jax.devices()[0].platform}.")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--eval-episodes", type=int, default=20)
+    parser.add_argument("--readings", nargs="*", default=list(READINGS), choices=list(READINGS))
+    parser.add_argument("--models", nargs="*", default=["true", "gaussian", "mdn"], choices=["true", "gaussian", "mdn"])
+    cli = parser.parse_args()
+    utils.enable_compilation_cache()
+    csv, markdown = RESULTS / "dam_icy_readings.csv", RESULTS / "dam_icy_readings.md"
+    done = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["reading", "model"])
+    for reading in cli.readings:
+        for model in cli.models:
+            if ((done.reading == reading) & (done.model == model)).any():
+                continue
+            cell = run_reading(reading, model, cli.seeds, cli.eval_episodes)
+            done = pd.concat([done, cell], ignore_index=True) if len(done) else cell
+            done.to_csv(csv, index=False)
+            markdown.write_text(table(done) + "\n")
+            print(f"{reading} {model}: {cell.eval_return.mean():.2f} ({cell.seconds_cell.iloc[0]:.0f} s)", flush=True)
+    print(table(done))
+
+
+if __name__ == "__main__":
+    main()
