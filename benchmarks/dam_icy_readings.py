@@ -23,8 +23,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pandas as pd
-from dam_table import mean_se, run_cell
+from dam_table import mean_se, run_cell, run_cells
 
 import envs
 from algorithms import dam, utils
@@ -74,7 +73,7 @@ def run_reading(reading, model, seeds, eval_episodes):
         cell = run_cell("IcyRoad", model, "baseline", seeds, 10, None, eval_episodes)
     finally:
         dam.make_env = original
-    return cell.assign(reading=reading)
+    return cell
 
 
 def table(df):
@@ -106,16 +105,9 @@ def main():
     cli = parser.parse_args()
     utils.enable_compilation_cache()
     csv, markdown = RESULTS / "dam_icy_readings.csv", RESULTS / "dam_icy_readings.md"
-    done = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["reading", "model"])
-    for reading in cli.readings:
-        for model in cli.models:
-            if ((done.reading == reading) & (done.model == model)).any():
-                continue
-            cell = run_reading(reading, model, cli.seeds, cli.eval_episodes)
-            done = pd.concat([done, cell], ignore_index=True) if len(done) else cell
-            done.to_csv(csv, index=False)
-            markdown.write_text(table(done) + "\n")
-            print(f"{reading} {model}: {cell.eval_return.mean():.2f} ({cell.seconds_cell.iloc[0]:.0f} s)", flush=True)
+    done = run_cells(csv, markdown, [dict(reading=r, model=m) for r in cli.readings for m in cli.models],
+                     lambda reading, model: run_reading(reading, model, cli.seeds, cli.eval_episodes), table,
+                     ["reading", "model"])
     print(table(done))
 
 

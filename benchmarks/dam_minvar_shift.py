@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pandas as pd
+from dam_table import run_cells
 
 from algorithms import dam, utils
 
@@ -85,15 +86,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     csv, markdown = out / f"dam_minvar_shift_{cli.env_id}_{cli.model}.csv", out / f"dam_minvar_shift_{cli.env_id}_{cli.model}.md"
     base = dam.Args(env_id=cli.env_id, model=cli.model, num_seeds=cli.seeds, rounds=cli.rounds, progress=False)
-    done = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["setting"])
-    for name, overrides in SETTINGS.items():
-        if (done.setting == name).any():
-            continue
-        cell = run_setting(base, overrides).assign(setting=name)
-        done = pd.concat([done, cell], ignore_index=True) if len(done) else cell
-        done.to_csv(csv, index=False)
-        markdown.write_text(table(done) + "\n")
-        print(f"{name}: {cell.eval_return.mean():.2f} ({cell.seconds.iloc[0]:.0f} s)", flush=True)
+    done = run_cells(csv, markdown, [dict(setting=name) for name in SETTINGS],
+                     lambda setting: run_setting(base, SETTINGS[setting]), table, ["setting"])
     print(table(done))
 
 

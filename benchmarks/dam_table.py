@@ -90,6 +90,23 @@ def table(df):
     return "\n".join(lines)
 
 
+def run_cells(csv, markdown, cells, run, table, label_columns):
+    """The resumable loop of the DAM benchmarks: run each cell (a dict of its label columns) that
+    `csv` does not hold yet, append its rows to `csv` and rebuild `markdown` after each; returns
+    every row."""
+    # The labels as read: strings (a column of only "true" would otherwise read as booleans).
+    done = pd.read_csv(csv, dtype={k: str for k in label_columns}) if csv.exists() else pd.DataFrame(columns=label_columns)
+    for labels in cells:
+        if np.logical_and.reduce([done[k] == v for k, v in labels.items()]).any():
+            continue
+        cell = run(**labels).assign(**labels)
+        done = pd.concat([done, cell], ignore_index=True) if len(done) else cell
+        done.to_csv(csv, index=False)
+        markdown.write_text(table(done) + "\n")
+        print(f"{'/'.join(map(str, labels.values()))}: {cell.eval_return.mean():.2f}", flush=True)
+    return done
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=10)
@@ -106,16 +123,9 @@ def main():
     utils.enable_compilation_cache()
     cells = CELLS if cli.cells is None else [tuple(c.split("/")) for c in cli.cells]
     out.mkdir(parents=True, exist_ok=True)
-    done = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["env", "model", "method"])
-    for env_id, model, method in cells:
-        if ((done.env == env_id) & (done.model == model) & (done.method == method)).any():
-            continue
-        cell = run_cell(env_id, model, method, cli.seeds, cli.rounds, cli.particles, cli.eval_episodes)
-        done = pd.concat([done, cell], ignore_index=True) if len(done) else cell
-        done.to_csv(csv, index=False)
-        markdown.write_text(table(done) + "\n")
-        print(f"{env_id}/{model}/{method}: {cell.eval_return.mean():.2f} "
-              f"({cell.seconds_cell.iloc[0]:.0f} s)", flush=True)
+    done = run_cells(csv, markdown, [dict(env=env_id, model=model, method=method) for env_id, model, method in cells],
+                     lambda env, model, method: run_cell(env, model, method, cli.seeds, cli.rounds, cli.particles,
+                                                         cli.eval_episodes), table, ["env", "model", "method"])
     markdown.write_text(table(done) + "\n")  # also after a run with nothing left to do (a new table layout)
     print(table(done))
 
