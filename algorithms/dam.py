@@ -92,7 +92,7 @@ NUM_ACTIONS = 3
 # ---------------------------------------------------------------------------------------------
 # Arguments. `None` means "the preset of --env-id" (PRESETS below).
 @dataclasses.dataclass
-class Args:
+class Args(utils.Run):
     # experiment
     env_id: str = "IcyRoad"
     """IcyRoad or Intersection"""
@@ -104,32 +104,12 @@ class Args:
     """seed of the first run; vmapped seed i uses seed + i"""
     num_seeds: int = 1
     """independent seeds trained at once in one vmapped program"""
-    run_dir: str = "runs"
-    """where runs/<run-name>/ is created"""
-    run_name: str | None = None
-    """name of the run directory (default: <env>__dam-<method>-<model>__<seed>__<time>)"""
-    resume: str | None = None
-    """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
     evaluate: str | None = None
     """only run `eval_episodes` planner episodes with the model saved in this run directory"""
     render: str | None = None
     """only draw one planner episode of this run's first seed into its directory: episode.png"""
     eval_episodes: int = 20
     """planner episodes per seed evaluating the final model (and of --evaluate), apart from data collection; Intersection: half with each turn"""
-    progress: bool = True
-    """show a progress bar"""
-    devices: int | None = None
-    """devices to split the seeds over (default: all); --num-seeds must be a multiple of it"""
-    coordinator: str | None = None
-    """join a multi-process run (jax.distributed): HOST:PORT of process 0, or "auto" (SLURM, Open MPI...)"""
-    num_processes: int | None = None
-    """processes of a multi-process run (with --coordinator HOST:PORT); the seeds split over all their devices"""
-    process_id: int | None = None
-    """this process's index, 0 .. num_processes - 1 (process 0 writes the run directory)"""
-    track: bool = False
-    """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
-    wandb_project: str | None = None
-    """also log to this Weights & Biases project (optional `pip install wandb`; WANDB_MODE=offline works offline)"""
 
     # MBRL loop (Algorithm 3)
     rounds: int = 10

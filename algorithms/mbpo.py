@@ -78,7 +78,7 @@ import envs  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 # Arguments. `None` means "the preset of --env-id" (PRESETS below, from the paper's App. C).
 @dataclasses.dataclass
-class Args:
+class Args(utils.Run):
     # experiment
     env_id: str = "hopper"
     """task: hopper, walker2d, halfcheetah, ant, humanoid, inverted_pendulum (presets), or any of envs.CONTINUOUS (pendulum: actions rescaled to its torque bounds)"""
@@ -100,30 +100,10 @@ class Args:
     """random-action steps before learning starts (preset 5000; 500 inverted_pendulum)"""
     eval_episodes: int = 5
     """deterministic-policy episodes per evaluation, at the end of every epoch"""
-    run_dir: str = "runs"
-    """where runs/<run-name>/ is created"""
-    run_name: str | None = None
-    """name of the run directory (default: <env>__mbpo__<seed>__<time>)"""
-    resume: str | None = None
-    """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
     evaluate: str | None = None
     """only evaluate the policy saved in this run directory and print the returns"""
     render: str | None = None
     """only write one episode of this run's saved policy into its directory: episode.html (Brax's viewer)"""
-    progress: bool = True
-    """show a progress bar"""
-    devices: int | None = None
-    """devices to split the seeds over (default: all); --num-seeds must be a multiple of it"""
-    coordinator: str | None = None
-    """join a multi-process run (jax.distributed): HOST:PORT of process 0, or "auto" (SLURM, Open MPI...)"""
-    num_processes: int | None = None
-    """processes of a multi-process run (with --coordinator HOST:PORT); the seeds split over all their devices"""
-    process_id: int | None = None
-    """this process's index, 0 .. num_processes - 1 (process 0 writes the run directory)"""
-    track: bool = False
-    """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
-    wandb_project: str | None = None
-    """also log to this Weights & Biases project (optional `pip install wandb`; WANDB_MODE=offline works offline)"""
 
     # model
     ensemble_size: int = 7

@@ -76,7 +76,7 @@ NONFINITE_RETURN = -1e6  # the reference replaces NaN costs by 1e6
 # ---------------------------------------------------------------------------------------------
 # Arguments. `None` means "the preset of --env-id" (PRESETS below, from the paper's configuration).
 @dataclasses.dataclass
-class Args:
+class Args(utils.Run):
     # experiment
     env_id: str = "inverted_pendulum"
     """task: inverted_pendulum, pendulum, reacher, pusher, halfcheetah (presets), or any envs.CONTINUOUS"""
@@ -90,30 +90,10 @@ class Args:
     """task horizon: env steps per trial unless it terminates (preset: 200 (inverted_)pendulum, 50 reacher, 150 pusher, 1000 halfcheetah)"""
     backend: str = envs.DEFAULT_BACKEND
     """physics: gymnasium (Gymnasium's v4 task on MJX, the papers' task) or Brax's positional / generalized / spring / mjx (other tasks); recorded with the run; unused by pendulum"""
-    run_dir: str = "runs"
-    """where runs/<run-name>/ is created"""
-    run_name: str | None = None
-    """name of the run directory (default: <env>__pets__<seed>__<time>)"""
-    resume: str | None = None
-    """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
     evaluate: str | None = None
     """only run one planning episode per seed with the model saved in this run directory and print the returns"""
     render: str | None = None
     """only write one planning episode of this run's first seed into its directory: episode.html (Brax's viewer)"""
-    progress: bool = True
-    """show a progress bar"""
-    devices: int | None = None
-    """devices to split the seeds over (default: all); --num-seeds must be a multiple of it"""
-    coordinator: str | None = None
-    """join a multi-process run (jax.distributed): HOST:PORT of process 0, or "auto" (SLURM, Open MPI...)"""
-    num_processes: int | None = None
-    """processes of a multi-process run (with --coordinator HOST:PORT); the seeds split over all their devices"""
-    process_id: int | None = None
-    """this process's index, 0 .. num_processes - 1 (process 0 writes the run directory)"""
-    track: bool = False
-    """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
-    wandb_project: str | None = None
-    """also log to this Weights & Biases project (optional `pip install wandb`; WANDB_MODE=offline works offline)"""
 
     # model
     ensemble_size: int = 5

@@ -79,7 +79,7 @@ POLICY_WIDTH, POLICY_DEPTH = 256, 2  # sac.py's default actor, the shape of a --
 # ---------------------------------------------------------------------------------------------
 # Arguments. `None` means "the preset of --arch" (ARCHS above) or "read from --policy-run".
 @dataclasses.dataclass
-class Args:
+class Args(utils.Run):
     # experiment
     env_id: str = "walker2d"
     """a task with snapshots: walker2d (the paper's), hopper, any MuJoCo task on any backend, or pendulum"""
@@ -93,28 +93,8 @@ class Args:
     """iterations per compiled chunk: true TDML is evaluated, metrics logged and a checkpoint saved after each"""
     backend: str = envs.DEFAULT_BACKEND
     """physics: gymnasium (Gymnasium's v4 task on MJX, the papers' task) or Brax's positional / generalized / spring / mjx (other tasks); recorded with the run"""
-    run_dir: str = "runs"
-    """where runs/<run-name>/ is created"""
-    run_name: str | None = None
-    """name of the run directory (default: <env>__tdml-<loss>-<arch>__<seed>__<time>)"""
-    resume: str | None = None
-    """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
     evaluate: str | None = None
     """only compute the true TDML of the models saved in this run directory and print it"""
-    progress: bool = True
-    """show a progress bar"""
-    devices: int | None = None
-    """devices to split the seeds over (default: all); --num-seeds must be a multiple of it"""
-    coordinator: str | None = None
-    """join a multi-process run (jax.distributed): HOST:PORT of process 0, or "auto" (SLURM, Open MPI...)"""
-    num_processes: int | None = None
-    """processes of a multi-process run (with --coordinator HOST:PORT); the seeds split over all their devices"""
-    process_id: int | None = None
-    """this process's index, 0 .. num_processes - 1 (process 0 writes the run directory)"""
-    track: bool = False
-    """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
-    wandb_project: str | None = None
-    """also log to this Weights & Biases project (optional `pip install wandb`; WANDB_MODE=offline works offline)"""
 
     # data set: the fixed replay buffer of a deterministic policy
     policy_run: str | None = None

@@ -27,6 +27,33 @@ import tyro
 from tqdm import tqdm
 
 
+@dataclasses.dataclass
+class Run:
+    """The host flags of every algorithm: the base class of each file's `Args` (so the flags stay
+    flat, `--run-dir`, `--resume`, ..., and a run's args.json lists them beside the algorithm's)."""
+
+    run_dir: str = "runs"
+    """where runs/<run-name>/ is created"""
+    run_name: str | None = None
+    """name of the run directory (default: <env>__<algorithm>__<seed>__<time>)"""
+    resume: str | None = None
+    """continue the run in this directory from its last checkpoint (other arguments are ignored)"""
+    progress: bool = True
+    """show a progress bar"""
+    devices: int | None = None
+    """devices to split the seeds over (default: all); --num-seeds must be a multiple of it"""
+    coordinator: str | None = None
+    """join a multi-process run (jax.distributed): HOST:PORT of process 0, or "auto" (SLURM, Open MPI...)"""
+    num_processes: int | None = None
+    """processes of a multi-process run (with --coordinator HOST:PORT); the seeds split over all their devices"""
+    process_id: int | None = None
+    """this process's index, 0 .. num_processes - 1 (process 0 writes the run directory)"""
+    track: bool = False
+    """log every metric to TensorBoard: event files in <run>/tensorboard/ (no network)"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (optional `pip install wandb`; WANDB_MODE=offline works offline)"""
+
+
 def enable_compilation_cache():
     """Persistent XLA cache: a second run skips most compile time (Brax: ~30 s -> ~4 s)."""
     jax.config.update(
