@@ -336,12 +336,16 @@ def deterministic_action(actor, obs):
 
 # ---------------------------------------------------------------------------------------------
 # Buffers: preallocated arrays, traced insert position and size.
-class Buffer(NamedTuple):
+class Transition(NamedTuple):
     obs: jax.Array
     action: jax.Array
     reward: jax.Array
-    next_obs: jax.Array
-    terminated: jax.Array
+    next_obs: jax.Array  # the true next observation, never the post-reset one
+    terminated: jax.Array  # the task's own termination only; truncation is not stored
+
+
+class Buffer(NamedTuple):
+    data: Transition  # preallocated rows
     insert_pos: jax.Array
     size: jax.Array
     capacity: jax.Array  # the ring's size (traced, <= the allocated rows); the model buffer's follows k
@@ -349,17 +353,17 @@ class Buffer(NamedTuple):
     @staticmethod
     def empty(rows, obs_size, action_size):
         f = partial(jnp.zeros, dtype=jnp.float32)
-        return Buffer(f((rows, obs_size)), f((rows, action_size)), f(rows), f((rows, obs_size)),
-                      jnp.zeros(rows, bool), jnp.int32(0), jnp.int32(0), jnp.int32(rows))
+        return Buffer(Transition(f((rows, obs_size)), f((rows, action_size)), f(rows), f((rows, obs_size)),
+                                 jnp.zeros(rows, bool)), jnp.int32(0), jnp.int32(0), jnp.int32(rows))
 
-    def add_batch(self, transition, valid):
+    def add_batch(self, transition: Transition, valid):
         """Write the rows of `transition` where `valid`, consecutively, into the ring: invalid rows
         are dropped, nothing is overwritten by them."""
         rank = jnp.cumsum(valid) - 1
-        index = jnp.where(valid, (self.insert_pos + rank) % self.capacity, self.obs.shape[0])
-        fields = [getattr(self, name).at[index].set(value, mode="drop") for name, value in zip(self._fields[:5], transition)]
+        index = jnp.where(valid, (self.insert_pos + rank) % self.capacity, self.data.obs.shape[0])
+        data = jax.tree.map(lambda rows, new: rows.at[index].set(new, mode="drop"), self.data, Transition(*transition))
         n = jnp.sum(valid, dtype=jnp.int32)
-        return self._replace(**dict(zip(self._fields[:5], fields)), insert_pos=(self.insert_pos + n) % self.capacity,
+        return self._replace(data=data, insert_pos=(self.insert_pos + n) % self.capacity,
                              size=jnp.minimum(self.size + n, self.capacity))
 
     def resize(self, capacity):
@@ -374,9 +378,9 @@ class Buffer(NamedTuple):
 
         return jax.lax.cond(capacity != self.capacity, reallocate, lambda b: b, self)
 
-    def sample(self, key, n):
+    def sample(self, key, n) -> Transition:
         index = jax.random.randint(key, (n,), 0, jnp.maximum(self.size, 1))
-        return tuple(getattr(self, name)[index] for name in self._fields[:5])
+        return jax.tree.map(lambda rows: rows[index], self.data)
 
 
 class SACState(NamedTuple):
@@ -472,7 +476,7 @@ def collect(args, env, env_params, runner, random_actions, key):
     next_obs, env_state, reward, terminated, truncated, info = env.step(
         step_key, runner.env_state, utils.to_env_actions(env, env_params)(action), env_params)
     # The model learns from the true next observation, never the post-reset one.
-    transition = (runner.obs[None], action[None], reward[None], info["final_observation"][None], terminated[None])
+    transition = Transition(runner.obs[None], action[None], reward[None], info["final_observation"][None], terminated[None])
     real = runner.real.add_batch(transition, jnp.ones(1, bool))
     done = terminated | truncated
     episode_return = runner.episode_return + reward
@@ -493,7 +497,7 @@ def pooled(runner):
 def model_io(buffer, index):
     """Inputs (obs, action) and targets (next_obs - obs, reward) of the rows `index`: the
     layout the ensemble predicts, which `model_step` decodes."""
-    obs, action, reward, next_obs, _ = (x[index] for x in buffer[:5])
+    obs, action, reward, next_obs, _ = jax.tree.map(lambda rows: rows[index], buffer.data)
     return jnp.concatenate([obs, action], -1), jnp.concatenate([next_obs - obs, reward[..., None]], -1)
 
 
@@ -547,7 +551,7 @@ def fit_model(args, model, opt_state, buffer, key):
     `model_patience` epochs; each member keeps its best weights. Shapes are static: the split
     is a random ranking of the buffer slots, masked by the traced size.
     Returns (model, opt_state, elites, diagnostics, metrics)."""
-    capacity, members, bs = buffer.obs.shape[0], args.ensemble_size, args.model_batch_size
+    capacity, members, bs = buffer.data.obs.shape[0], args.ensemble_size, args.model_batch_size
     perm_key, boot_key, key = jax.random.split(key, 3)
     # Random ranking of the filled slots (empty slots rank last): slots[:n_hold] is the holdout.
     slots = jnp.argsort(jnp.where(jnp.arange(capacity) < buffer.size, jax.random.uniform(perm_key, (capacity,)), 2.0))
@@ -560,7 +564,7 @@ def fit_model(args, model, opt_state, buffer, key):
     # Input normalizer from the training inputs (masked mean/std over the whole buffer).
     rank = jnp.zeros(capacity, jnp.int32).at[slots].set(jnp.arange(capacity))
     train_mask = ((rank >= n_hold) & (rank < buffer.size)).astype(jnp.float32)[:, None]
-    all_in = jnp.concatenate([buffer.obs, buffer.action], -1)
+    all_in = jnp.concatenate([buffer.data.obs, buffer.data.action], -1)
     mean = jnp.sum(all_in * train_mask, 0) / n_train
     std = jnp.sqrt(jnp.sum((all_in - mean) ** 2 * train_mask, 0) / n_train)
     model = eqx.tree_at(lambda m: (m.input_mean, m.input_std), model, (mean, jnp.where(std < 1e-12, 1.0, std)))
@@ -660,7 +664,7 @@ def model_rollout(args, env, runner, k, key):
     it done but still store it, NaNs included)."""
     num_rollouts = args.rollout_batch_size
     start_key, key = jax.random.split(key)
-    obs = pooled(runner).sample(start_key, num_rollouts)[0]
+    obs = pooled(runner).sample(start_key, num_rollouts).obs
 
     def step(t, carry):
         obs, alive, buffer, nonfinite, key = carry
@@ -669,7 +673,7 @@ def model_rollout(args, env, runner, k, key):
         next_obs, reward = model_step(args, runner.model, runner.elites, obs, action, model_key)
         finite = jnp.all(jnp.isfinite(next_obs), -1) & jnp.isfinite(reward)
         terminated = env.termination_fn(obs, action, next_obs)
-        buffer = buffer.add_batch((obs, action, reward, next_obs, terminated), alive & finite)
+        buffer = buffer.add_batch(Transition(obs, action, reward, next_obs, terminated), alive & finite)
         nonfinite += jnp.sum(alive & ~finite)
         return next_obs, alive & ~terminated & finite, buffer, nonfinite, key
 

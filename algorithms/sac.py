@@ -213,34 +213,37 @@ def deterministic_action(actor, obs):
 
 # ---------------------------------------------------------------------------------------------
 # Replay buffer: preallocated arrays, traced insert position and size.
-class Buffer(NamedTuple):
+class Transition(NamedTuple):
     obs: jax.Array
     action: jax.Array
     reward: jax.Array
     next_obs: jax.Array  # the true next observation, never the post-reset one
     terminated: jax.Array  # the task's own termination only; truncation is not stored
+
+
+class Buffer(NamedTuple):
+    data: Transition  # preallocated rows
     insert_pos: jax.Array
     size: jax.Array
 
     @staticmethod
     def empty(capacity, obs_size, action_size):
         f = partial(jnp.zeros, dtype=jnp.float32)
-        return Buffer(f((capacity, obs_size)), f((capacity, action_size)), f(capacity), f((capacity, obs_size)),
-                      jnp.zeros(capacity, bool), jnp.int32(0), jnp.int32(0))
+        return Buffer(Transition(f((capacity, obs_size)), f((capacity, action_size)), f(capacity),
+                                 f((capacity, obs_size)), jnp.zeros(capacity, bool)), jnp.int32(0), jnp.int32(0))
 
-    def add(self, transition):
+    def add(self, transition: Transition):
         """Write one transition at `insert_pos`, overwriting the oldest once full (ring buffer)."""
-        capacity = self.obs.shape[0]
-        fields = [getattr(self, name).at[self.insert_pos].set(value)
-                  for name, value in zip(self._fields[:5], transition)]
-        return Buffer(*fields, (self.insert_pos + 1) % capacity, jnp.minimum(self.size + 1, capacity))
+        capacity = self.data.obs.shape[0]
+        data = jax.tree.map(lambda rows, row: rows.at[self.insert_pos].set(row), self.data, Transition(*transition))
+        return Buffer(data, (self.insert_pos + 1) % capacity, jnp.minimum(self.size + 1, capacity))
 
-    def sample(self, key, n, hidden=0):
+    def sample(self, key, n, hidden=0) -> Transition:
         """`n` rows drawn uniformly from all but the `hidden` newest (the episode in progress)."""
-        capacity = self.obs.shape[0]
+        capacity = self.data.obs.shape[0]
         oldest = jnp.where(self.size == capacity, self.insert_pos, 0)
         index = (oldest + jax.random.randint(key, (n,), 0, jnp.maximum(self.size - hidden, 1))) % capacity
-        return tuple(getattr(self, name)[index] for name in self._fields[:5])
+        return jax.tree.map(lambda rows: rows[index], self.data)
 
 
 class SACState(NamedTuple):
@@ -301,7 +304,7 @@ def collect(args, env, env_params, runner, random_actions, key):
     next_obs, env_state, reward, terminated, truncated, info = env.step(
         step_key, runner.env_state, utils.to_env_actions(env, env_params)(action), env_params)
     # Store the true next observation and `terminated` alone (truncation is not an MDP end).
-    buffer = runner.buffer.add((runner.obs, action, reward, info["final_observation"], terminated))
+    buffer = runner.buffer.add(Transition(runner.obs, action, reward, info["final_observation"], terminated))
     done = terminated | truncated
     episode_return = runner.episode_return + reward
     unfinished = jnp.where(done, 0, runner.unfinished + 1) if args.add_at_episode_end else runner.unfinished

@@ -137,7 +137,7 @@ def _state_shape(module, path):
 def _pool_field(key_path):
     """The Buffer field name if this leaf is in MBPO's model pool (`RunnerState.model_data`), else None."""
     names = [getattr(k, "name", None) for k in key_path]
-    return names[names.index("model_data") + 1] if "model_data" in names else None
+    return names[-1] if "model_data" in names else None  # model_data.data.obs, model_data.size, ...
 
 
 def save_portable(module, path):

@@ -65,7 +65,7 @@ def phase_seconds(n, capacity):
     state = state._replace(model_data=filled)
     timings["sac"] = best_time(jax.jit(lambda s, k: mbpo.update(args, s, k)[0].sac), state, jax.random.PRNGKey(3))
     collect = jax.jit(lambda s, k: jax.lax.scan(lambda c, kk: (mbpo.collect(args, env, env_params, c, False, kk)[0], None), s, k)[0].obs)
-    small = state._replace(model_data=mbpo.Buffer.empty(1, state.obs.shape[-1], state.real.action.shape[-1]))
+    small = state._replace(model_data=mbpo.Buffer.empty(1, state.obs.shape[-1], state.real.data.action.shape[-1]))
     timings["collect"] = best_time(collect, small, jax.random.split(jax.random.PRNGKey(4), 100)) / 100
     per_epoch = (timings["fit11"] - timings["fit1"]) / 10
     return {"fit_fixed": timings["fit1"] - per_epoch, "fit_epoch": per_epoch, "rollout": timings["rollout"],

@@ -37,9 +37,9 @@ SCRIPT = textwrap.dedent('''
     mesh = utils.seed_mesh(args)
     trainer = sac.make_train(args)
     state = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)(utils.on_devices(sac.seed_keys(args), mesh))
-    shards = state.buffer.obs.addressable_shards
+    shards = state.buffer.data.obs.addressable_shards
     out = {"shard_shapes": [list(s.data.shape) for s in shards], "shard_devices": len({s.device for s in shards}),
-           "full_shape": list(state.buffer.obs.shape)}
+           "full_shape": list(state.buffer.data.obs.shape)}
     sac.run(sac.Args(**config, devices=4, run_name="d4"))
     sac.run(sac.Args(**config, devices=1, run_name="d1"))
     # Killed after its 2nd epoch on 4 devices, resumed on 1.

@@ -210,7 +210,7 @@ def test_rollouts_respect_k_and_the_termination_function(k):
     runner = runner._replace(model_data=runner.model_data.resize(10 * n))
     buffer, metrics = jax.jit(functools.partial(mbpo.model_rollout, args, env), static_argnums=1)(runner, k, jax.random.PRNGKey(5))
     size = int(buffer.size)
-    obs, next_obs, terminated = (np.asarray(x[:size]) for x in (buffer.obs, buffer.next_obs, buffer.terminated))
+    obs, next_obs, terminated = (np.asarray(x[:size]) for x in (buffer.data.obs, buffer.data.next_obs, buffer.data.terminated))
     env = mbpo.envs.make("inverted_pendulum", backend="positional")[0]
     np.testing.assert_array_equal(terminated, np.asarray(env.termination_fn(obs, None, next_obs)))
     # Rollouts stop at termination: no stored transition starts from a terminal state.
@@ -232,7 +232,7 @@ def test_batches_mix_real_and_model_data_as_the_reference():
         (jnp.zeros((n_model, 4)), jnp.zeros((n_model, 1)), -jnp.ones(n_model), jnp.zeros((n_model, 4)),
          jnp.zeros(n_model, bool)), jnp.ones(n_model, bool))
     batch = jax.jit(functools.partial(mbpo.sample_batch, args))(runner._replace(model_data=model_data), jax.random.PRNGKey(0))
-    reward = np.asarray(batch[2])
+    reward = np.asarray(batch.reward)
     assert args.sac_batch_size == 256 and args.real_ratio == 0.05 and len(reward) == 256
     # The reference's env_batch_size = int(256 * 0.05) = 12 real rows (rewards 1), 244 model rows.
     assert np.sum(reward == 1.0) == 12 and np.sum(reward == -1.0) == 244
@@ -290,7 +290,7 @@ def test_pendulum_gets_the_policys_actions_on_its_torque_bounds(reference):
     _, _, state, _ = utils.load_saved(str(reference[0].path), mbpo.Args, mbpo.make_train, mbpo.seed_keys)
     real = jax.tree.map(lambda x: np.asarray(x[0]), state.real)
     n = int(real.size)
-    obs, action, reward, next_obs = real.obs[:n], real.action[:n], real.reward[:n], real.next_obs[:n]
+    obs, action, reward, next_obs = real.data.obs[:n], real.data.action[:n], real.data.reward[:n], real.data.next_obs[:n]
     assert n == 1000 and np.abs(action).max() <= 1.0 and np.abs(action).max() > 0.95
     env, _ = mbpo.envs.make("pendulum")
     np.testing.assert_allclose(reward, env.reward_fn(obs, 2.0 * action, next_obs), rtol=1e-5, atol=1e-5)  # as test_pendulum_env.py
@@ -405,7 +405,7 @@ def test_model_buffer_matches_the_reference_pool_through_resizes():
         ours, next_id = add(ours, jnp.asarray(rows), jnp.asarray(valid)), next_id + 12
         ref.add_samples(rows[valid])
         assert (int(ours.size), int(ours.insert_pos), int(ours.capacity)) == (ref.size, ref.pointer, ref.max_size)
-        np.testing.assert_array_equal(np.asarray(ours.obs[: ref.size]), ref.data[: ref.size])
+        np.testing.assert_array_equal(np.asarray(ours.data.obs[: ref.size]), ref.data[: ref.size])
 
 
 def _reference_programs(args, trainer):
@@ -429,14 +429,15 @@ def test_the_episode_in_progress_reaches_no_fit_rollout_or_sac_batch():
     state, _ = chunk(init(), jnp.int32(0))
     assert int(state.real.size[0]) == 250 and int(state.unfinished[0]) == 50
     poison = lambda x: x.at[:, 200:250].set(1e6)  # noqa: E731
-    state = state._replace(real=state.real._replace(obs=poison(state.real.obs), next_obs=poison(state.real.next_obs)))
+    state = state._replace(real=state.real._replace(data=state.real.data._replace(
+        obs=poison(state.real.data.obs), next_obs=poison(state.real.data.next_obs))))
     n_real = int(args.real_ratio * args.sac_batch_size)
     batches = jax.jit(jax.vmap(functools.partial(mbpo.sample_batch, args), (None, 0)))(jax.tree.map(lambda x: x[0], state),
                                                                 jax.random.split(jax.random.PRNGKey(0), 200))
     assert np.abs(np.asarray(batches[0][:, :n_real])).max() < 100  # SAC's real rows
     state, _ = chunk(state, jnp.int32(250))  # fits, then branches k = 1 rollouts from real states
     assert np.abs(np.asarray(state.model.input_mean)).max() < 100  # the fit's inputs
-    starts = np.asarray(state.model_data.obs[0, :int(state.model_data.size[0])])
+    starts = np.asarray(state.model_data.data.obs[0, :int(state.model_data.size[0])])
     assert len(starts) == args.rollout_batch_size and np.abs(starts).max() < 100  # the rollouts' starts
     # The count follows the env's own step counter (pendulum's `time`: steps into the episode);
     # with --no-add-at-episode-end it stays 0 (every row is seen at once).
@@ -464,8 +465,8 @@ def test_every_sampled_model_row_was_written_as_k_grows_and_epochs_compile_once(
     # (the same program: the test's compile cache serves it), not one of its own (38 s on a worker before).
     init, chunk = _reference_programs(args, trainer._replace(chunk=counted))
     state = init()
-    nan_fields = {name: jnp.full_like(getattr(state.model_data, name), jnp.nan) for name in ("obs", "action", "next_obs")}
-    state = state._replace(model_data=state.model_data._replace(**nan_fields))
+    nan_fields = {name: jnp.full_like(getattr(state.model_data.data, name), jnp.nan) for name in ("obs", "action", "next_obs")}
+    state = state._replace(model_data=state.model_data._replace(data=state.model_data.data._replace(**nan_fields)))
     ks = []
     for i in range(trainer.num_chunks):
         state, metrics = chunk(state, jnp.int32(i * args.epoch_length))
@@ -474,7 +475,7 @@ def test_every_sampled_model_row_was_written_as_k_grows_and_epochs_compile_once(
         if i > 0:
             assert int(data.capacity[0]) == ks[-1] * args.rollout_batch_size and size > 0
             for name in nan_fields:
-                assert np.isfinite(np.asarray(getattr(data, name)[0, :size])).all(), (name, i, size)
+                assert np.isfinite(np.asarray(getattr(data.data, name)[0, :size])).all(), (name, i, size)
     assert ks == [1, 1, 2, 3] and len(traces) == 1
 
 
@@ -522,7 +523,7 @@ def test_nonfinite_predictions_end_rollouts_and_only_a_dead_branch_stops():
         r = runner._replace(model=model, elites=elites, model_data=runner.model_data.resize(3 * args.rollout_batch_size))
         buffer, metrics = rollout(r, 3, jax.random.PRNGKey(0))
         size = int(buffer.size)
-        assert np.isfinite(np.asarray(buffer.next_obs[:size])).all() and np.isfinite(np.asarray(buffer.reward[:size])).all()
+        assert np.isfinite(np.asarray(buffer.data.next_obs[:size])).all() and np.isfinite(np.asarray(buffer.data.reward[:size])).all()
         assert int(metrics["model/nonfinite_branch"]) == dead
         if not dead:  # about half the rollouts hit member 0 at the first step and end there
             assert 0.4 < int(metrics["model/nonfinite_predictions"]) / args.rollout_batch_size < 1.0

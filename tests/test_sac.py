@@ -181,7 +181,7 @@ def test_buffer_stores_true_next_obs_and_termination_only():
     buf = jax.tree.map(lambda x: np.asarray(x[0]), state.buffer)
     steps = args.epoch_length
     assert buf.size == steps
-    obs, action, next_obs, terminated = (x[:steps] for x in (buf.obs, buf.action, buf.next_obs, buf.terminated))
+    obs, action, next_obs, terminated = (x[:steps] for x in (buf.data.obs, buf.data.action, buf.data.next_obs, buf.data.terminated))
     env, _ = envs.make("inverted_pendulum", backend="positional")
     np.testing.assert_array_equal(terminated, np.asarray(env.termination_fn(obs, action, next_obs)))
     # Within an episode next_obs is the next obs; an episode end (next_obs != the following obs,
@@ -196,7 +196,8 @@ def test_buffer_stores_true_next_obs_and_termination_only():
     # MBPO's reference pools a path when it ends: SAC's batches must not reach those rows. Poisoned
     # (observations 1e6), drawn rows blow the critic loss up (measured with them drawn: 2.5e8-4.7e8).
     poison = lambda x: x.at[:, steps - in_progress:steps].set(1e6)  # noqa: E731
-    poisoned = state._replace(buffer=state.buffer._replace(obs=poison(state.buffer.obs), next_obs=poison(state.buffer.next_obs)))
+    poisoned = state._replace(buffer=state.buffer._replace(data=state.buffer.data._replace(
+        obs=poison(state.buffer.data.obs), next_obs=poison(state.buffer.data.next_obs))))
     update = jax.jit(jax.vmap(functools.partial(sac.update, args)))
     keys = jax.random.split(jax.random.PRNGKey(7), (20, 1))
     losses = np.array([float(update(poisoned, k)[1]["losses/critic"][0]) for k in keys])
@@ -216,7 +217,7 @@ def test_pendulum_gets_the_policys_actions_on_its_torque_bounds():
     assert int(state.unfinished[0]) == 0 and int(state.env_state.time[0]) == 50
     buf = jax.tree.map(lambda x: np.asarray(x[0]), state.buffer)
     n = args.epoch_length
-    obs, action, reward, next_obs = buf.obs[:n], buf.action[:n], buf.reward[:n], buf.next_obs[:n]
+    obs, action, reward, next_obs = buf.data.obs[:n], buf.data.action[:n], buf.data.reward[:n], buf.data.next_obs[:n]
     assert np.abs(action).max() <= 1.0 and np.abs(action).max() > 0.95
     env, _ = envs.make("pendulum")
     np.testing.assert_allclose(reward, env.reward_fn(obs, 2.0 * action, next_obs), rtol=1e-5, atol=1e-5)  # as test_pendulum_env.py
@@ -231,16 +232,16 @@ def test_buffer_ring_keeps_the_latest():
     for i in range(5):
         buf = buf.add((jnp.full(2, i), jnp.full(1, i), jnp.float32(i), jnp.full(2, i + 1), jnp.bool_(i == 4)))
     assert int(buf.size) == 3 and int(buf.insert_pos) == 2
-    np.testing.assert_array_equal(buf.reward, [3.0, 4.0, 2.0])
-    np.testing.assert_array_equal(buf.terminated, [False, True, False])
-    sampled = buf.sample(jax.random.PRNGKey(0), 100)[2]
+    np.testing.assert_array_equal(buf.data.reward, [3.0, 4.0, 2.0])
+    np.testing.assert_array_equal(buf.data.terminated, [False, True, False])
+    sampled = buf.sample(jax.random.PRNGKey(0), 100).reward
     assert set(np.asarray(sampled).tolist()) == {2.0, 3.0, 4.0}
     # The newest `hidden` rows (the episode in progress) are never drawn, full ring or not.
-    assert set(np.asarray(buf.sample(jax.random.PRNGKey(0), 100, 1)[2]).tolist()) == {2.0, 3.0}
+    assert set(np.asarray(buf.sample(jax.random.PRNGKey(0), 100, 1).reward).tolist()) == {2.0, 3.0}
     part = sac.Buffer.empty(5, 2, 1)
     for i in range(4):
         part = part.add((jnp.full(2, i), jnp.full(1, i), jnp.float32(i), jnp.full(2, i + 1), jnp.bool_(False)))
-    assert set(np.asarray(part.sample(jax.random.PRNGKey(0), 100, 2)[2]).tolist()) == {0.0, 1.0}
+    assert set(np.asarray(part.sample(jax.random.PRNGKey(0), 100, 2).reward).tolist()) == {0.0, 1.0}
 
 
 # ---------------------------------------------------------------------------------------------
