@@ -16,7 +16,7 @@ planning does not import.)
 What is timed: `TrajectoryOptimizerAgent.act(obs)` (one MPC step: a full CEM optimization over
 `ModelEnv.evaluate_action_sequences`), built the way mbrl-lib's own PETS example builds it
 (`create_one_dim_tr_model`, `ModelEnv`, `create_trajectory_optim_agent_for_model`), with:
-CEM population 400, elite ratio 0.1 (40 elites), 5 iterations, alpha 0.1, horizon 30, 20
+the settings pets_latency.py passes (halfcheetah's preset: CEM population 500, elite ratio 0.1), 5 iterations, alpha 0.1, horizon 30, 20
 particles, propagation `fixed_model` (TS-inf), a `GaussianMLP` ensemble of 5 members of 4 x 200
 SiLU, halfcheetah's obs 18 / actions 6 in [-1, 1], mbrl-lib's `halfcheetah` reward function and
 `no_termination`, freshly initialized weights and an identity-ish normalizer fit on random

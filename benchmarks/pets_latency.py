@@ -5,7 +5,7 @@ for 1 seed and for N vmapped seeds, with the FLOP/s it achieves next to this mac
     python benchmarks/pets_latency.py --seeds 1 2 --population 16 --horizon 5 --particles 5 \\
         --iterations 1 --out /tmp/pets_latency_smoke.md                        # smoke run
 
-Settings (defaults): CEM with population 400 and 40 elites (10%), horizon 30, P = 20 particles,
+Settings (defaults): the task's preset, on halfcheetah CEM with population 500 and 50 elites, horizon 30, P = 20 particles,
 5 iterations, TS-inf, B = 5 members of 4 x 200 swish (`algorithms/pets.py`'s planner and model,
 `Trainer.plan` + `Trainer.model_value`, the function `episode` calls at every env step).
 
@@ -124,9 +124,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-id", default="halfcheetah", help="task (its observation and action sizes)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 4], help="vmapped seed counts to time")
-    parser.add_argument("--population", type=int, default=400)
-    parser.add_argument("--elites", type=int, default=None, help="default: 10%% of the population")
-    parser.add_argument("--horizon", type=int, default=30)
+    parser.add_argument("--population", type=int, default=None, help="default: the task's preset (halfcheetah: 500)")
+    parser.add_argument("--elites", type=int, default=None, help="default: the preset (halfcheetah: 50), or 10%% of --population")
+    parser.add_argument("--horizon", type=int, default=None, help="default: the task's preset (halfcheetah: 30)")
     parser.add_argument("--particles", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--epsilon", type=float, default=0.0, help="CEM early-stop threshold (0: disabled)")
@@ -137,7 +137,7 @@ def main():
     parser.add_argument("--mbrl-lib-python", default=None,
                         help="python of a venv with torch + mbrl 0.2.0: also time mbrl-lib's planner in this run")
     cli = parser.parse_args()
-    elites = cli.elites or max(1, cli.population // 10)
+    elites = cli.elites or (cli.population and max(1, cli.population // 10))  # None: the preset's
     args = pets.resolve(pets.Args(
         env_id=cli.env_id, num_trials=2, population=cli.population, num_elites=elites, horizon=cli.horizon,
         num_particles=cli.particles, cem_iterations=cli.iterations, cem_epsilon=cli.epsilon,
