@@ -282,23 +282,27 @@ class Ensemble(eqx.Module):
 # ---------------------------------------------------------------------------------------------
 # Buffer: preallocated for the whole run (num_trials x episode_length), traced size. PETS keeps
 # every transition ("train on all data"), so it is never overwritten.
-class Buffer(NamedTuple):
+class Transition(NamedTuple):
     obs: jax.Array
     action: jax.Array
     reward: jax.Array
-    next_obs: jax.Array
+    next_obs: jax.Array  # the true next observation
     terminated: jax.Array
+
+
+class Buffer(NamedTuple):
+    data: Transition  # preallocated rows
     size: jax.Array
 
     @staticmethod
     def empty(capacity, obs_size, action_size):
         f = partial(jnp.zeros, dtype=jnp.float32)
-        return Buffer(f((capacity, obs_size)), f((capacity, action_size)), f(capacity), f((capacity, obs_size)),
-                      jnp.zeros(capacity, bool), jnp.int32(0))
+        return Buffer(Transition(f((capacity, obs_size)), f((capacity, action_size)), f(capacity),
+                                 f((capacity, obs_size)), jnp.zeros(capacity, bool)), jnp.int32(0))
 
-    def add(self, transition):
-        fields = [getattr(self, name).at[self.size].set(value, mode="drop") for name, value in zip(self._fields[:5], transition)]
-        return Buffer(*fields, self.size + 1)
+    def add(self, transition: Transition):
+        data = jax.tree.map(lambda rows, row: rows.at[self.size].set(row, mode="drop"), self.data, Transition(*transition))
+        return Buffer(data, self.size + 1)
 
 
 class RunnerState(NamedTuple):
@@ -594,7 +598,7 @@ def episode(args, env, env_params, runner, random_actions, key):
         next_obs, env_state, reward, terminated, truncated, info = env.step(step_key, env_state, action, env_params)
         # The model learns from the true next observation, never the post-reset one.
         true_next = info["final_observation"]
-        buffer = buffer.add((obs, action, reward, true_next, terminated))
+        buffer = buffer.add(Transition(obs, action, reward, true_next, terminated))
         inputs = jnp.concatenate([preprocess(obs), action])
         predicted, _ = runner.model(jnp.broadcast_to(inputs, (args.ensemble_size, 1, inputs.shape[-1])))
         sq_err = sq_err + jnp.mean((postprocess(obs, jnp.mean(predicted[:, 0, :env.obs_size], 0)) - true_next) ** 2)
@@ -616,11 +620,12 @@ def episode(args, env, env_params, runner, random_actions, key):
 def model_io(args, buffer):
     """Inputs (preprocessed obs, action) and targets (the task's target of next_obs[, reward]) of
     every row: the layout `model_step` decodes."""
-    preprocess, model_target, _ = task_transforms(args, buffer.obs.shape[-1])
-    inputs = jnp.concatenate([preprocess(buffer.obs), buffer.action], -1)
-    targets = model_target(buffer.obs, buffer.next_obs)
+    data = buffer.data
+    preprocess, model_target, _ = task_transforms(args, data.obs.shape[-1])
+    inputs = jnp.concatenate([preprocess(data.obs), data.action], -1)
+    targets = model_target(data.obs, data.next_obs)
     if args.learn_reward:
-        targets = jnp.concatenate([targets, buffer.reward[:, None]], -1)
+        targets = jnp.concatenate([targets, data.reward[:, None]], -1)
     return inputs, targets
 
 
@@ -649,7 +654,7 @@ def fit_model(args, model, opt_state, buffer, key):
     transitions, each member on its own bootstrap resample (n draws with replacement,
     reshuffled every epoch). Shapes are those of the full buffer; the number of minibatches,
     ceil(n / batch) per epoch, and of epochs are traced."""
-    capacity, members, bs = buffer.obs.shape[0], args.ensemble_size, args.model_batch_size
+    capacity, members, bs = buffer.data.obs.shape[0], args.ensemble_size, args.model_batch_size
     padded = -(-capacity // bs) * bs  # bootstrap index rows, a whole number of minibatches
     n = buffer.size
     valid = (jnp.arange(capacity) < n).astype(jnp.float32)[:, None]

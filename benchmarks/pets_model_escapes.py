@@ -46,7 +46,7 @@ def main():
     for seed in range(args.num_seeds):
         model, buffer = jax.tree.map(lambda x: x[seed], (state.model, state.buffer))
         size = int(buffer.size)
-        data = np.asarray(buffer.obs[:size])
+        data = np.asarray(buffer.data.obs[:size])
         mean, std, low, high = data.mean(0), data.std(0) + 1e-6, data.min(0), data.max(0)
         starts = data[np.random.RandomState(seed).choice(np.arange(size - args.episode_length, size), cli.starts)]
         key = jax.random.PRNGKey(seed)
@@ -95,9 +95,9 @@ def planned_episode(args, env, env_params, guard, runner, key):
     with `guard` it fails a particle, with the -1e6 the planner gives a NaN return, at the first
     step its imagined state leaves [low - width, high + width] of the stored data."""
     size = runner.buffer.size
-    valid = (jax.numpy.arange(runner.buffer.obs.shape[0]) < size)[:, None]
-    low = jax.numpy.min(jax.numpy.where(valid, runner.buffer.obs, jax.numpy.inf), 0)
-    high = jax.numpy.max(jax.numpy.where(valid, runner.buffer.obs, -jax.numpy.inf), 0)
+    valid = (jax.numpy.arange(runner.buffer.data.obs.shape[0]) < size)[:, None]
+    low = jax.numpy.min(jax.numpy.where(valid, runner.buffer.data.obs, jax.numpy.inf), 0)
+    high = jax.numpy.max(jax.numpy.where(valid, runner.buffer.data.obs, -jax.numpy.inf), 0)
     low, high = low - (high - low), high + (high - low)
 
     def value_fn(obs, action_seqs, key):

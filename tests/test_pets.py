@@ -404,8 +404,8 @@ def _noisy_buffer(key, n, capacity):
     action = jax.random.uniform(k2, (n, 1), minval=-1, maxval=1)
     next_obs = obs + jnp.sin(2 * obs[:, :1]) + 0.05 * jax.random.normal(k3, (n, 4))
     pad = lambda x: jnp.zeros((capacity, *x.shape[1:]), x.dtype).at[:n].set(x)
-    return pets.Buffer(pad(obs), pad(action), pad(obs[:, 1] + action[:, 0]), pad(next_obs), jnp.zeros(capacity, bool),
-                       jnp.int32(n))
+    return pets.Buffer(pets.Transition(pad(obs), pad(action), pad(obs[:, 1] + action[:, 0]), pad(next_obs),
+                                       jnp.zeros(capacity, bool)), jnp.int32(n))
 
 
 def test_fit_learns_obs_and_reward_and_compiles_once_as_the_buffer_grows():
@@ -502,15 +502,16 @@ def test_model_step_and_model_fit_use_the_tasks_transforms(preprocess):
     # What the fit regresses on (model_io): the reference's targ_proc, the next x-velocity itself
     # (index 17) and every other entry as next - obs, from the preprocessed inputs; raw: deltas.
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(5), 3)
-    buffer = pets.Buffer.empty(7, 18, 6)._replace(obs=jax.random.normal(k1, (7, 18)), next_obs=jax.random.normal(k2, (7, 18)),
-                                                   action=jax.random.normal(k3, (7, 6)))
+    empty = pets.Buffer.empty(7, 18, 6)
+    buffer = empty._replace(data=empty.data._replace(obs=jax.random.normal(k1, (7, 18)), next_obs=jax.random.normal(k2, (7, 18)),
+                                                     action=jax.random.normal(k3, (7, 6))))
     inputs, targets = (np.asarray(x) for x in pets.model_io(args, buffer))
-    delta = np.array(buffer.next_obs - buffer.obs)
+    delta = np.array(buffer.data.next_obs - buffer.data.obs)
     if preprocess:
-        delta[:, 17] = np.asarray(buffer.next_obs[:, 17])
+        delta[:, 17] = np.asarray(buffer.data.next_obs[:, 17])
     np.testing.assert_allclose(targets, delta, atol=1e-6)
-    np.testing.assert_allclose(inputs[:, -6:], buffer.action)
-    np.testing.assert_allclose(inputs[:, :-6], pets.task_transforms(args, 18)[0](buffer.obs), atol=1e-6)
+    np.testing.assert_allclose(inputs[:, -6:], buffer.data.action)
+    np.testing.assert_allclose(inputs[:, :-6], pets.task_transforms(args, 18)[0](buffer.data.obs), atol=1e-6)
 
 
 def _true_dynamics_episode(args, env, params, key, steps, start=lambda state: state):
