@@ -655,11 +655,10 @@ class Trainer(NamedTuple):
     """The phases above bound to `args` and its env."""
 
     init: callable  # key -> RunnerState
-    round: callable  # (state, round_index) -> (state, metrics): one round of Algorithm 3
     train: callable  # key -> (state, metrics of every round)
     evaluate: callable  # (state, key, per_episode=False) -> (mean return, metrics)
     start: callable  # key -> (RunnerState before its first fit, the fit's key): init = fit(*start(key))
-    collect: callable  # (state, round_index) -> (state, fit key, metrics): round = collect, then fit
+    collect: callable  # (state, round_index) -> (state, fit key, metrics): a round (`round_`) = collect, then fit
     fit: callable  # (state, key) -> (state, metrics)
     env: object
     env_params: object
@@ -667,7 +666,7 @@ class Trainer(NamedTuple):
 
 def make_train(args: Args) -> Trainer:
     env, env_params = make_env(args)
-    return Trainer(*(partial(phase, args, env, env_params) for phase in (init, round_, train, evaluate, start, collect)),
+    return Trainer(*(partial(phase, args, env, env_params) for phase in (init, train, evaluate, start, collect)),
                    partial(fit, args), env, env_params)
 
 

@@ -1,10 +1,11 @@
 """IcyRoad under each reading of Appendix C's open choices (envs/icy_road.py): the Euler step
 (semi-implicit, ours, or explicit "simple Euler") x where Eq. 20 is evaluated (on s', ours, or on s
 as "r(s, a)" is written). Per reading:
-* the exact optimum and the uniform-random policy's expected return, by dynamic programming over
-  the text's dynamics (written here from Appendix C, not from envs/icy_road.py: an oracle that the
-  env's own returns are checked against in tests/test_dam_envs.py's closed forms);
-* doing nothing (cruise at the start speed 1: return 5 on every reading);
+* the exact optimum, the uniform-random policy's and doing nothing's (cruise at the start speed)
+  expected returns, by dynamic programming over the text's dynamics, written here from Appendix C
+  and not from envs/icy_road.py (the env's own returns are checked against closed forms per
+  reading in tests/test_dam_envs.py; their best sequences reach this optimum on three readings:
+  10, 19 and 9);
 * dam.py's planner with the true dynamics (`--model true`), and the baseline with each learned model
   (Gaussian, mixture), J = 10 rounds: dam.py's defaults, `--seeds` seeds, each seed's final model on
   `--eval-episodes` planner episodes (benchmarks/dam_table.py's cells, same keys).
@@ -35,7 +36,7 @@ PAPER = {"gaussian": "0.71 ± 1.72", "mdn": "5.34 ± 0.84"}
 
 
 def exact_values(semi_implicit, on_next, swerve_prob=0.8, steps=5):
-    """(optimum, uniform-random policy) expected returns from (x, y, xdot, ydot) = (0, 0, 1, 0), by
+    """(optimum, uniform-random policy, always cruise) expected returns from (x, y, xdot, ydot) = (0, 0, 1, 0), by
     recursion over Appendix C: xdot += 1 / -1 / 0 clipped to [0, 5]; above xdot 2 a car that has not
     swerved swerves with `swerve_prob`, to ydot = +-2 with equal chance; positions by Euler (dt 1);
     reward Eq. 20 (xdot - 6 off the road |y| > 1, xdot + 8 on it above xdot 2, else xdot)."""
@@ -48,7 +49,7 @@ def exact_values(semi_implicit, on_next, swerve_prob=0.8, steps=5):
         if t == steps:
             return 0.0
         totals = []
-        for delta in (1, -1, 0):
+        for delta in ((0,) if policy == "cruise" else (1, -1, 0)):
             new_xdot = min(max(xdot + delta, 0), 5)
             swerves = new_xdot > 2 and ydot == 0
             outcomes = ([(swerve_prob / 2, -2), (swerve_prob / 2, 2), (1 - swerve_prob, 0)] if swerves
@@ -61,7 +62,7 @@ def exact_values(semi_implicit, on_next, swerve_prob=0.8, steps=5):
             totals.append(total)
         return max(totals) if policy == "optimal" else float(np.mean(totals))
 
-    return value(0, 1, 0, 0, "optimal"), value(0, 1, 0, 0, "random")
+    return tuple(value(0, 1, 0, 0, policy) for policy in ("optimal", "random", "cruise"))
 
 
 def run_reading(reading, model, seeds, eval_episodes):
@@ -83,12 +84,12 @@ def table(df):
         cells = df[df.reading == reading]
         if cells.empty:
             continue
-        optimum, random = exact_values(*READINGS[reading])
+        optimum, random, cruise = exact_values(*READINGS[reading])
         shown = {}
         for model in ("true", "gaussian", "mdn"):
             cell = cells[cells.model == model]
             shown[model] = "-" if cell.empty else "{:.2f} ± {:.2f}".format(*mean_se(cell.eval_return))
-        lines.append(f"| {reading} | {optimum:.2f} | {random:.2f} | 5.00 | {shown['true']} | {shown['gaussian']} | "
+        lines.append(f"| {reading} | {optimum:.2f} | {random:.2f} | {cruise:.2f} | {shown['true']} | {shown['gaussian']} | "
                      f"{shown['mdn']} | {cells.groupby('model').size().max()} |")
     lines.append(f"\nPaper, Table 1 (3 seeds): Gaussian baseline {PAPER['gaussian']}, mixture baseline {PAPER['mdn']}. "
                  f"Ours: mean ± s.e. over seeds of each seed's final-model evaluation. Wall-clock of these cells: "
@@ -108,6 +109,7 @@ def main():
     done = run_cells(csv, markdown, [dict(reading=r, model=m) for r in cli.readings for m in cli.models],
                      lambda reading, model: run_reading(reading, model, cli.seeds, cli.eval_episodes), table,
                      ["reading", "model"])
+    markdown.write_text(table(done) + "\n")  # also when every cell was done before
     print(table(done))
 
 
