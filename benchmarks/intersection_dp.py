@@ -2,6 +2,8 @@
 
     python benchmarks/intersection_dp.py          # writes benchmarks/results/intersection_dp.md
 
+(`exact_values(params)` gives the same numbers for any EnvParams: benchmarks/dam_intersection_readings.py.)
+
 The only randomness is the oncoming car's turn (left or right, 1/2 each, drawn at reset); the
 rest is deterministic. Every transition below is `Intersection.step_env` (vmapped over all
 reachable states at once), so the numbers are the env's as implemented, not a model of it.
@@ -31,19 +33,18 @@ ACTIONS = (0, 1, 2)  # accelerate, decelerate, neither
 OUT = Path(__file__).parent / "results" / "intersection_dp.md"
 
 
-def make_step(env):
-    params = env.default_params
+def make_step(env, params):
     step = jax.jit(jax.vmap(lambda s, a: env.step_env(jax.random.PRNGKey(0), s, a, params)[:3], (0, None)),
                    static_argnums=1)
     obs = jax.jit(jax.vmap(env.get_obs))
     return step, obs
 
 
-def enumerate_worlds(env, T, worlds):
+def enumerate_worlds(env, params, T, worlds):
     """Forward: the reachable tuples of states (one per world, the same actions in all) at every
     t. Returns per t: (obs (n, worlds, d), successor index (n, 3), rewards (n, 3, worlds))."""
-    step, get_obs = make_step(env)
-    _, start = env.reset(jax.random.PRNGKey(0), env.default_params)
+    step, get_obs = make_step(env, params)
+    _, start = env.reset(jax.random.PRNGKey(0), params)
     # A layer: per world a batched EnvState of the n reachable tuples.
     layer = [jax.tree.map(lambda x: x[None], start.replace(turn_left=jnp.array(w))) for w in worlds]
     tables = []
@@ -61,12 +62,13 @@ def enumerate_worlds(env, T, worlds):
     return tables
 
 
-def backward(tables, combine):
-    """Values at t = 0..T of every reachable tuple: V_t = max_a combine(r) + V_{t+1}[next]."""
+def backward(tables, combine, over_actions=np.max):
+    """Values at t = 0..T of every reachable tuple: V_t = max_a combine(r) + V_{t+1}[next] (or
+    the mean over actions: the uniform-random policy)."""
     values = [None] * len(tables) + [np.zeros(tables[-1][1].max() + 1)]
     for t in reversed(range(len(tables))):
         _, next_index, reward = tables[t]
-        values[t] = np.max(combine(reward) + values[t + 1][next_index], axis=1)
+        values[t] = over_actions(combine(reward) + values[t + 1][next_index], axis=1)
     return values
 
 
@@ -74,17 +76,17 @@ def key_of(obs):
     return tuple(np.round(obs, 4).tolist())
 
 
-def main():
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+def exact_values(params=None):
+    """{name: expected return} of Intersection with `params` (default: the env's), exactly."""
     env = Intersection()
-    T = env.default_params.max_steps_in_episode
-    single = {w: enumerate_worlds(env, T, (w,)) for w in (True, False)}
+    params = env.default_params if params is None else params
+    T = params.max_steps_in_episode
+    single = {w: enumerate_worlds(env, params, T, (w,)) for w in (True, False)}
     w_values = {w: backward(single[w], lambda r: r[..., 0]) for w in single}
     w_lookup = {w: [{key_of(o[0]): v for o, v in zip(single[w][t][0], w_values[w][t])} for t in range(T)]
                 for w in single}
-    joint = enumerate_worlds(env, T, (True, False))
-    mean = lambda r: r.mean(-1)
-    open_loop = backward(joint, mean)[0][0]
+    joint = enumerate_worlds(env, params, T, (True, False))
+    mean = lambda r: r.mean(-1)  # noqa: E731
     # Closed loop: split where the two worlds' observations first differ.
     closed = [None] * T + [np.zeros(joint[-1][1].max() + 1)]
     for t in reversed(range(T)):
@@ -94,12 +96,18 @@ def main():
         for n in np.flatnonzero(differs):
             value[n] = 0.5 * (w_lookup[True][t][key_of(obs[n, 0])] + w_lookup[False][t][key_of(obs[n, 1])])
         closed[t] = value
-    results = {
-        "turn known from the start, left": w_values[True][0][0],
-        "turn known from the start, right": w_values[False][0][0],
-        "open loop (one action sequence, turn unknown)": open_loop,
-        "closed loop (acting on the turn once visible): the optimum": closed[0][0],
+    return {
+        "turn known from the start, left": float(w_values[True][0][0]),
+        "turn known from the start, right": float(w_values[False][0][0]),
+        "open loop (one action sequence, turn unknown)": float(backward(joint, mean)[0][0]),
+        "closed loop (acting on the turn once visible): the optimum": float(closed[0][0]),
+        "uniform-random policy": float(backward(joint, mean, np.mean)[0][0]),
     }
+
+
+def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    results = exact_values()
     lines = ["| Intersection, exact DP over the env | expected return |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in results.items()]
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ vy is clipped to [0, max_speed]). Reward (paper Eq. 21)::
 
     vy_agent - 10 * collision      (the collision term paid once: a crash ends the episode)
 
-Usage: ``env = Intersection(dt=0.1); obs, state = env.reset(key)``.
+Usage: ``env = Intersection(); obs, state = env.reset(key)`` (parameters: ``Intersection(dt=0.1)``).
 
 Choices the paper leaves open, and why:
 - Geometry: intersection centred at the origin, right-hand traffic. The agent drives
@@ -31,8 +31,8 @@ Choices the paper leaves open, and why:
   Positions use semi-implicit Euler: ``pos += dt * new_velocity``.
 - Reward uses the post-action vy and a collision defined on ``next_obs``: the cars'
   centres closer than ``collision_distance`` (1.5; lanes are 2 apart, so a right turn
-  or an oncoming car going straight never collides). ``reward_fn`` needs only
-  ``next_obs``.
+  or an oncoming car going straight never collides). ``reward_on_next_state=False``
+  reads Eq. 21 on s instead (the pre-action vy, the collision of s).
 - A collision is a crash, and a crash ends the episode: the step on which the cars first
   come within ``collision_distance`` earns ``vy - 10`` and is terminal (``terminated``,
   ``termination_fn``); a planner stops counting rewards there. So that fixed-length
@@ -45,6 +45,9 @@ Choices the paper leaves open, and why:
   also have to learn the freeze (one fitted by maximum likelihood did not: imagined
   crashes persisted in 5-13% of later steps). And with cars passing through each
   other a collision would cost only 1-2 steps of -10, making racing through optimal.
+  Both literal readings are options: ``crash_ends_episode=False`` charges -10 on every
+  step in collision, with the cars frozen (``crash_stops_cars``) or driving on through
+  each other (``crash_stops_cars=False``); each reading measured in benchmarks/README.md.
 - dt = 0.2, accel = 1 per step and max_speed = 10 let the agent stop from speed 5 in
   5 steps (2 length units, right at the intersection edge from start_distance = 4.5)
   and reach top speed within the 25-step episode. Keeping speed 5 or always
@@ -93,6 +96,10 @@ class EnvParams(environment.EnvParams):
     collision_distance: float = 1.5  # collision when the centres are closer than this
     dt: float = 0.2
     max_steps_in_episode: int = 25
+    # Readings of Eq. 21 that the text leaves open (benchmarks/README.md, "Intersection's readings"):
+    crash_ends_episode: bool = True  # terminal, -10 once (False: -10 on every step in collision)
+    crash_stops_cars: bool = True  # when a crash does not end it: the cars stand still (False: drive on)
+    reward_on_next_state: bool = True  # Eq. 21 on s' (False: on s, as "r(s, a)" is written)
 
 
 class Intersection(FixedHorizonDiscreteEnv):
@@ -123,7 +130,8 @@ class Intersection(FixedHorizonDiscreteEnv):
         params: EnvParams,
     ) -> tuple[jax.Array, EnvState, jax.Array, jax.Array, dict[Any, Any]]:
         obs = self.get_obs(state)
-        moving = ~self._collision(obs, params)  # crashed cars stay where they are
+        # Crashed cars stay where they are (always when the crash ends the episode).
+        moving = ~(self._collision(obs, params) & (params.crash_ends_episode | params.crash_stops_cars))
         delta = jnp.array([1.0, -1.0, 0.0], jnp.float32)[action] * params.accel
         agent_vy = jnp.clip(state.agent_vy + delta, 0.0, params.max_speed) * moving
         # Oncoming car: rotate towards its exit heading once inside the intersection.
@@ -150,12 +158,12 @@ class Intersection(FixedHorizonDiscreteEnv):
         return next_obs, next_state, reward, self.is_terminated(next_state, params), {}
 
     def is_terminated(self, state, params) -> jax.Array:
-        """A crash (the cars within ``collision_distance``) ends the episode."""
-        return self._collision(self.get_obs(state), params)
+        """A crash (the cars within ``collision_distance``) ends the episode (``crash_ends_episode``)."""
+        return self._collision(self.get_obs(state), params) & params.crash_ends_episode
 
     def termination_fn(self, obs, action, next_obs, params=None):
         params = self.default_params if params is None else params
-        return self._collision(next_obs, params)
+        return self._collision(next_obs, params) & params.crash_ends_episode
 
     def state_from_obs(self, obs, key, params=None) -> EnvState:
         """A state with observation ``obs``; the hidden turn from its conditional distribution."""
@@ -202,10 +210,15 @@ class Intersection(FixedHorizonDiscreteEnv):
         return gap < params.collision_distance
 
     def reward_fn(self, obs, action, next_obs, params: EnvParams | None = None):
-        """Paper Eq. 21 on the transition: -10 on the step into the crash; any leading batch dims."""
+        """Paper Eq. 21, vy of s' (or of s: ``reward_on_next_state``) minus 10 on the step into the
+        crash when a crash ends the episode (0 on every step after it), else on every step whose s'
+        (or s) is in collision; any leading batch dims."""
         params = self.default_params if params is None else params
-        crash = self._collision(next_obs, params) & ~self._collision(obs, params)
-        return (next_obs[..., 3] - 10.0 * crash).astype(jnp.float32)
+        rewarded = jnp.where(params.reward_on_next_state, next_obs, obs)
+        into_crash = self._collision(next_obs, params) & ~self._collision(obs, params)
+        crash = jnp.where(params.crash_ends_episode, into_crash, self._collision(rewarded, params))
+        ended = self._collision(obs, params) & params.crash_ends_episode  # stepping on past the end: 0
+        return jnp.where(ended, 0.0, rewarded[..., 3] - 10.0 * crash).astype(jnp.float32)
 
     def plot_trajectory(self, ax, obs, params: EnvParams | None = None):
         """Both cars' paths over one episode's observations (the start of each is its lowest-t dot)."""

@@ -89,10 +89,10 @@ def icy_runs(actions, seed=0, params=ICY.default_params):
     return jax.tree.map(np.asarray, out)
 
 
-def intersection_runs(actions):
+def intersection_runs(actions, params=None):
     """Intersection episodes of one action sequence, T steps of `step_env` (stepping on past a
     crash, as DAM does): the other car turns left, then right."""
-    out = run(INTER, keys(2), fixed(actions, 2), jnp.array([True, False]), None, False)
+    out = run(INTER, keys(2), fixed(actions, 2), jnp.array([True, False]), params, False)
     return jax.tree.map(np.asarray, out)
 
 
@@ -401,3 +401,35 @@ def test_intersection_greedy_policy_is_not_optimal():
     assert expected["cruise"] < expected["brake_then_go"]
     # Greedy wins when the car turns right: caution has a price and is still worth it.
     assert returns["always_accelerate"][1] > returns["brake_then_go"][1]
+
+
+@pytest.mark.parametrize("ends, stops", [(True, True), (False, True), (False, False)])
+@pytest.mark.parametrize("on_next", [True, False])
+def test_intersection_readings_of_eq21_give_their_closed_form_returns(ends, stops, on_next):
+    """Always accelerating into the left turn, under each reading of Eq. 21 (envs/intersection.py):
+    the crash ends the episode (-10 once), or costs -10 on every step in collision with the cars
+    frozen or driving on; the reward read on s' or on s. The oracle is built without any crash:
+    the agent's speeds and positions by hand (vy_t = min(5 + t, 10), y_t = y_0 + dt sum vy), the
+    oncoming car's positions from a crash-free episode of the default env (braking from the start)."""
+    p = INTER.default_params
+    T, dt = p.max_steps_in_episode, p.dt
+    vy = np.minimum(p.speed + p.accel * np.arange(T + 1), p.max_speed)  # s_0 .. s_T
+    agent_y = -p.start_distance + dt * np.concatenate([[0.0], np.cumsum(vy[1:])])
+    other = intersection_runs([DECEL] * T)["final_obs"][0]  # left turn, no crash: the other car's path
+    other_xy = np.concatenate([[[-p.lane_offset, p.start_distance]], other[:, 5:7]])
+    gap = np.hypot(p.lane_offset - other_xy[:, 0], agent_y - other_xy[:, 1])
+    hit = gap < p.collision_distance  # s_t in collision, had the cars driven on
+    c = int(np.argmax(hit))  # the step into the crash (s_c is the first state in collision)
+    assert 0 < c < T - 2 and hit.sum() < T - c  # a crash, and driving on, the cars part again
+    if ends:  # -10 once, on the transition into the crash; nothing after it
+        expected = (vy[1:c + 1].sum() if on_next else vy[:c].sum()) - 10.0
+    elif stops:  # frozen from s_c on: vy 0, in collision on every later state
+        expected = vy[1:c + 1].sum() - 10.0 * (T - c + 1) if on_next else vy[:c + 1].sum() - 10.0 * (T - c)
+    else:  # driving on: every state's own vy and collision
+        expected = vy[1:].sum() - 10.0 * hit[1:].sum() if on_next else vy[:-1].sum() - 10.0 * hit[:-1].sum()
+    params = p.replace(crash_ends_episode=ends, crash_stops_cars=stops, reward_on_next_state=on_next)
+    out = intersection_runs([ACCEL] * T, params)
+    np.testing.assert_allclose(out["reward"][0].sum(), expected, rtol=1e-5)
+    assert out["terminated"][0].any() == ends and not out["terminated"][1].any()
+    # The right turn never collides: its return is the speeds' alone under every reading.
+    np.testing.assert_allclose(out["reward"][1].sum(), vy[1:].sum() if on_next else vy[:-1].sum(), rtol=1e-5)
