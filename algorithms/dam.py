@@ -33,8 +33,9 @@ Choices where the paper is silent (the measurements behind them: benchmarks/READ
   share that crashed.
 * A sequence's value is the mean over `num_particles` rollouts (Alg. 1 draws one), and with
   `--common-noise` (default) particle j of every sequence uses the same draws, so candidates meet
-  the same futures; a particle stops earning after its first terminal transition (Intersection's
-  crash); rewards past the episode's end are masked; returns are undiscounted.
+  the same futures; a particle stops earning after its first terminal transition (none on the
+  default tasks; Intersection's `crash_ends_episode` reading); rewards past the episode's end are
+  masked; returns are undiscounted.
 * Eq. 10 needs R >= 0: returns are shifted by the lowest stored return, R' = R - min R, the
   smallest shift that makes every return non-negative (`--minvar-shift data`; the worst stored
   episode then weighs 0). `--minvar-shift worst` shifts by the lowest possible return T r_min
@@ -289,8 +290,9 @@ def obs_size_of(env, env_params):
 # --- COLLECT (Alg. 3, ROLLOUT) ----------------------------------------------------------------
 def run_episode(env, env_params, policy, key, turn_left=None):
     """One fixed-horizon episode; `policy(obs, t, key) -> (action, info)`: exactly T steps of
-    `step_env`, no auto-reset (after Intersection's crash the frozen cars earn 0, so the
-    return is the terminated episode's). `turn_left` fixes Intersection's hidden turn."""
+    `step_env`, no auto-reset (where a reading of Intersection ends the episode at a crash, the
+    frozen cars earn 0 after it, so the return is the terminated episode's). `turn_left` fixes
+    Intersection's hidden turn."""
     reset_key, key = jax.random.split(key)
     obs, env_state = env.reset(reset_key, env_params)
     if turn_left is not None and hasattr(env_state, "turn_left"):
@@ -488,7 +490,8 @@ def estimate_values(args, env, env_params, sample_next, step_log_weight, obs, t,
     """Eq. 4: mean over particles of sum_h w_{1..h} r_h along model rollouts of each sequence
     (N, H) from `obs` at episode step t; w multiplies the weights of every transition up to
     and including h, in log space, capped at `max_log_weight`. Steps past the episode's end,
-    and after a particle's first terminal transition (Intersection's crash), earn nothing.
+    and after a particle's first terminal transition (a crash, where the env's reading ends
+    the episode there), earn nothing.
     With `common_noise`, particle j of every sequence is sampled with the same key, so all
     candidates meet the same futures. Returns (values (N,), mean log-weight of the last step)."""
     n, p = sequences.shape[0], args.num_particles
@@ -639,7 +642,8 @@ def evaluate(args, env, env_params, runner, key, per_episode=False):
     episodes, _ = jax.vmap(partial(run_episode, env, env_params, policy))(jax.random.split(key, args.eval_episodes), left)
     obs, action, reward, next_obs = episodes
     returns = jnp.sum(reward, 1)
-    crashed = jnp.any(env.termination_fn(obs, action, next_obs, env_params), 1)
+    # Intersection's crash_fn: the cars in collision at s', whether or not its reading ends the episode
+    crashed = jnp.any(getattr(env, "crash_fn", env.termination_fn)(obs, action, next_obs, env_params), 1)
     metrics = {"eval/return": jnp.mean(returns)}
     if args.env_id == "Intersection":
         metrics.update({

@@ -2,14 +2,14 @@
 benchmarks/dam_icy_readings.py does for IcyRoad. The text fixes the reward r(s, a) = vy_agent - 10
 delta[collision] (Eq. 21), the start speeds (5 and -5), the 25-step episode and the 1/2 chance of
 each turn; it leaves open what a collision does to the episode and the cars, on which state Eq. 21
-is read, the speed limit, dt and the geometry. Readings, each one change from ours or the text's
-literal one:
-* `ours`: a crash ends the episode (-10 once), Eq. 21 on s', vy in [0, 10];
-* `every step, frozen` / `every step, drive on`: Eq. 21 on every step, -10 on each step in
+is read, the speed limit, dt and the geometry. Readings, each one change from our earlier default
+or from the text's literal one (the default since this benchmark):
+* `crash_ends` (the earlier default): a crash ends the episode (-10 once), Eq. 21 on s', vy in [0, 10];
+* `every_step_frozen` / `every_step_drive_on`: Eq. 21 on every step, -10 on each step in
   collision; the crashed cars stand still, or drive on through each other;
-* `on s`: Eq. 21 read on s (the pre-action vy), as "r(s, a)" is written;
-* `max speed 5`: the agent cannot go faster than its start speed (the text gives no limit);
-* `literal, frozen` / `literal, drive on`: every step and on s together.
+* `crash_ends_on_s`: Eq. 21 read on s (the pre-action vy), as "r(s, a)" is written;
+* `max_speed_5`: the agent cannot go faster than its start speed (the text gives no limit);
+* `literal_frozen` (the default) / `literal_drive_on`: every step and on s together.
 Per reading:
 * exact expected returns (benchmarks/intersection_dp.py's dynamic programme over the env with
   this reading's parameters): the optimum (acting on the turn once it is visible), the best open-
@@ -21,7 +21,7 @@ Per reading:
 The paper's Table 1 puts Intersection's cells at 29.6-97.7 (baselines: Gaussian 62.67, mixture 29.58).
 
     python benchmarks/dam_intersection_readings.py --exact-only      # the exact columns, ~2 min a reading
-    python benchmarks/dam_intersection_readings.py [--seeds 10] [--readings ours on_s ...] [--models true gaussian]
+    python benchmarks/dam_intersection_readings.py [--seeds 10] [--readings crash_ends literal_frozen ...] [--models true gaussian]
 
 Resumable: finished cells are appended to results/dam_intersection_readings.csv (the exact values
 to dam_intersection_readings_exact.csv) and skipped on the next start; the .md is rebuilt after each.
@@ -41,14 +41,16 @@ from algorithms import dam, utils
 from envs.intersection import Intersection
 
 RESULTS = Path(__file__).parent / "results"
+EARLIER = dict(crash_ends_episode=True, crash_stops_cars=True, reward_on_next_state=True)
+LITERAL = dict(crash_ends_episode=False, crash_stops_cars=True, reward_on_next_state=False)  # the default
 READINGS = {
-    "ours": {},
-    "every_step_frozen": dict(crash_ends_episode=False),
-    "every_step_drive_on": dict(crash_ends_episode=False, crash_stops_cars=False),
-    "on_s": dict(reward_on_next_state=False),
-    "max_speed_5": dict(max_speed=5.0),
-    "literal_frozen": dict(crash_ends_episode=False, reward_on_next_state=False),
-    "literal_drive_on": dict(crash_ends_episode=False, crash_stops_cars=False, reward_on_next_state=False),
+    "crash_ends": EARLIER,
+    "every_step_frozen": {**EARLIER, "crash_ends_episode": False},
+    "every_step_drive_on": {**EARLIER, "crash_ends_episode": False, "crash_stops_cars": False},
+    "crash_ends_on_s": {**EARLIER, "reward_on_next_state": False},
+    "max_speed_5": {**EARLIER, "max_speed": 5.0},
+    "literal_frozen": LITERAL,
+    "literal_drive_on": {**LITERAL, "crash_stops_cars": False},
 }
 ACCEL, DECEL, CRUISE = 0, 1, 2
 PAPER = {"gaussian": "62.67 ± 22.10", "mdn": "29.58 ± 0.105"}

@@ -15,8 +15,11 @@ from envs.icy_road import IcyRoad
 from envs.intersection import Intersection
 
 ACCEL, DECEL, CRUISE = 0, 1, 2
-ENVS = {"IcyRoad": IcyRoad(), "Intersection": Intersection()}
-OBS_DIM = {"IcyRoad": 4, "Intersection": 10}
+# Intersection twice: the default (Eq. 21 as written, no early end) and the reading in which a
+# crash ends the episode (envs/intersection.py), whose terminations the generic tests then check.
+ENVS = {"IcyRoad": IcyRoad(), "Intersection": Intersection(),
+        "Intersection_crash_ends": Intersection(crash_ends_episode=True, reward_on_next_state=True)}
+OBS_DIM = {"IcyRoad": 4, "Intersection": 10, "Intersection_crash_ends": 10}
 ICY, INTER = ENVS["IcyRoad"], ENVS["Intersection"]
 N_ICY = 4000  # Monte Carlo episodes for IcyRoad's fixed action sequences
 
@@ -113,8 +116,8 @@ def test_reset_step_jit_vmap_shapes_and_dtypes(name):
     assert term.shape == trunc.shape == (n,) and term.dtype == trunc.dtype == bool
     assert state.time.dtype == jnp.int32 and bool(jnp.all(state2.time == 1))
     assert not bool(jnp.any(term)) and not bool(jnp.any(trunc))
-    assert env.num_actions == 3 and env.name == name
-    assert env.default_params.max_steps_in_episode == {"IcyRoad": 5, "Intersection": 25}[name]
+    assert env.num_actions == 3 and env.name == name.split("_")[0]
+    assert env.default_params.max_steps_in_episode == (5 if name == "IcyRoad" else 25)
 
 
 @pytest.mark.parametrize("name", ENVS)
@@ -133,16 +136,16 @@ def test_spaces_contain_observations_and_actions(name):
 
 @pytest.mark.parametrize("name", ENVS)
 def test_auto_reset_after_time_limit_or_crash(name):
-    """gymnax's step: truncated after T steps of an episode, terminated only by Intersection's
-    crash, and an auto-reset after either."""
+    """gymnax's step: truncated after T steps of an episode, terminated only by a crash where the
+    reading ends the episode on it, and an auto-reset after either."""
     env, out = ENVS[name], random_rollout(name)
     T = env.default_params.max_steps_in_episode
     reset_obs = out["obs"][:, 0]
     terminated = out["terminated"]
-    if name == "IcyRoad":
-        assert not terminated.any()
-    else:  # random actions crash in some episodes
+    if name == "Intersection_crash_ends":  # random actions crash in some episodes
         assert 0 < terminated.any(1).mean() < 1
+    else:
+        assert not terminated.any()
     step_in_episode = np.zeros(terminated.shape[0], int)
     for t in range(terminated.shape[1]):
         np.testing.assert_array_equal(out["truncated"][:, t], step_in_episode == T - 1)
@@ -168,8 +171,8 @@ def test_task_functions_equal_step_on_random_rollouts(name):
         bonus = ~off_road & (final[..., 2] > 2)
         assert off_road.any() and bonus.any() and (~off_road & ~bonus).any()
     else:
-        crash = out["reward"] < final[..., 3]
-        assert 0 < crash.mean() < 0.5
+        crash = env.crash_fn(obs, actions, final)
+        assert 0 < crash.mean() < 0.5 and (out["reward"] < 0).any()
 
 
 @pytest.mark.parametrize("name", ENVS)
@@ -364,8 +367,7 @@ def test_intersection_collisions_depend_on_turn_and_braking():
     T = INTER.default_params.max_steps_in_episode
 
     def crashes(actions):
-        out = intersection_runs(actions)
-        return out["reward"] < out["final_obs"][..., 3]  # (left, right) x T
+        return np.asarray(INTER.crash_fn(None, None, intersection_runs(actions)["final_obs"]))  # (left, right) x T
 
     cruise = crashes([CRUISE] * T)
     assert cruise[0].any() and not cruise[1].any()  # collides only on a left turn
@@ -373,15 +375,16 @@ def test_intersection_collisions_depend_on_turn_and_braking():
     assert greedy[0].any() and not greedy[1].any()
     for then in (ACCEL, CRUISE):  # braking first avoids both outcomes
         assert not crashes([DECEL] * 5 + [then] * (T - 5)).any()
-    # A crash ends the episode: -10 once, on the step into the collision, which is terminal;
-    # stepped on, both cars stay where they are and every later step earns exactly 0.
+    # Eq. 21 on s, every step: the crash (s' of step `first` in collision) costs nothing on its own
+    # step, vy - 10 on the next (the crash speed), then -10 on every step: the cars stay frozen in
+    # collision and the episode is never terminated.
     out = intersection_runs([ACCEL] * T)
     first = int(np.argmax(greedy[0]))
-    assert first < T - 1 and greedy[0, first] and not greedy[0, first + 1 :].any()
-    assert out["reward"][0, first] == out["final_obs"][0, first, 3] - 10.0
-    assert np.all(out["reward"][0, first + 1 :] == 0.0)
-    assert out["terminated"][0, first:].all() and not out["terminated"][0, :first].any()
-    assert not out["terminated"][1].any()
+    assert first < T - 2 and greedy[0, first:].all() and not greedy[0, :first].any()
+    assert out["reward"][0, first] == out["obs"][0, first, 3]
+    assert out["reward"][0, first + 1] == out["final_obs"][0, first, 3] - 10.0
+    assert np.all(out["reward"][0, first + 2 :] == -10.0)
+    assert not out["terminated"].any()
     stopped = out["final_obs"][0, first + 1 :]
     assert np.all(stopped == out["final_obs"][0, -1]) and np.all(stopped[:, [2, 3, 7, 8]] == 0)
 
