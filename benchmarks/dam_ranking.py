@@ -44,6 +44,32 @@ WEIGHTINGS = {  # name -> dam.Args overrides of the planner's value estimate
 }
 
 
+def ranking_problem(args, env, env_params, sequences=1000, true_particles=64):
+    """(start observation, K random sequences over the planner's horizon, their true values: Eq. 4
+    without weights with the env itself as the model, `true_particles` rollouts each)."""
+    obs, _ = env.reset(jax.random.PRNGKey(100), env_params)
+    seqs = jax.random.randint(jax.random.PRNGKey(101), (sequences, args.horizon), 0, dam.NUM_ACTIONS)
+    truth_args = dataclasses.replace(args, num_particles=true_particles, method="baseline", self_normalize=False)
+    zero = lambda s, a, s2: jnp.zeros(s.shape[:-1])  # noqa: E731
+    values, _ = jax.jit(lambda key: dam.estimate_values(truth_args, env, env_params, partial(dam.sample_true, env, env_params),
+                                                        zero, obs, 0, seqs, key))(VALUE_KEY)
+    return obs, seqs, np.asarray(values)
+
+
+def planner_values(args, env, env_params, runner, obs, sequences):
+    """The values the planner of `args` gives the sequences with the runner's model and discriminator
+    (the env itself for `--model true`), and the mean log-weight at the horizon."""
+    if args.model == "true":
+        sample_next = partial(dam.sample_true, env, env_params)
+    else:
+        sample_next = partial(dam.sample_model, args, runner.model, runner.norm)
+    return dam.estimate_values(args, env, env_params, sample_next, dam.log_weight_fn(args, runner), obs, 0,
+                               sequences, VALUE_KEY)
+
+
+VALUE_KEY = jax.random.PRNGKey(102)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-id", default="Intersection", choices=dam.ENV_IDS)
@@ -57,14 +83,7 @@ def main():
     base = dam.resolve(dam.Args(env_id=cli.env_id, model=cli.model, method=cli.method, rounds=cli.rounds,
                                 progress=False))
     env, env_params = dam.make_env(base)
-    obs, _ = env.reset(jax.random.PRNGKey(100), env_params)
-    sequences = jax.random.randint(jax.random.PRNGKey(101), (cli.sequences, base.horizon), 0, dam.NUM_ACTIONS)
-    value_key = jax.random.PRNGKey(102)
-    zero = lambda s, a, s2: jnp.zeros(s.shape[:-1])
-    truth_args = dataclasses.replace(base, num_particles=cli.true_particles, method="baseline")
-    true_values, _ = jax.jit(lambda key: dam.estimate_values(truth_args, env, env_params, partial(dam.sample_true, env, env_params),
-                                                             zero, obs, 0, sequences, key))(value_key)
-    true_values = np.asarray(true_values)
+    obs, sequences, true_values = ranking_problem(base, env, env_params, cli.sequences, cli.true_particles)
     lines = [f"# DAM's values against the true ones: {cli.env_id}, {cli.model} model, {cli.method}", "",
              f"`python benchmarks/dam_ranking.py --env-id {cli.env_id} --model {cli.model} --method {cli.method}"
              + (f" --rounds {cli.rounds}" if cli.rounds != dam.Args.rounds else "") + f"`: seed 0, {cli.rounds} rounds; "
@@ -80,14 +99,11 @@ def main():
         ratio_real = float(metrics["disc/holdout_ratio_real"][-1])
         print(f"{disc_name}: trained in {time.time() - start:.0f} s; final held-out E_p[exp(-logit)] {ratio_real:.3g}",
               flush=True)
-        sample_next = partial(dam.sample_model, args, runner.model, runner.norm)
         for name, weighting in WEIGHTINGS.items():
             if disc_name != "early-stopped" and name.startswith("none"):
                 continue  # the same model: the same values
             planner = dataclasses.replace(args, **weighting)
-            values, log_w = jax.jit(lambda key: dam.estimate_values(planner, env, env_params, sample_next,
-                                                                    dam.log_weight_fn(planner, runner), obs, 0,
-                                                                    sequences, key))(value_key)
+            values, log_w = jax.jit(partial(planner_values, planner, env, env_params))(runner, obs, sequences)
             values = np.asarray(values)
             rho = spearmanr(values, true_values).statistic
             lines.append(f"| {disc_name} (held-out E_p[exp(-logit)] {ratio_real:.3g}) | {name} | {rho:.3f} | "

@@ -5,24 +5,30 @@ model is evaluated on `--eval-episodes` planner episodes apart from data collect
 (Intersection: half with each turn); a cell reports their mean +- standard error over seeds,
 and each method's difference to the baseline of the same env and model and to the true-model
 planner, paired over seeds (seed i of every cell uses the same keys), +- its standard error,
-next to the paper's numbers.
+next to the paper's numbers; beside it, per cell, the ranking oracle on each seed's final model
+(benchmarks/dam_ranking.py: Spearman with the true values, the true value of the planner's pick)
+and the last round's discriminator on held-out data (E_p[exp(-logit)], E_q[exp(logit)], accuracy).
 
     python benchmarks/dam_table.py [--seeds 10] [--rounds 10] [--cells IcyRoad/mdn/dam ...]
     python benchmarks/dam_table.py --particles 1 --cells IcyRoad/gaussian/baseline ...  # Alg. 1's single draw
 
-Resumable: each finished cell is appended to benchmarks/results/dam_table_eval.csv (one row per
-seed) and skipped on the next start; the markdown table (dam_table_eval.md) is rebuilt from the
-CSV after every cell, with the wall-clock time of each cell. (dam_table.{csv,md} and
-dam_table_p1.* are the previous code's tables: one collected episode per seed, old crash rule.)
+Resumable: each finished cell is appended to benchmarks/results/dam_table1.csv (one row per
+seed) and skipped on the next start; the markdown table (dam_table1.md) is rebuilt from the
+CSV after every cell, with the wall-clock time of each cell. (Earlier code's tables, kept:
+dam_table_eval*.{csv,md}, before the calibrated discriminator, Alg. 3's order and Eq. 21 as written
+on Intersection; dam_table.{csv,md} and dam_table_p1.*, one collected episode per seed, old crash rule.)
 """
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
 import numpy as np
 import pandas as pd
+from dam_ranking import planner_values, ranking_problem
+from scipy.stats import spearmanr
 
 from algorithms import dam, utils
 
@@ -40,6 +46,23 @@ CELLS = [(env, model, method) for env in dam.ENV_IDS for model in ("true", "gaus
          for method in (("baseline",) if model == "true" else dam.METHODS)]
 
 
+# The final discriminator on held-out data (dam.py's metrics of the last round): E_p[exp(-logit)] on
+# real and E_q[exp(logit)] on model transitions (both 1 when calibrated), loss and accuracy.
+CALIBRATION = {"disc/holdout_ratio_real": "disc_ratio_real", "disc/holdout_ratio_model": "disc_ratio_model",
+               "disc/holdout_loss": "disc_holdout_loss", "disc/holdout_accuracy": "disc_holdout_accuracy"}
+
+
+def ranking(args, env, env_params, state):
+    """The ranking oracle (benchmarks/dam_ranking.py) for each seed's final model and discriminator:
+    Spearman of the cell's planner values with the true values of 1000 random sequences from the start
+    state, and the true value of the sequence it would pick, as a share of the best true value."""
+    obs, sequences, truth = ranking_problem(args, env, env_params)
+    values, _ = jax.jit(jax.vmap(partial(planner_values, args, env, env_params), (0, None, None)))(state, obs, sequences)
+    values = np.asarray(values)
+    rho = [spearmanr(v, truth).statistic for v in values]
+    return np.array(rho), truth[values.argmax(1)] / truth.max()
+
+
 def run_cell(env_id, model, method, seeds, rounds, particles, eval_episodes):
     args = dam.resolve(dam.Args(env_id=env_id, model=model, method=method, num_seeds=seeds, rounds=rounds,
                                 num_particles=particles, eval_episodes=eval_episodes, progress=False))
@@ -54,10 +77,13 @@ def run_cell(env_id, model, method, seeds, rounds, particles, eval_episodes):
     utils.assert_finite({**metrics, **evaluation}, f"{env_id}/{model}/{method}")
     returns = metrics["charts/episode_return"]  # (seeds, rounds)
     crashes = evaluation.get("eval/crash_frac", np.full(seeds, np.nan))
+    rho, pick = ranking(args, *dam.make_env(args), state)
+    calibration = {name: metrics[key][:, -1] if key in metrics else np.full(seeds, np.nan)
+                   for key, name in CALIBRATION.items()}
     return pd.DataFrame({"env": env_id, "model": model, "method": method, "seed": np.arange(seeds),
                          "eval_return": evaluation["eval/return"], "eval_crash_frac": crashes,
                          "final_return": returns[:, -1], "mean_return_all_rounds": returns.mean(1),
-                         "seconds_cell": seconds})
+                         "rank_spearman": rho, "rank_pick_of_best": pick, **calibration, "seconds_cell": seconds})
 
 
 def mean_se(x):
@@ -67,8 +93,13 @@ def mean_se(x):
 
 def table(df):
     lines = ["| env | model | method | ours: eval return (mean ± s.e.) | minus baseline, paired (mean ± s.e.) "
-             "| minus true model, paired | crashed | seeds | paper (3 seeds) | cell wall-clock (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| minus true model, paired | crashed | ranking: Spearman / pick | held-out E_p[exp(-logit)] / "
+             "E_q[exp(logit)] / accuracy | seeds | paper (3 seeds) | cell wall-clock (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def median(cell, column, fmt):
+        values = cell[column].dropna() if column in cell else []
+        return "-" if len(values) == 0 else format(float(np.median(values)), fmt)
 
     def paired(cell, env_id, model, method):
         """cell - the same env's (model, method) cell, seed by seed (seed i: the same keys)."""
@@ -82,11 +113,17 @@ def table(df):
         below_true = "-" if model == "true" else paired(cell, env_id, "true", "baseline")
         crash = cell["eval_crash_frac"].mean()
         paper = PAPER.get((env_id, model), {}).get(method, "-")
+        rank = f"{median(cell, 'rank_spearman', '.2f')} / {median(cell, 'rank_pick_of_best', '.2f')}"
+        calibration = " / ".join(median(cell, c, f) for c, f in [("disc_ratio_real", ".3g"), ("disc_ratio_model", ".3g"),
+                                                                 ("disc_holdout_accuracy", ".2f")])
         lines.append(f"| {env_id} | {model} | {method} | {m:.2f} ± {se:.2f} | {diff} | {below_true} | "
-                     f"{'-' if np.isnan(crash) else f'{crash:.0%}'} | {len(cell)} | {paper} | "
+                     f"{'-' if np.isnan(crash) else f'{crash:.0%}'} | {rank} | {calibration} | {len(cell)} | {paper} | "
                      f"{cell['seconds_cell'].iloc[0]:.0f} |")
     total = df.groupby(["env", "model", "method"])["seconds_cell"].first().sum()
-    lines.append(f"\nWall-clock of these cells (compile + run): {total:.0f} s on {jax.devices()[0].platform}.")
+    lines.append(f"\nWall-clock of these cells (compile + run): {total:.0f} s on {jax.devices()[0].platform}. Ranking: the "
+                 "oracle of benchmarks/dam_ranking.py on each seed's final model, Spearman of the planner's values with the "
+                 "true values of 1000 random sequences from the start state, and the true value of its pick over the best; "
+                 "calibration: the last round's discriminator on held-out data (1 / 1 when calibrated); medians over seeds.")
     return "\n".join(lines)
 
 
@@ -113,13 +150,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--cells", nargs="*", default=None, help="env/model/method, e.g. IcyRoad/mdn/dam")
     parser.add_argument("--particles", type=int, default=None,
-                        help="model rollouts per sequence (default: dam.py's preset); results go to dam_table_eval_p<N>.*")
+                        help="model rollouts per sequence (default: dam.py's preset); results go to dam_table1_p<N>.*")
     parser.add_argument("--eval-episodes", type=int, default=20, help="planner episodes per seed for the final model")
     parser.add_argument("--out-dir", default=str(RESULTS))
     cli = parser.parse_args()
     suffix = "" if cli.particles is None else f"_p{cli.particles}"
     out = Path(cli.out_dir)
-    csv, markdown = out / f"dam_table_eval{suffix}.csv", out / f"dam_table_eval{suffix}.md"
+    csv, markdown = out / f"dam_table1{suffix}.csv", out / f"dam_table1{suffix}.md"
     utils.enable_compilation_cache()
     cells = CELLS if cli.cells is None else [tuple(c.split("/")) for c in cli.cells]
     out.mkdir(parents=True, exist_ok=True)
