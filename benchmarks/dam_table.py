@@ -77,11 +77,13 @@ def run_cell(env_id, model, method, seeds, rounds, particles, eval_episodes):
     utils.assert_finite({**metrics, **evaluation}, f"{env_id}/{model}/{method}")
     returns = metrics["charts/episode_return"]  # (seeds, rounds)
     crashes = evaluation.get("eval/crash_frac", np.full(seeds, np.nan))
+    turns = {name: evaluation.get(f"eval/return_{turn}_turn", np.full(seeds, np.nan))
+             for name, turn in [("eval_return_left", "left"), ("eval_return_right", "right")]}  # Intersection
     rho, pick = ranking(args, *dam.make_env(args), state)
     calibration = {name: metrics[key][:, -1] if key in metrics else np.full(seeds, np.nan)
                    for key, name in CALIBRATION.items()}
     return pd.DataFrame({"env": env_id, "model": model, "method": method, "seed": np.arange(seeds),
-                         "eval_return": evaluation["eval/return"], "eval_crash_frac": crashes,
+                         "eval_return": evaluation["eval/return"], "eval_crash_frac": crashes, **turns,
                          "final_return": returns[:, -1], "mean_return_all_rounds": returns.mean(1),
                          "rank_spearman": rho, "rank_pick_of_best": pick, **calibration, "seconds_cell": seconds})
 
