@@ -18,16 +18,14 @@ Resumable: each finished cell is appended to benchmarks/results/dam_icy_readings
 the next start; dam_icy_readings.md is rebuilt after every cell.
 """
 
-import argparse
 import functools
 from pathlib import Path
 
 import jax
 import numpy as np
-from dam_table import mean_se, run_cell, run_cells
+from dam_table import by_model, readings_parser, run_cells, run_reading
 
-import envs
-from algorithms import dam, utils
+from algorithms import utils
 
 RESULTS = Path(__file__).parent / "results"
 READINGS = {"semi/next": (True, True), "explicit/next": (False, True), "semi/s": (True, False),
@@ -65,18 +63,6 @@ def exact_values(semi_implicit, on_next, swerve_prob=0.8, steps=5):
     return tuple(value(0, 1, 0, 0, policy) for policy in ("optimal", "random", "cruise"))
 
 
-def run_reading(reading, model, seeds, eval_episodes):
-    semi_implicit, on_next = READINGS[reading]
-    made = envs.make("IcyRoad", semi_implicit_euler=semi_implicit, reward_on_next_state=on_next)
-    original = dam.make_env
-    dam.make_env = lambda args: made  # this reading's env for the whole cell (dam.py makes the default)
-    try:
-        cell = run_cell("IcyRoad", model, "baseline", seeds, 10, None, eval_episodes)
-    finally:
-        dam.make_env = original
-    return cell
-
-
 def table(df):
     lines = ["| reading (Euler / Eq. 20 on) | optimum (exact) | random policy (exact) | do nothing | true-model planner "
              "| Gaussian baseline | mixture baseline | seeds |", "|---|---|---|---|---|---|---|---|"]
@@ -85,10 +71,7 @@ def table(df):
         if cells.empty:
             continue
         optimum, random, cruise = exact_values(*READINGS[reading])
-        shown = {}
-        for model in ("true", "gaussian", "mdn"):
-            cell = cells[cells.model == model]
-            shown[model] = "-" if cell.empty else "{:.2f} ± {:.2f}".format(*mean_se(cell.eval_return))
+        shown = by_model(cells)
         lines.append(f"| {reading} | {optimum:.2f} | {random:.2f} | {cruise:.2f} | {shown['true']} | {shown['gaussian']} | "
                      f"{shown['mdn']} | {cells.groupby('model').size().max()} |")
     lines.append(f"\nPaper, Table 1 (3 seeds): Gaussian baseline {PAPER['gaussian']}, mixture baseline {PAPER['mdn']}. "
@@ -98,16 +81,12 @@ def table(df):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--eval-episodes", type=int, default=20)
-    parser.add_argument("--readings", nargs="*", default=list(READINGS), choices=list(READINGS))
-    parser.add_argument("--models", nargs="*", default=["true", "gaussian", "mdn"], choices=["true", "gaussian", "mdn"])
-    cli = parser.parse_args()
+    cli = readings_parser(__doc__, READINGS).parse_args()
     utils.enable_compilation_cache()
     csv, markdown = RESULTS / "dam_icy_readings.csv", RESULTS / "dam_icy_readings.md"
     done = run_cells(csv, markdown, [dict(reading=r, model=m) for r in cli.readings for m in cli.models],
-                     lambda reading, model: run_reading(reading, model, cli.seeds, cli.eval_episodes), table,
+                     lambda reading, model: run_reading("IcyRoad", dict(zip(("semi_implicit_euler", "reward_on_next_state"), READINGS[reading])),
+                                                         model, cli.seeds, cli.eval_episodes), table,
                      ["reading", "model"])
     markdown.write_text(table(done) + "\n")  # also when every cell was done before
     print(table(done))

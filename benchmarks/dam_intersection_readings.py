@@ -27,17 +27,15 @@ Resumable: finished cells are appended to results/dam_intersection_readings.csv 
 to dam_intersection_readings_exact.csv) and skipped on the next start; the .md is rebuilt after each.
 """
 
-import argparse
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pandas as pd
-from dam_table import mean_se, run_cell, run_cells
+from dam_table import by_model, readings_parser, run_cells, run_reading
 from intersection_dp import exact_values
 
-import envs
-from algorithms import dam, utils
+from algorithms import utils
 from envs.intersection import Intersection
 
 RESULTS = Path(__file__).parent / "results"
@@ -85,16 +83,6 @@ def exact_row(reading):
     return pd.DataFrame([{"reading": reading, **exact_values(params), **fixed_returns(params)}])
 
 
-def run_reading(reading, model, seeds, eval_episodes):
-    made = envs.make("Intersection", **READINGS[reading])
-    original = dam.make_env
-    dam.make_env = lambda args: made  # this reading's env for the whole cell (dam.py makes the default)
-    try:
-        return run_cell("Intersection", model, "baseline", seeds, 10, None, eval_episodes)
-    finally:
-        dam.make_env = original
-
-
 def table(exact, cells):
     columns = ["closed loop (acting on the turn once visible): the optimum", "open loop (one action sequence, turn unknown)",
                "uniform-random policy", "do nothing (keep speed 5)", "brake to a stop", "always accelerate"]
@@ -104,11 +92,8 @@ def table(exact, cells):
         row = exact[exact.reading == reading]
         if row.empty:
             continue
-        shown = {}
         mine = cells[cells.reading == reading] if len(cells) else cells
-        for model in ("true", "gaussian", "mdn"):
-            cell = mine[mine.model == model] if len(mine) else mine
-            shown[model] = "-" if len(cell) == 0 else "{:.2f} ± {:.2f}".format(*mean_se(cell.eval_return))
+        shown = by_model(mine)
         seeds = mine.groupby("model").size().max() if len(mine) else 0
         values = " | ".join(f"{row[c].iloc[0]:.2f}" for c in columns)
         lines.append(f"| {reading} | {values} | {shown['true']} | {shown['gaussian']} | {shown['mdn']} | {seeds} |")
@@ -121,11 +106,7 @@ def table(exact, cells):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--eval-episodes", type=int, default=20)
-    parser.add_argument("--readings", nargs="*", default=list(READINGS), choices=list(READINGS))
-    parser.add_argument("--models", nargs="*", default=["true", "gaussian", "mdn"], choices=["true", "gaussian", "mdn"])
+    parser = readings_parser(__doc__, READINGS)
     parser.add_argument("--exact-only", action="store_true", help="only the exact columns (no learning runs)")
     cli = parser.parse_args()
     utils.enable_compilation_cache()
@@ -141,7 +122,7 @@ def main():
             print(f"{reading}: exact", flush=True)
     if not cli.exact_only:
         cells = run_cells(csv, markdown, [dict(reading=r, model=m) for r in cli.readings for m in cli.models],
-                          lambda reading, model: run_reading(reading, model, cli.seeds, cli.eval_episodes),
+                          lambda reading, model: run_reading("Intersection", READINGS[reading], model, cli.seeds, cli.eval_episodes),
                           lambda df: table(done, df), ["reading", "model"])
     markdown.write_text(table(done, cells) + "\n")
     print(table(done, cells))

@@ -30,6 +30,7 @@ import pandas as pd
 from dam_ranking import planner_values, ranking_problem
 from scipy.stats import spearmanr
 
+import envs
 from algorithms import dam, utils
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,6 +87,37 @@ def run_cell(env_id, model, method, seeds, rounds, particles, eval_episodes):
                          "eval_return": evaluation["eval/return"], "eval_crash_frac": crashes, **turns,
                          "final_return": returns[:, -1], "mean_return_all_rounds": returns.mean(1),
                          "rank_spearman": rho, "rank_pick_of_best": pick, **calibration, "seconds_cell": seconds})
+
+
+def run_reading(env_id, overrides, model, seeds, eval_episodes):
+    """The baseline cell (J = 10 rounds) of `model` on the env made with `overrides` (a reading of its
+    open choices: dam_icy_readings.py, dam_intersection_readings.py)."""
+    made = envs.make(env_id, **overrides)
+    original = dam.make_env
+    dam.make_env = lambda args: made  # this reading's env for the whole cell (dam.py makes the default)
+    try:
+        return run_cell(env_id, model, "baseline", seeds, 10, None, eval_episodes)
+    finally:
+        dam.make_env = original
+
+
+def readings_parser(doc, readings):
+    """The command line of the readings benchmarks."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--eval-episodes", type=int, default=20)
+    parser.add_argument("--readings", nargs="*", default=list(readings), choices=list(readings))
+    parser.add_argument("--models", nargs="*", default=["true", "gaussian", "mdn"], choices=["true", "gaussian", "mdn"])
+    return parser
+
+
+def by_model(cells):
+    """{model: "mean ± s.e." of its eval returns, or "-"} for the rows of one reading."""
+    shown = {}
+    for model in ("true", "gaussian", "mdn"):
+        cell = cells[cells.model == model] if len(cells) else cells
+        shown[model] = "-" if len(cell) == 0 else "{:.2f} ± {:.2f}".format(*mean_se(cell.eval_return))
+    return shown
 
 
 def mean_se(x):
