@@ -18,48 +18,38 @@ Models: `gaussian` (unimodal, diagonal; the MDN with K = 1) or `mdn` (mixture de
 Fixed by the paper:
 * ESTIMATEVALUE (Alg. 1, Eq. 4): rollouts through q; the reward of step t is multiplied by the
   product of the importance weights w = exp(logit) (Eq. 8) of the transitions up to and including
-  t (rewards here are functions of s'). Alg. 1's sigmoid(logit): `--weight sigmoid`.
+  t (a reward may depend on s'). Alg. 1's sigmoid(logit): `--weight sigmoid`.
 * The discriminator: Alg. 2's classification loss, real (s, a, s') -> 1, (s, a, s' ~ q) at the
   same real (s, a) -> 0, so its logit estimates log p/q (Eq. 7).
 * RSPLANNER (Alg. 3): K uniformly random sequences of the 3 discrete actions over horizon H, the
   best one's first action executed, replanning every step; J = 10 rounds of (roll out the
   planner, add the episode, retrain model and discriminator from fresh parameters).
 
-Choices where the paper is silent (the measurements behind them: benchmarks/README.md, "DAM"):
-* The data starts from `init_episodes` random episodes, fitted in init (a model cannot be fitted
-  to nothing); each round then goes as Alg. 3: plan, add, refit, so the final model saw every episode.
-* Evaluation: after the last round, `eval_episodes` (20) planner episodes per seed, not added to
-  the data (Intersection: half with each turn); summary.json has their mean, per turn, and the
-  share that crashed.
-* A sequence's value is the mean over `num_particles` rollouts (Alg. 1 draws one), and with
-  `--common-noise` (default) particle j of every sequence uses the same draws, so candidates meet
-  the same futures; a particle stops earning after its first terminal transition (none on the
-  default tasks; Intersection's `crash_ends_episode` reading); rewards past the episode's end are
+Choices where the paper is silent (measured in benchmarks/README.md, "DAM"):
+* Data starts from `init_episodes` random episodes (a model cannot be fitted to nothing); each
+  round then goes as Alg. 3: plan, add, refit, so the final model saw every episode. The final
+  model is evaluated on `eval_episodes` planner episodes per seed, not added to the data
+  (Intersection: half with each turn; summary.json has the mean, per turn, and the crash share).
+* A sequence's value is the mean over `num_particles` rollouts (Alg. 1 draws one); with
+  `--common-noise` particle j of every sequence uses the same draws. A particle stops earning
+  after a terminal transition (none on the default tasks); rewards past the episode's end are
   masked; returns are undiscounted.
-* Eq. 10 needs R >= 0: returns are shifted by the lowest stored return, R' = R - min R, the
-  smallest shift that makes every return non-negative (`--minvar-shift data`; the worst stored
-  episode then weighs 0). `--minvar-shift worst` shifts by the lowest possible return T r_min
-  (IcyRoad -6, Intersection -10 per step), our earlier choice: on Intersection it adds ~250 to
-  returns of 0-250, so episode weights differed by at most ~2x. The weights are divided by their
-  dataset mean (Eq. 16's 1 / E_p[R]).
-* The running log-weight is capped at `max_log_weight` (10); products are kept in log space.
+* Eq. 10 needs R >= 0: returns are shifted by the lowest stored return (`--minvar-shift data`;
+  `worst`: by the lowest possible one, T r_min), and the weights divided by their mean (Eq. 16).
+* The running log-weight is capped at `max_log_weight`; products are kept in log space.
 * Models predict the normalized s' - s from the normalized state and a one-hot action, scales
-  `min_std` + softplus; a dimension whose std is below `min_input_std` (1e-2) is not scaled.
-  The discriminator sees (normalized s, one-hot a, normalized s' - s).
-* The discriminator holds out `disc_holdout` (20%) of the episodes at every fit and keeps the
-  parameters with the lowest held-out loss (early stopping; the DAM issue measured that, trained on all data for 1000 steps, it
-  called a third of held-out real transitions fake). `disc/holdout_ratio_real` = E_p[exp(-logit)]
-  and `disc/holdout_ratio_model` = E_q[exp(logit)] on held-out data, both 1 for a calibrated ratio;
-  `disc/ratio_on_model_samples` is the second on training batches.
-* Usable weights, as Grover et al. 2019 (the ratio estimator the paper cites) keep theirs, all off
-  by default (Eq. 4 as written): `--self-normalize` weights each step's rewards by w / sum_p w
-  over the particles; `--weight-power` alpha flattens w_{1..h} to w^alpha; `--weight-floor` beta
-  clips it to max(w, beta).
+  `min_std` + softplus; a dimension whose std is below `min_input_std` is not scaled. The
+  discriminator sees (normalized s, one-hot a, normalized s' - s).
+* The discriminator holds out `disc_holdout` of the episodes at every fit and keeps the parameters
+  with the lowest held-out loss (early stopping, as Grover et al. 2019); metrics.csv reports its
+  held-out E_p[exp(-logit)] and E_q[exp(logit)] (both 1 when calibrated).
+* Usable weights, as Grover et al. 2019 keep theirs, all off by default (Eq. 4 as written):
+  `--self-normalize` (w / sum_p w over the particles), `--weight-power` alpha (w^alpha),
+  `--weight-floor` beta (max(w, beta)).
 * `--model true` samples p(s'|s, a) from an observation through `env.state_from_obs` (hidden
   variables drawn given it) and one `step_env`.
-* Network sizes, learning rates, step counts, K, H, particles and the random data are not given;
-  the defaults are ours, the planner's the cheapest that reach near the optimum with the true
-  dynamics (benchmarks/dam_planner_oracle.py).
+* Network sizes, learning rates, step counts, K, H and particles are ours (the paper gives none);
+  the planner's are the cheapest that reach near the optimum with the true dynamics.
 """
 
 import dataclasses
