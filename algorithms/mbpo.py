@@ -29,18 +29,15 @@ What the paper (Sec. 5, App. C) and its reference code (jannerm/mbpo) fix, and w
 * SAC with G updates per env step on batches of int(real_ratio x 256) = 12 real rows and the rest
   model data.
 * Real transitions join the data that fits, rollout starts and SAC's real rows see when their
-  episode ends (`--add-at-episode-end`, the default): the reference's sampler (softlearning's
-  `SimpleSampler`) adds a whole path to the pool at its end. Its random phase also runs on until
-  a path ends with >= 5000 rows pooled; ours is exactly `init_steps` steps (a random-action
-  hopper episode lasts 25-40 steps, benchmarks/results/mujoco_tasks_baselines.md; halfcheetah's
-  1000-step episodes end exactly at 5000).
+  episode ends (`--add-at-episode-end`, the default), as the reference's sampler adds whole
+  paths. Its random phase runs on until a path ends with >= 5000 rows pooled; ours is exactly
+  `init_steps` steps (a random hopper episode lasts 25-40 steps; halfcheetah's end at 5000).
 
 Choices where the paper is silent (and why):
 * Holdout loss is the MSE of the mean prediction, as in the reference code, which ranks the
   elites by it; the training loss is the Gaussian NLL.
-* The members share one reshuffle order per epoch (each still walks its own resample in a random
-  order): one sort of the positions instead of B, which is most of an epoch's overhead on CPU.
-  `model_max_epochs` bounds a fit (the reference has no bound; a `while_loop` needs one).
+* The members share one reshuffle order per epoch (each walks its own resample in a random
+  order): one sort instead of B. `model_max_epochs` bounds a fit (a `while_loop` needs one).
 * Seeds vmapped together fit their models one seed after another (`--sequential-fit`, the CPU
   default; `jax.custom_batching.sequential_vmap`): a vmapped early-stopping loop would step
   every seed until the slowest seed stops. Everything else stays vmapped.
@@ -50,8 +47,7 @@ Choices where the paper is silent (and why):
   functions end it too, but store the NaNs); the count is logged. The run stops only if every
   rollout of a branch is non-finite at its first step, or a loss of SAC or the model is.
 * Bootstrapping: the critic target uses (1 - terminated), never truncated (time limits).
-* The observation includes the reward features `envs` appends to Brax observations; the model
-  predicts them like any other observation entry.
+* The model predicts the reward features `envs` appends to Brax observations like any other entry.
 """
 
 import dataclasses
