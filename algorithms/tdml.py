@@ -159,6 +159,8 @@ class Args(utils.Run):
     # evaluation
     eval_starts: int = 16
     """buffer states the true TDML is averaged over"""
+    eval_fixed_starts: bool = False
+    """the same start states at every evaluation (drawn once from --data-seed), so that a curve follows training, not the draw; default: new ones each time"""
     eval_horizon: int = 1_000
     """steps the real env and the model are rolled in parallel for the true TDML"""
     n_step: int = 5
@@ -369,6 +371,7 @@ class EvalBatch(NamedTuple):
 
     start_snapshot: jax.Array  # (eval_starts, snapshot_size)
     real_obs: jax.Array  # (eval_horizon + 1, eval_starts, obs): f_bar^n(s) for n = 0..eval_horizon
+    data_mean: jax.Array  # (obs,): the mean buffer state, a trivial model's constant prediction
     segment_obs: jax.Array  # (n_step + 1, n_step_batch, obs): s_t .. s_{t+n}
     segment_action: jax.Array  # (n_step, n_step_batch, action): a_t .. a_{t+n-1}
 
@@ -558,8 +561,9 @@ def iteration(args, system, data, policy, runner, t):
 
 # --- EVALUATE ---------------------------------------------------------------------------------
 def eval_batch(args, system, data, policy, eval_index):
-    """Start states and the real rollouts of evaluation `eval_index`, from `--data-seed` alone
-    (not a seed's key: shared by all seeds)."""
+    """Start states and the real rollouts of evaluation `eval_index` (of evaluation 0 at every one
+    with --eval-fixed-starts), from `--data-seed` alone (not a seed's key: shared by all seeds)."""
+    eval_index = 0 if args.eval_fixed_starts else eval_index
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.data_seed), 1), eval_index)
     j_key, i_key, seg_j_key, seg_t_key = jax.random.split(key, 4)
     N, H = args.num_trajectories, args.trajectory_length
@@ -578,7 +582,7 @@ def eval_batch(args, system, data, policy, eval_index):
     t = jax.random.randint(seg_t_key, (args.n_step_batch,), 0, H - args.n_step + 1)
     segment_obs = jnp.stack([data.obs[t + n, j] for n in range(args.n_step + 1)])
     segment_action = jnp.stack([data.action[t + n, j] for n in range(args.n_step)])
-    return EvalBatch(start, real, segment_obs, segment_action)
+    return EvalBatch(start, real, jnp.mean(data.obs, (0, 1)), segment_obs, segment_action)
 
 
 def evaluate(args, system, model, policy, batch, critic=None):
@@ -594,6 +598,11 @@ def evaluate(args, system, model, policy, batch, critic=None):
         return jnp.sum(gamma ** jnp.arange(args.eval_horizon + 1)[:, None] * per_step, 0)
 
     true_tdml = jnp.sum(discount * per_step, 0)
+    # Trivial models on the same rollouts, the lines a learned model must beat: "nothing changes"
+    # (s_hat_n = s_0) and the buffer's mean state (s_hat_n = mean for n >= 1).
+    constant = {"identity": real[0], "data_mean": jnp.broadcast_to(batch.data_mean, real[0].shape)}
+    trivial = {f"eval/{name}_tdml": jnp.mean(jnp.sum(discount[1:] * l2(real[1:], s_hat[None]), 0))
+               for name, s_hat in constant.items()}
     extra = {}
     if critic is not None:
         true_tail = jnp.sum(discount[:-2] * per_step[2:], 0)
@@ -630,6 +639,7 @@ def evaluate(args, system, model, policy, batch, critic=None):
     return {
         "eval/true_tdml": jnp.mean(true_tdml),
         "eval/true_tdml_median": jnp.median(true_tdml),
+        **trivial,
         "eval/final_step_error": jnp.mean(per_step[-1]),
         "eval/clipped_frac": jnp.mean(jnp.any(jnp.abs(predicted) >= args.clip, -1)),  # share of (step, rollout) pairs at the clip
         "eval/one_step": jnp.mean(open_loss[0]),

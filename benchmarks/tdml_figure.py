@@ -3,7 +3,7 @@ models, for the three architectures of App. C (columns) and the two discounts 0.
 
     # the data policy: benchmarks/results/tdml/sac_policy (committed; made by)
     python algorithms/sac.py --env-id hopper --total-timesteps 10000 --run-dir benchmarks/results/tdml --run-name sac_policy
-    python benchmarks/tdml_figure.py --model-steps 300            # resumable; a larger value extends the runs
+    python benchmarks/tdml_figure.py --model-steps 300 --backend positional   # the committed figure; resumable, a larger value extends the runs
 
 The x-axis is model SGD steps, so both losses are compared at equal model updates: a TDML run
 of M model steps is M * d iterations of Algorithm 1 (a critic step each, a model step every
@@ -47,6 +47,7 @@ COLUMNS = {"charts/model_updates": "model_updates", "eval/true_tdml": "true_tdml
            "eval/clipped_frac": "clipped_frac", "eval/one_step": "one_step",
            "eval/open_loop_n_step": "open_loop_n_step", "eval/closed_loop_n_step": "closed_loop_n_step",
            "eval/grad_cos": "grad_cos", "eval/critic_tail": "critic_tail", "eval/true_tail": "true_tail",
+           "eval/identity_tdml": "identity_tdml", "eval/data_mean_tdml": "data_mean_tdml",
            "charts/steps_per_second": "steps_per_second"}
 
 
@@ -61,11 +62,12 @@ def grid_args(cli):
             name = f"{cli.env_id}-{arch}-one-step" if loss == "one-step" else f"{cli.env_id}-{arch}-tdml-g{gamma}"
             per_model_step = tdml.Args.update_delay if loss == "tdml" else 1  # iterations per model step
             yield tdml.Args(
-                env_id=cli.env_id, seed=cli.seed, num_seeds=cli.num_seeds, total_steps=cli.model_steps * per_model_step,
+                env_id=cli.env_id, **({"backend": cli.backend} if cli.backend else {}), seed=cli.seed, num_seeds=cli.num_seeds, total_steps=cli.model_steps * per_model_step,
                 eval_every=cli.eval_every * per_model_step, run_dir=str(Path(cli.out_dir) / "runs"), run_name=name,
                 progress=cli.progress, policy_run=cli.policy_run, num_trajectories=cli.num_trajectories,
                 trajectory_length=cli.trajectory_length, arch=arch, loss=loss, gamma=gamma, eval_gammas=eval_gammas,
-                critic_batch_size=cli.critic_batch_size, eval_horizon=cli.eval_horizon)
+                critic_batch_size=cli.critic_batch_size, eval_horizon=cli.eval_horizon, eval_starts=cli.eval_starts,
+                eval_fixed_starts=cli.fixed_starts)
 
 
 def run_cell(args):
@@ -77,8 +79,9 @@ def run_cell(args):
         if stored["total_steps"] < wanted["total_steps"]:  # extend: the same run, continued further
             stored["total_steps"] = wanted["total_steps"]
             (path / "args.json").write_text(json.dumps(stored, indent=2))
-        diff = {k: (stored.get(k), v) for k, v in wanted.items()
-                if k not in ("progress", "track", "wandb_project") and stored.get(k) != v}  # host-only flags
+        defaults = dataclasses.asdict(tdml.Args())  # a flag added after the run was stored: its default
+        diff = {k: (stored.get(k, defaults.get(k)), v) for k, v in wanted.items()
+                if k not in ("progress", "track", "wandb_project") and stored.get(k, defaults.get(k)) != v}  # host-only flags
         utils.check(not diff, f"{path} was started with other arguments (stored -> requested): "
                     + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in diff.items())
                     + "; use another --out-dir or delete the directory")
@@ -106,8 +109,8 @@ def collect(paths):
             tdml_at = {} if gamma == args["gamma"] else {f"eval/true_tdml_gamma{gamma}": "eval/true_tdml",
                                                           "eval/true_tdml": "unused"}
             cell = df.rename(columns=tdml_at).reindex(columns=["steps", "seed", *COLUMNS]).rename(columns=COLUMNS)
-            if gamma != args["gamma"]:  # the gradient cosine was measured at the run's own gamma only
-                cell["grad_cos"] = float("nan")
+            if gamma != args["gamma"]:  # the gradient cosine and trivial lines: at the run's own gamma only
+                cell[["grad_cos", "identity_tdml", "data_mean_tdml"]] = float("nan")
             frames.append(cell.assign(arch=args["arch"], gamma=gamma, loss=args["loss"]))
     return pd.concat(frames, ignore_index=True) if frames else None
 
@@ -131,12 +134,19 @@ def write_outputs(data, cli):
                 ax.plot(stats.index, stats["mean"], color=color, label=label)
                 # the band: min and max over the seeds (the paper smooths over a 1000-step window instead)
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.2)
+            # The trivial models on the same evaluation states (runs from before they were logged: none).
+            ref = data[(data.gamma == gamma)].groupby("model_updates")[["identity_tdml", "data_mean_tdml"]].mean()
+            for name, style in [("identity_tdml", ":"), ("data_mean_tdml", "--")]:
+                if ref[name].notna().any():
+                    ax.plot(ref.index, ref[name], color="0.4", linestyle=style,
+                            label="nothing changes" if name == "identity_tdml" else "the data's mean state")
             ax.set_yscale("log")
             ax.set_title(f"{arch}, gamma = {gamma}", fontsize=10)
             ax.set_xlabel("model SGD steps")
             ax.set_ylabel("true TDML (Eq. 3)")
             ax.legend(fontsize=7)
-    fig.suptitle(f"{cli.env_id}: true TDML from 16 buffer states, 1000-step closed-loop rollouts", fontsize=10)
+    fig.suptitle(f"{cli.env_id}: true TDML from {cli.eval_starts} buffer states{' (fixed)' if cli.fixed_starts else ''}, "
+                 f"{cli.eval_horizon}-step closed-loop rollouts", fontsize=10)
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=100)
     plt.close(fig)
@@ -164,6 +174,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy-run", default=str(RESULTS / "sac_policy"), help="SAC run directory of the data policy")
     parser.add_argument("--env-id", default="hopper")
+    parser.add_argument("--backend", default=None, help="the env's backend (default: envs' own; the committed figure: positional)")
     parser.add_argument("--archs", nargs="+", default=["slbo", "mpo", "metrpo"], choices=list(tdml.ARCHS))
     parser.add_argument("--gammas", nargs="+", type=float, default=[0.9, 0.95])
     parser.add_argument("--losses", nargs="+", default=list(tdml.LOSSES), choices=list(tdml.LOSSES))
@@ -175,6 +186,9 @@ def main():
     parser.add_argument("--trajectory-length", type=int, default=1000)
     parser.add_argument("--critic-batch-size", type=int, default=256)
     parser.add_argument("--eval-horizon", type=int, default=1000)
+    parser.add_argument("--eval-starts", type=int, default=16, help="buffer states the true TDML is averaged over")
+    parser.add_argument("--fixed-starts", action="store_true",
+                        help="the same evaluation states at every evaluation (tdml.py --eval-fixed-starts)")
     parser.add_argument("--progress", action="store_true", help="progress bar per run")
     parser.add_argument("--out-dir", default=str(RESULTS))
     cli = parser.parse_args()

@@ -222,6 +222,19 @@ def test_true_tdml_and_n_step_losses_match_closed_form_and_plain_loops():
     for gamma in args.eval_gammas:  # the same rollouts summed with other discounts
         np.testing.assert_allclose(metrics[f"eval/true_tdml_gamma{gamma}"],
                                    np.mean(closed_form_tdml(starts, starts, gamma)), rtol=1e-4)
+    # The trivial lines on the same rollouts: "nothing changes" (s_hat_n = s_0) and the buffer's mean state.
+    mean = np.asarray(data.obs, np.float64).reshape(-1, 2).mean(0)
+    trivial = {"identity": [], "data_mean": []}
+    for s in starts.astype(np.float64):
+        real, identity, data_mean = s.copy(), 0.0, 0.0
+        for n in range(1, args.eval_horizon + 1):
+            real = m @ real
+            identity += args.gamma**n * np.sum((real - s) ** 2)
+            data_mean += args.gamma**n * np.sum((real - mean) ** 2)
+        trivial["identity"].append(identity)
+        trivial["data_mean"].append(data_mean)
+    for name, values in trivial.items():
+        np.testing.assert_allclose(metrics[f"eval/{name}_tdml"], np.mean(values), rtol=1e-4)
     # The critic diagnostic: the true tail from step 2 is the closed-form TDML of (s_2, s_hat_2),
     # and the critic is read at that pair.
     real2, hat2 = starts @ np.linalg.matrix_power(m, 2).T, starts @ np.linalg.matrix_power(m_hat, 2).T
@@ -271,6 +284,13 @@ def test_true_tdml_and_n_step_losses_match_closed_form_and_plain_loops():
     np.testing.assert_allclose(metrics["eval/closed_loop_n_step"], np.mean(closed_total), rtol=1e-4)
     np.testing.assert_allclose(metrics["eval/one_step"], np.mean(first), rtol=1e-4)
     assert metrics["eval/closed_loop_n_step"] != metrics["eval/open_loop_n_step"]
+
+
+def test_fixed_evaluation_starts_are_the_same_at_every_evaluation():
+    for fixed in (False, True):
+        _, trainer, data = linear_trainer(eval_fixed_starts=fixed)
+        first, later = (np.asarray(trainer.eval_batch(data, jnp.asarray(K), i).start_snapshot) for i in (0, 5))
+        assert np.array_equal(first, later) == fixed
 
 
 def test_critic_target_and_model_losses_are_eq8_and_eq9():
