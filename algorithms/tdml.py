@@ -38,8 +38,12 @@ Choices where the paper is silent (the measurements behind them: benchmarks/READ
   every 1000, on start states drawn from `--data-seed` and the evaluation's index alone, so every
   seed, loss and architecture is measured on the same states.
 * Diagnostics (ours): eval/critic_tail vs eval/true_tail (the critic against the true discounted
-  tail at (s_2, s_hat_2) of the evaluation rollouts) and eval/grad_cos (the training loss's model
-  gradient against the true TDML's, summed over --grad-horizon steps).
+  tail at (s_2, s_hat_2) of the evaluation rollouts), eval/grad_cos (the training loss's model
+  gradient against the true TDML's, summed over --grad-horizon steps), and the true TDML of two
+  trivial models on the same rollouts (eval/identity_tdml: nothing changes; eval/data_mean_tdml).
+  `--eval-fixed-starts` keeps one set of evaluation states for the whole run.
+* To isolate the objective (ours): `--init-model-run` starts from another run's saved model (a
+  converged one-step model) and `--critic-warmup` trains the critic alone first.
 * Resume: the policy is copied into the run directory (policy.eqx) and the buffer is rebuilt
   from it and `--data-seed`, so a resumed run is identical.
 """
@@ -129,6 +133,10 @@ class Args(utils.Run):
     """Adam learning rate of the model (0 freezes it: critic probes)"""
     clip: float = 1e6
     """model predictions are clipped to [-clip, clip] (Sec. 6); inf disables it (App. B)"""
+    init_model_run: str | None = None
+    """a tdml.py run (e.g. a converged --loss one-step run) whose saved model starts this run's model and target model: its seed i for seed i, or its one seed for all; same env and architecture"""
+    critic_warmup: int = 0
+    """iterations of Algorithm 1 with the model frozen before its first step, so that the critic first learns the starting model's TDML (counted in --total-steps)"""
 
     # objective
     loss: str = "tdml"
@@ -229,6 +237,16 @@ def resolve(args: Args) -> Args:
     check(args.trajectory_length >= args.n_step, f"--trajectory-length must be >= --n-step {args.n_step}")
     check(2 <= args.grad_horizon <= args.eval_horizon,
           f"--grad-horizon {args.grad_horizon} must be in [2, --eval-horizon {args.eval_horizon}]")
+    check(args.critic_warmup >= 0, f"--critic-warmup must be >= 0, got {args.critic_warmup}")
+    if args.init_model_run is not None:
+        path = Path(args.init_model_run)
+        check((path / "args.json").exists() and (path / "checkpoint.eqx").exists(),
+              f"no tdml.py run with a checkpoint at --init-model-run {args.init_model_run}")
+        other, mine = json.loads((path / "args.json").read_text()), json.loads(json.dumps(dataclasses.asdict(args)))
+        for name in ("env_id", "backend", "model_layers", "weight_norm", "clip"):
+            check(other.get(name) == mine[name], f"--init-model-run {args.init_model_run} has {name} {other.get(name)}, not {mine[name]}")
+        check(other.get("num_seeds", 1) in (1, args.num_seeds),
+              f"--init-model-run has {other.get('num_seeds')} seeds: give it 1 or --num-seeds {other.get('num_seeds')}")
     return args
 
 
@@ -526,6 +544,9 @@ def polyak(target, online, tau):
 
 
 # --- one iteration of Algorithm 1 ---------------------------------------------------------------
+NO_MODEL_STEP = ("losses/model", "losses/one_step", "charts/critic_at_model_query_min")  # a model step's metrics
+
+
 def iteration(args, system, data, policy, runner, t):
     """Iteration t (1-based, unbatched): a critic step, then every d-th time a model step and
     the target updates (tdml); or one model step on Eq. 1 (one-step)."""
@@ -550,11 +571,12 @@ def iteration(args, system, data, policy, runner, t):
             target_model=polyak(runner.target_model, model, args.tau_model),
             target_critic=polyak(runner.target_critic, runner.critic, args.tau_critic)), metrics
 
-    # Between model steps the model metrics read NaN (the chunk averages them with nanmean).
-    no_model_step = {"losses/model": jnp.nan, "losses/one_step": jnp.nan, "charts/critic_at_model_query_min": jnp.nan}
-    runner, metrics = jax.lax.cond(t % args.update_delay == 0, update_model_and_targets,
-                                   lambda r: (r, no_model_step), runner)
-    model_finite = (t % args.update_delay != 0) | jnp.isfinite(metrics["losses/model"])
+    # Between model steps (and in the critic's warm-up) the model metrics read NaN (the chunk averages
+    # them with nanmean).
+    model_step = (t % args.update_delay == 0) & (t > args.critic_warmup)
+    runner, metrics = jax.lax.cond(model_step, update_model_and_targets,
+                                   lambda r: (r, {k: jnp.nan for k in NO_MODEL_STEP}), runner)
+    model_finite = ~model_step | jnp.isfinite(metrics["losses/model"])
     finite = jnp.isfinite(critic_metrics["losses/critic"]) & model_finite
     return runner, ({**critic_metrics, **metrics}, finite)
 
@@ -720,6 +742,16 @@ def load_policy(args, system):
     return jax.tree.map(lambda x: x[args.policy_index], actors)
 
 
+def start_from_saved_model(args, trainer, state):
+    """The (vmapped) state with --init-model-run's saved model as its model (and target model)."""
+    run_dir = utils.RunDir(args.init_model_run)
+    other = run_dir.load_args(Args)
+    saved, _ = run_dir.load_checkpoint(jax.eval_shape(jax.vmap(make_train(other, trainer.system).init), seed_keys(other)))
+    if other.num_seeds != args.num_seeds:  # its one seed for every seed
+        saved = jax.tree.map(lambda x: jnp.repeat(x[:1], args.num_seeds, 0) if eqx.is_array(x) else x, saved)
+    return state._replace(model=saved.model, target_model=saved.model if state.target_model is not None else None)
+
+
 def data_stats(env, data):
     """How good pi is on the data set: return until the first fall (as SAC's eval/return), and
     the share of trajectories that fell by the task's rule."""
@@ -758,6 +790,8 @@ def run(args: Args):
     eval_batch = jax.jit(trainer.eval_batch)
     mesh = utils.seed_mesh(args)  # seeds split over the devices: each trains its own
     state = utils.over_devices(jax.vmap(trainer.init), mesh, donate=False)(utils.on_devices(seed_keys(args), mesh))
+    if args.init_model_run is not None:  # (a resumed run's checkpoint replaces it)
+        state = utils.on_devices(start_from_saved_model(args, trainer, state), mesh)
     chunk = utils.over_devices(jax.vmap(trainer.chunk, in_axes=(0, None, None, None, None)), mesh, replicated=4)
 
     def check(metrics, chunks):
@@ -766,6 +800,8 @@ def run(args: Args):
         if (first_bad >= 0).any():
             raise utils.NonFiniteError(f"non-finite training loss first at step {first_bad[first_bad >= 0].min()}, "
                                        f"in {where} (seeds {np.nonzero(first_bad >= 0)[0].tolist()})")
+        if chunks * args.eval_every <= args.critic_warmup:  # no model step in the chunk: its model metrics are NaN
+            metrics = {k: v for k, v in metrics.items() if k not in NO_MODEL_STEP}
         utils.assert_finite(metrics, where)
 
     def one_chunk(state, i):

@@ -599,14 +599,22 @@ def test_tdml_run_writes_metrics_summary_and_checkpoint(reference):
     assert (path / "checkpoint.eqx").exists() and (path / "policy.eqx").exists()
 
 
-def test_one_step_run_trains_no_critic(tmp_path):
-    path, df = _run(tmp_path, loss="one-step", arch="slbo", model_layers=(32, 32), model_batch_size=32)
+def test_one_step_run_trains_no_critic_and_starts_a_tdml_run_after_a_critic_warmup(tmp_path):
+    same = dict(arch="slbo", model_layers=(32, 32), model_batch_size=32, eval_fixed_starts=True)
+    path, df = _run(tmp_path / "one", loss="one-step", **same)
     assert df["charts/model_updates"].tolist() == [20, 40, 60]
     assert "losses/critic" not in df.columns
     assert np.isfinite(df[["losses/model", "losses/one_step", "eval/true_tdml"]]).all().all()
     np.testing.assert_allclose(df["losses/model"], df["losses/one_step"])
     # Training on Eq. 1 lowers the one-step error of the stored transitions.
     assert df["eval/one_step"].iloc[-1] < df["eval/one_step"].iloc[0]
+    # The isolated objective: Algorithm 1 from that model, the critic alone for its first 30
+    # iterations (model steps every d = 10 after them: at 40, 50, 60). Through the warm-up the
+    # model is the one-step run's final one, on the same evaluation states.
+    _, tdml_df = _run(tmp_path / "tdml", init_model_run=str(path), critic_warmup=30, **same)
+    assert tdml_df["charts/model_updates"].tolist() == [0, 1, 3]
+    np.testing.assert_allclose(tdml_df["eval/true_tdml"].iloc[0], df["eval/true_tdml"].iloc[-1], rtol=1e-5)
+    assert np.isfinite(tdml_df["losses/critic"]).all()
 
 
 def test_vmapped_seeds_equal_single_runs(tmp_path, cli_seed1):
@@ -657,6 +665,8 @@ def test_bad_arguments_fail_before_compiling(tmp_path, capsys):
         (dict(clip=-1.0), "--clip must be positive"),
         (dict(critic_target="both"), "unknown --critic-target"),
         (dict(critic_output="relu"), "unknown --critic-output"),
+        (dict(critic_warmup=-1), "--critic-warmup must be >= 0"),
+        (dict(init_model_run=str(tmp_path / "none")), "no tdml.py run with a checkpoint at --init-model-run"),
     ]:
         with pytest.raises(SystemExit, match=message):
             tdml.run(tdml.Args(**{**TINY, "run_dir": str(tmp_path), **overrides}))
