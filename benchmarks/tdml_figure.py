@@ -4,6 +4,9 @@ models, for the three architectures of App. C (columns) and the two discounts 0.
     # the data policy: benchmarks/results/tdml/sac_policy (committed; made by)
     python algorithms/sac.py --env-id hopper --total-timesteps 10000 --run-dir benchmarks/results/tdml --run-name sac_policy
     python benchmarks/tdml_figure.py --model-steps 300 --backend positional   # the committed figure; resumable, a larger value extends the runs
+    python benchmarks/tdml_figure.py --fixed-starts --eval-starts 64 --isolated --out-dir benchmarks/results/tdml_gym
+        # the papers' task, fixed evaluation states, and the second row: Algorithm 1 from each
+        # architecture's final one-step model with a critic first trained alone (--critic-warmup)
 
 The x-axis is model SGD steps, so both losses are compared at equal model updates: a TDML run
 of M model steps is M * d iterations of Algorithm 1 (a critic step each, a model step every
@@ -58,16 +61,25 @@ def grid_args(cli):
         runs = [("tdml", gamma, ()) for gamma in cli.gammas] if "tdml" in cli.losses else []
         if "one-step" in cli.losses:
             runs.insert(0, ("one-step", cli.gammas[0], tuple(cli.gammas[1:])))
+        one_step = Path(cli.out_dir) / "runs" / f"{cli.env_id}-{arch}-one-step"
+        if cli.isolated and "one-step" in cli.losses:  # after the one-step run whose model they start from
+            runs += [("isolated", gamma, ()) for gamma in cli.gammas]
         for loss, gamma, eval_gammas in runs:
-            name = f"{cli.env_id}-{arch}-one-step" if loss == "one-step" else f"{cli.env_id}-{arch}-tdml-g{gamma}"
-            per_model_step = tdml.Args.update_delay if loss == "tdml" else 1  # iterations per model step
-            yield tdml.Args(
-                env_id=cli.env_id, **({"backend": cli.backend} if cli.backend else {}), seed=cli.seed, num_seeds=cli.num_seeds, total_steps=cli.model_steps * per_model_step,
-                eval_every=cli.eval_every * per_model_step, run_dir=str(Path(cli.out_dir) / "runs"), run_name=name,
-                progress=cli.progress, policy_run=cli.policy_run, num_trajectories=cli.num_trajectories,
-                trajectory_length=cli.trajectory_length, arch=arch, loss=loss, gamma=gamma, eval_gammas=eval_gammas,
-                critic_batch_size=cli.critic_batch_size, eval_horizon=cli.eval_horizon, eval_starts=cli.eval_starts,
-                eval_fixed_starts=cli.fixed_starts)
+            name = {"one-step": one_step.name, "tdml": f"{cli.env_id}-{arch}-tdml-g{gamma}",
+                    "isolated": f"{cli.env_id}-{arch}-tdml-g{gamma}-from-one-step"}[loss]
+            per_model_step = 1 if loss == "one-step" else tdml.Args.update_delay  # iterations per model step
+            warmup = cli.critic_warmup if loss == "isolated" else 0
+            isolated = dict(init_model_run=str(one_step), critic_warmup=warmup,
+                            critic_batch_size=cli.isolated_critic_batch) if loss == "isolated" else {}
+            yield tdml.Args(**{
+                **dict(env_id=cli.env_id, seed=cli.seed, num_seeds=cli.num_seeds,
+                       total_steps=warmup + cli.model_steps * per_model_step, eval_every=cli.eval_every * per_model_step,
+                       run_dir=str(Path(cli.out_dir) / "runs"), run_name=name, progress=cli.progress,
+                       policy_run=cli.policy_run, num_trajectories=cli.num_trajectories,
+                       trajectory_length=cli.trajectory_length, arch=arch, loss="one-step" if loss == "one-step" else "tdml",
+                       gamma=gamma, eval_gammas=eval_gammas, critic_batch_size=cli.critic_batch_size,
+                       eval_horizon=cli.eval_horizon, eval_starts=cli.eval_starts, eval_fixed_starts=cli.fixed_starts),
+                **({"backend": cli.backend} if cli.backend else {}), **isolated})
 
 
 def run_cell(args):
@@ -111,7 +123,8 @@ def collect(paths):
             cell = df.rename(columns=tdml_at).reindex(columns=["steps", "seed", *COLUMNS]).rename(columns=COLUMNS)
             if gamma != args["gamma"]:  # the gradient cosine and trivial lines: at the run's own gamma only
                 cell[["grad_cos", "identity_tdml", "data_mean_tdml"]] = float("nan")
-            frames.append(cell.assign(arch=args["arch"], gamma=gamma, loss=args["loss"]))
+            loss = "tdml-from-one-step" if args.get("init_model_run") else args["loss"]
+            frames.append(cell.assign(arch=args["arch"], gamma=gamma, loss=loss))
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
@@ -125,12 +138,13 @@ def write_outputs(data, cli):
     for row, gamma in enumerate(cli.gammas):
         for col, arch in enumerate(cli.archs):
             ax = axes[row][col]
-            for loss, color in zip(tdml.LOSSES, ["tab:blue", "tab:red"]):
+            for loss, color in [("one-step", "tab:blue"), ("tdml", "tab:red"), ("tdml-from-one-step", "tab:green")]:
                 cell = data[(data.arch == arch) & (data.gamma == gamma) & (data.loss == loss)]
                 if cell.empty:
                     continue
                 stats = cell.groupby("model_updates")["true_tdml"].agg(["mean", "min", "max", "count"])
-                label = f"{'One-Step' if loss == 'one-step' else 'TDML'} model ({int(stats['count'].max())} seeds)"
+                name = {"one-step": "One-Step", "tdml": "TDML", "tdml-from-one-step": "TDML from the One-Step model"}[loss]
+                label = f"{name} ({int(stats['count'].max())} seeds)"
                 ax.plot(stats.index, stats["mean"], color=color, label=label)
                 # the band: min and max over the seeds (the paper smooths over a 1000-step window instead)
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.2)
@@ -162,7 +176,7 @@ def write_outputs(data, cli):
              "| rollout steps at the clip | one-step loss | closed-loop 5-step loss | grad cosine with true TDML "
              "| critic at (s_2, s_hat_2) / true tail |", "|" + "---|" * 13]
     for (arch, gamma, loss), r in table.iterrows():
-        tail = f"{r.critic_tail:.4g} / {r.true_tail:.4g}" if loss == "tdml" else "-"
+        tail = f"{r.critic_tail:.4g} / {r.true_tail:.4g}" if loss != "one-step" else "-"
         lines.append(f"| {arch} | {gamma} | {loss} | {r.steps:.0f} | {r.model_updates:.0f} | {r.seeds:.0f} "
                      f"| {r.true_tdml:.4g} ± {r.true_tdml_std:.2g} | {r.final_step_error:.4g} | {r.clipped_frac:.0%} "
                      f"| {r.one_step:.4g} | {r.closed_loop_n_step:.4g} | {r.grad_cos:.3f} | {tail} |")
@@ -189,14 +203,21 @@ def main():
     parser.add_argument("--eval-starts", type=int, default=16, help="buffer states the true TDML is averaged over")
     parser.add_argument("--fixed-starts", action="store_true",
                         help="the same evaluation states at every evaluation (tdml.py --eval-fixed-starts)")
+    parser.add_argument("--isolated", action="store_true",
+                        help="also Algorithm 1 from each architecture's final one-step model (the objective isolated)")
+    parser.add_argument("--critic-warmup", type=int, default=2500,
+                        help="iterations of the critic alone before those runs' first model step")
+    parser.add_argument("--isolated-critic-batch", type=int, default=2048, help="their critic batch (the paper's)")
     parser.add_argument("--progress", action="store_true", help="progress bar per run")
     parser.add_argument("--out-dir", default=str(RESULTS))
     cli = parser.parse_args()
     utils.enable_compilation_cache()
     Path(cli.out_dir).mkdir(parents=True, exist_ok=True)
     cells = list(grid_args(cli))
-    for args in cells:
-        tdml.resolve(args)  # every cell's arguments are checked before anything compiles
+    utils.check(cli.critic_warmup % (cli.eval_every * tdml.Args.update_delay) == 0,
+                f"--critic-warmup must be a multiple of --eval-every x d = {cli.eval_every * tdml.Args.update_delay}")
+    for args in cells:  # every cell's arguments are checked before anything compiles (its start model: when it runs)
+        tdml.resolve(dataclasses.replace(args, init_model_run=None))
     paths = []
     for i, args in enumerate(cells):
         start = time.perf_counter()
