@@ -144,7 +144,7 @@ def write_outputs(data, cli):
                     continue
                 stats = cell.groupby("model_updates")["true_tdml"].agg(["mean", "min", "max", "count"])
                 name = {"one-step": "One-Step", "tdml": "TDML", "tdml-from-one-step": "TDML from the One-Step model"}[loss]
-                label = f"{name} ({int(stats['count'].max())} seeds)"
+                label = f"{name} ({cell['seed'].nunique()} seeds)"
                 ax.plot(stats.index, stats["mean"], color=color, label=label)
                 # the band: min and max over the seeds (the paper smooths over a 1000-step window instead)
                 ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.2)
